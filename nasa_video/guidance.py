@@ -1,0 +1,161 @@
+"""Negative guidance as small, pure pieces.
+
+Attention-space methods (NASA here; NAG and VSF fit the same slot) receive, in every cross-attention layer,
+the query of the video tokens and the cached text K/V of the positive prompt and of each negative prompt,
+and return the attention output before the layer's output projection. Output-space methods (CFG) act on
+the model's prediction instead and ask the pipeline for a second pass with its own self-attention cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence, Union
+
+import torch
+
+from .attention import attend
+from .errors import UserError
+
+
+@dataclass
+class TextKV:
+    """One layer's text cache. Heads are prompt-major: [positive heads | negative 1 heads | ...]."""
+
+    k: torch.Tensor  # [B, L, H * (1 + N), D], norm_k already applied
+    v: torch.Tensor  # [B, L, H * (1 + N), D]
+    heads: int
+
+    @property
+    def num_prompts(self) -> int:
+        return self.k.shape[2] // self.heads
+
+    def positive(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, : self.heads], self.v[:, :, : self.heads]
+
+    def prompt(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        h = slice(index * self.heads, (index + 1) * self.heads)
+        return self.k[:, :, h], self.v[:, :, h]
+
+
+def attend_all_prompts(q: torch.Tensor, kv: TextKV) -> torch.Tensor:
+    """Z for every cached prompt in one attention call: the prompts ride as extra heads.
+
+    q [B, S, H, D] -> [B, S, P, H, D] with P = 1 + number of negatives (index 0 is the positive).
+    """
+    prompts = kv.num_prompts
+    z = attend(q.repeat(1, 1, prompts, 1), kv.k, kv.v)
+    return z.unflatten(2, (prompts, kv.heads))
+
+
+def nasa(z_pos: torch.Tensor, z_neg: torch.Tensor, alphas: Sequence[float]) -> torch.Tensor:
+    """NASA, arXiv 2412.02687: Z = Z+ - sum_i alpha_i Z-_i. No normalisation, clamp or blend.
+
+    z_pos [B, S, H, D]; z_neg [B, S, N, H, D]; alphas: N floats.
+    """
+    out = z_pos
+    for i, alpha in enumerate(alphas):
+        if alpha != 0.0:
+            out = out - alpha * z_neg[:, :, i]
+    return out
+
+
+class Guidance:
+    """Base of every method. in_attention: acts inside cross-attention (one pass per step) or on outputs."""
+
+    name = "base"
+    in_attention = True
+    scale_range = (0.0, 0.0)
+
+    def cross_attention(self, q: torch.Tensor, kv: TextKV, alphas: Sequence[float]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_scale(self, value: float) -> None:
+        lo, hi = self.scale_range
+        if not lo <= value <= hi:
+            raise UserError(f"--scale {value} is out of range for {self.name}: use a value in [{lo}, {hi}]")
+
+
+class NoGuidance(Guidance):
+    """Plain cross-attention on the positive prompt; negatives are ignored."""
+
+    name = "none"
+    scale_range = (-float("inf"), float("inf"))
+
+    def cross_attention(self, q, kv, alphas):
+        return attend(q, *kv.positive())
+
+
+class NASA(Guidance):
+    """Negative-Away Steer Attention. Z+ and all Z- come from one fused attention call."""
+
+    name = "nasa"
+    scale_range = (0.0, 3.0)  # the paper's sweep goes to 1.5 and quality falls past ~1; 3 leaves room to explore
+
+    def cross_attention(self, q, kv, alphas):
+        if kv.num_prompts == 1 or not any(alphas):
+            return attend(q, *kv.positive())
+        z = attend_all_prompts(q, kv)
+        return nasa(z[:, :, 0], z[:, :, 1:], alphas)
+
+
+METHODS: dict[str, type[Guidance]] = {"none": NoGuidance, "nasa": NASA}
+
+
+def make_guidance(name: str) -> Guidance:
+    if name not in METHODS:
+        raise UserError(f"unknown guidance {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]()
+
+
+ScaleSpec = Union[float, Sequence[float], Sequence[Sequence[float]], Callable[[int, int], float]]
+
+
+class ScaleSchedule:
+    """The guidance scale at (block, step): a constant, a list per block, a list of per-step lists per block,
+    or a function (block, step) -> scale. Lists shorter than the video repeat their last entry."""
+
+    def __init__(self, spec: ScaleSpec):
+        self.spec = spec
+
+    def __call__(self, block: int, step: int) -> float:
+        spec = self.spec
+        if callable(spec):
+            return float(spec(block, step))
+        if isinstance(spec, (int, float)):
+            return float(spec)
+        per_block = spec[min(block, len(spec) - 1)]
+        if isinstance(per_block, (int, float)):
+            return float(per_block)
+        return float(per_block[min(step, len(per_block) - 1)])
+
+    def values(self) -> list[float]:
+        """Every literal value in the schedule (for range checks); empty for a function."""
+        spec = self.spec
+        if callable(spec):
+            return []
+        if isinstance(spec, (int, float)):
+            return [float(spec)]
+        flat: list[float] = []
+        for item in spec:
+            flat.extend([float(item)] if isinstance(item, (int, float)) else [float(x) for x in item])
+        return flat
+
+
+Negatives = list[tuple[str, float]]
+
+
+def parse_negatives(negative) -> Negatives:
+    """None | "text" | ["a", "b"] | [("a", 1.0), ("b", 0.5)] | {"a": 1.0} -> [(prompt, weight), ...]."""
+    if negative is None:
+        return []
+    if isinstance(negative, str):
+        return [(negative, 1.0)] if negative.strip() else []
+    if isinstance(negative, dict):
+        negative = list(negative.items())
+    out: Negatives = []
+    for item in negative:
+        if isinstance(item, str):
+            out.append((item, 1.0))
+        else:
+            text, weight = item
+            out.append((str(text), float(weight)))
+    return [(t, w) for t, w in out if t.strip()]

@@ -1,0 +1,110 @@
+"""Caches of the streaming generator: self-attention K/V of past frames, and text K/V of the prompts."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from ..guidance import TextKV
+
+
+class SelfAttentionCache:
+    """Per-layer K/V of the latent frames generated so far (RoPE already applied at absolute positions).
+
+    Frame slots are filled left to right. A block's forward passes write its own slots (the last pass, the
+    clean cache pass, is what later blocks see) and attend to every slot up to the block's end.
+    rolling=False: a fixed cache of capacity_frames (CausVid: 21); a longer video is an error.
+    rolling=True (Self-Forcing style): when a new block does not fit, the oldest frames after the first
+    sink_frames are evicted, so the window is the sink frames plus the most recent frames.
+    """
+
+    def __init__(self, num_layers: int, batch: int, capacity_frames: int, tokens_per_frame: int, heads: int,
+                 head_dim: int, dtype: torch.dtype, device, rolling: bool = False, sink_frames: int = 0):
+        if rolling and not 0 <= sink_frames < capacity_frames:
+            raise UserError(f"sink_frames must be in [0, {capacity_frames}) for a rolling cache of {capacity_frames} frames")
+        shape = (batch, capacity_frames * tokens_per_frame, heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.capacity_frames = capacity_frames
+        self.tokens_per_frame = tokens_per_frame
+        self.rolling = rolling
+        self.sink_frames = sink_frames if rolling else 0
+        self.frames: list[int] = []  # absolute latent-frame index held by each filled slot
+        self.slots = (0, 0)  # token range of the block being generated, set by place()
+
+    @staticmethod
+    def nbytes_for(num_layers, batch, capacity_frames, tokens_per_frame, heads, head_dim, dtype) -> int:
+        return 2 * num_layers * batch * capacity_frames * tokens_per_frame * heads * head_dim * dtype.itemsize
+
+    def reset(self) -> None:
+        self.frames = []
+        self.slots = (0, 0)
+
+    def place(self, start_frame: int, num_frames: int) -> None:
+        """Choose the slots of the block [start_frame, start_frame + num_frames); roll the cache if needed.
+        Repeated passes over the same block reuse its slots."""
+        block = list(range(start_frame, start_frame + num_frames))
+        if self.frames[-num_frames:] != block:
+            if self.frames and start_frame != self.frames[-1] + 1:
+                raise ValueError(f"blocks must arrive in order: cache ends at frame {self.frames[-1]}, got {start_frame}")
+            overflow = len(self.frames) + num_frames - self.capacity_frames
+            if overflow > 0:
+                self._evict(overflow, start_frame + num_frames)
+            self.frames += block
+        end = len(self.frames) * self.tokens_per_frame
+        self.slots = (end - num_frames * self.tokens_per_frame, end)
+
+    def _evict(self, count: int, frames_needed: int) -> None:
+        if not self.rolling:
+            raise UserError(f"the video needs {frames_needed} latent frames but the self-attention cache holds "
+                            f"{self.capacity_frames}; ask for fewer frames or use a rolling cache (--rolling)")
+        sink, keep_from, held = self.sink_frames, self.sink_frames + count, len(self.frames)
+        if keep_from > held:
+            raise UserError(f"a block of {count} frames does not fit a rolling cache of {self.capacity_frames} "
+                            f"frames with {sink} sink frames; enlarge the cache")
+        tpf = self.tokens_per_frame
+        for cache in (*self.k, *self.v):
+            cache[:, sink * tpf:(held - count) * tpf] = cache[:, keep_from * tpf:held * tpf].clone()
+        self.frames = self.frames[:sink] + self.frames[keep_from:]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this block's K/V for one layer; return the K/V window the block attends to (views, no copy)."""
+        start, end = self.slots
+        self.k[layer][:, start:end] = k
+        self.v[layer][:, start:end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
+
+class TextCache:
+    """Per-layer cross-attention K/V of the positive prompt and of each weighted negative prompt.
+
+    Built once per video. set_negatives() recomputes only the negative K/V (the positive is kept), so a
+    running stream can change its negative prompt between blocks.
+    """
+
+    def __init__(self, model, positive: torch.Tensor):
+        self.model = model
+        self.positive = model.text_kv(positive)
+        self.negative_texts: list[str] = []
+        self.weights: list[float] = []
+        self.negative_builds = 0
+        self.layers = [TextKV(k, v, model.config.num_attention_heads) for k, v in self.positive]
+
+    def set_negatives(self, texts: list[str], weights: list[float], embeddings: list[torch.Tensor]) -> None:
+        self.negative_texts, self.weights = list(texts), list(weights)
+        heads = self.model.config.num_attention_heads
+        if not embeddings:
+            self.layers = [TextKV(k, v, heads) for k, v in self.positive]
+            return
+        negatives = [self.model.text_kv(e) for e in embeddings]
+        self.negative_builds += 1
+        self.layers = []
+        for layer, (k_pos, v_pos) in enumerate(self.positive):
+            k = torch.cat([k_pos] + [neg[layer][0] for neg in negatives], dim=2)
+            v = torch.cat([v_pos] + [neg[layer][1] for neg in negatives], dim=2)
+            self.layers.append(TextKV(k, v, heads))
+
+    def alphas(self, scale: float) -> list[float]:
+        return [scale * w for w in self.weights]
+
+    def nbytes(self) -> int:
+        return sum(kv.k.nbytes + kv.v.nbytes for kv in self.layers)

@@ -1,0 +1,175 @@
+"""The block-causal Wan2.1 generator (CausVid / Self-Forcing), on diffusers' Wan modules and parameter names.
+
+The parameters are exactly diffusers' WanTransformer3DModel (so its configs, from_pretrained and the
+original-Wan key converter all apply); only the forward differs:
+  - timesteps per latent frame, t [B, F], so modulation is per frame;
+  - RoPE temporal positions start at the block's first frame;
+  - self-attention reads and writes a SelfAttentionCache (or takes a mask, for the full block-causal forward);
+  - cross-attention reads the TextCache and hands its query to the guidance method (NASA lives there).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from diffusers import WanTransformer3DModel
+
+from ..attention import attend
+from ..guidance import Guidance, NoGuidance, TextKV
+from .cache import SelfAttentionCache
+
+_PLAIN = NoGuidance()
+
+
+def rope_frequencies(rope, start_frame: int, frames: int, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [1, F*H*W, 1, head_dim] for a grid of patches whose first frame is start_frame."""
+    sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
+    ranges = [torch.arange(start_frame, start_frame + frames), torch.arange(height), torch.arange(width)]
+    if start_frame + frames > rope.max_seq_len:
+        raise ValueError(f"frame {start_frame + frames} is past the RoPE table ({rope.max_seq_len} positions)")
+    out = []
+    for table in (rope.freqs_cos, rope.freqs_sin):
+        t, h, w = (part[idx.to(part.device)] for part, idx in zip(table.float().split(sizes, dim=1), ranges))
+        grid = torch.cat([
+            t[:, None, None].expand(frames, height, width, -1),
+            h[None, :, None].expand(frames, height, width, -1),
+            w[None, None, :].expand(frames, height, width, -1),
+        ], dim=-1)
+        out.append(grid.reshape(1, frames * height * width, 1, -1).to(device))
+    return out[0], out[1]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of the head dim, in fp32."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def block_causal_mask(num_frames: int, frames_per_block: int, tokens_per_frame: int,
+                      window_frames: int | None = None, sink_frames: int = 0, device=None) -> torch.Tensor:
+    """Bool [S, S], True = attend: every token sees all frames up to the end of its own block.
+    With window_frames (a rolling cache of that many frames), only the sink frames and the most recent
+    window_frames - sink_frames frames up to the block's end are visible, as the rolling cache gives."""
+    frame = torch.arange(num_frames, device=device)
+    block_end = (frame // frames_per_block + 1) * frames_per_block  # exclusive end frame of each frame's block
+    q_end, k = block_end[:, None], frame[None, :]
+    visible = k < q_end
+    if window_frames is not None:
+        recent = k >= q_end - (window_frames - sink_frames)
+        visible = visible & (recent | (k < sink_frames))
+    return visible.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+class CausalWanTransformer(WanTransformer3DModel):
+    """WanTransformer3DModel with a block-causal, cached, guided forward. Load any Wan2.1 layout with
+    nasa_video.model.checkpoint.load_generator."""
+
+    @property
+    def heads(self) -> int:
+        return self.config.num_attention_heads
+
+    def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
+        _, ph, pw = self.config.patch_size
+        return (latent_height // ph) * (latent_width // pw)
+
+    def new_kv_cache(self, batch: int, capacity_frames: int, latent_height: int, latent_width: int,
+                     rolling: bool = False, sink_frames: int = 0, dtype=None, device=None) -> SelfAttentionCache:
+        param = self.patch_embedding.weight
+        return SelfAttentionCache(self.config.num_layers, batch, capacity_frames,
+                                  self.tokens_per_frame(latent_height, latent_width), self.heads,
+                                  self.config.attention_head_dim, dtype or param.dtype, device or param.device,
+                                  rolling, sink_frames)
+
+    def text_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (K, V) [B, L, H, D] of one prompt's encoder output [B, L, text_dim]; norm_k applied."""
+        param = self.patch_embedding.weight
+        ctx = self.condition_embedder.text_embedder(context.to(param.device, param.dtype))
+        out = []
+        for block in self.blocks:
+            attn = block.attn2
+            k = attn.norm_k(attn.to_k(ctx)).unflatten(2, (self.heads, -1))
+            v = attn.to_v(ctx).unflatten(2, (self.heads, -1))
+            out.append((k, v))
+        return out
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: Sequence[TextKV], guidance: Guidance | None = None,
+                alphas: Sequence[float] = (), start_frame: int = 0, kv_cache: SelfAttentionCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the flow v for latent frames x [B, C, F, H, W] at per-frame timesteps t [B, F].
+
+        kv_cache: streaming; this block's K/V go into the cache and the block attends to the cached window.
+        attn_mask: the full (teacher-forcing) forward over all frames at once, no cache.
+        """
+        guidance = guidance or _PLAIN
+        batch, _, frames, height, width = x.shape
+        pt, ph, pw = self.config.patch_size
+        fp, hp, wp = frames // pt, height // ph, width // pw
+        dtype = self.patch_embedding.weight.dtype
+
+        hidden = self.patch_embedding(x.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # [B, F, HW, D]
+        cos, sin = rope_frequencies(self.rope, start_frame, fp, hp, wp, x.device)
+
+        emb = self.condition_embedder
+        sinusoid = emb.timesteps_proj(t.flatten().float())
+        temb = emb.time_embedder(sinusoid.to(next(emb.time_embedder.parameters()).dtype)).float()
+        modulation = emb.time_proj(emb.act_fn(temb).to(emb.time_proj.weight.dtype)).float()
+        temb = temb.view(batch, fp, -1)
+        modulation = modulation.view(batch, fp, 6, -1)
+
+        if kv_cache is not None:
+            kv_cache.place(start_frame, fp)
+        for layer, block in enumerate(self.blocks):
+            hidden = self._layer(block, layer, hidden, modulation, cos, sin, text[layer], guidance, alphas,
+                                 kv_cache, attn_mask)
+
+        shift, scale = (self.scale_shift_table.float().unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(2).unbind(3)
+        hidden = (self.norm_out(hidden.float()) * (1 + scale) + shift).to(dtype)
+        out = self.proj_out(hidden)  # [B, F, HW, pt*ph*pw*C]
+        out = out.reshape(batch, fp, hp, wp, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def _layer(self, block, layer, x, modulation, cos, sin, text_kv, guidance, alphas, kv_cache, attn_mask):
+        # Per-frame modulation: each of the six is [B, F, 1, D] and broadcasts over the frame's tokens.
+        shift, scale, gate, c_shift, c_scale, c_gate = (
+            block.scale_shift_table.float().unsqueeze(0) + modulation).unsqueeze(2).unbind(3)
+        dtype, grid = x.dtype, x.shape[:3]
+
+        h = (block.norm1(x.float()) * (1 + scale) + shift).to(dtype)
+        attn = block.attn1
+        h = h.flatten(1, 2)
+        q = apply_rope(attn.norm_q(attn.to_q(h)).unflatten(2, (self.heads, -1)), cos, sin)
+        k = apply_rope(attn.norm_k(attn.to_k(h)).unflatten(2, (self.heads, -1)), cos, sin)
+        v = attn.to_v(h).unflatten(2, (self.heads, -1))
+        if kv_cache is not None:
+            k, v = kv_cache.write(layer, k, v)
+        y = attn.to_out[0](attend(q, k, v, attn_mask).flatten(2)).view(*grid, -1)
+        x = (x.float() + y.float() * gate).to(dtype)
+
+        attn = block.attn2
+        h = block.norm2(x.float()).to(dtype).flatten(1, 2)
+        q = attn.norm_q(attn.to_q(h)).unflatten(2, (self.heads, -1))
+        y = attn.to_out[0](guidance.cross_attention(q, text_kv, alphas).flatten(2)).view(*grid, -1)
+        x = x + y
+
+        h = (block.norm3(x.float()) * (1 + c_scale) + c_shift).to(dtype)
+        return (x.float() + block.ffn(h).float() * c_gate).to(dtype)
+
+
+def cast_generator(model: CausalWanTransformer, device, dtype: torch.dtype) -> CausalWanTransformer:
+    """Move to device and dtype, keeping diffusers' fp32 modules (norms, modulation, time embedding) in fp32."""
+    keep = set(model._keep_in_fp32_modules)
+    for name, param in model.named_parameters():
+        target = torch.float32 if keep & set(name.split(".")) else dtype
+        param.data = param.data.to(device=device, dtype=target)
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            setattr(module, name, buf.to(device))
+    return model
+
+
+def parameter_count(config: dict) -> int:
+    """Parameters of a generator config, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = CausalWanTransformer(**config)
+    return sum(p.numel() for p in model.parameters())

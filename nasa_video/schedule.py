@@ -1,0 +1,49 @@
+"""Flow matching as CausVid / Self-Forcing use it: shifted sigma grid, step lists, re-noising, x0 <-> v.
+
+x_t = (1 - sigma) x0 + sigma eps, t = 1000 sigma, the model predicts v = eps - x0, so x0 = x_t - sigma v.
+Sigmas are always looked up at the nearest grid timestep, as upstream's add_noise does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    shift: float
+    num_train_timesteps: int = 1000
+
+    def sigmas(self) -> torch.Tensor:
+        s = torch.linspace(1.0, 0.0, self.num_train_timesteps + 1, dtype=torch.float64)[:-1]
+        return self.shift * s / (1 + (self.shift - 1) * s)
+
+    def timesteps(self) -> torch.Tensor:
+        return self.sigmas() * self.num_train_timesteps
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma at the grid timestep nearest to each t (float64, same shape as t)."""
+        grid = self.timesteps().to(t.device)
+        index = (grid.view(*([1] * t.ndim), -1) - t.double().unsqueeze(-1)).abs().argmin(-1)
+        return self.sigmas().to(t.device)[index]
+
+    def step_list(self, steps: list[float], warp: bool) -> list[float]:
+        """The denoising timesteps. warp=True maps 1000, 750, ... through the shifted grid (Self-Forcing)."""
+        if not warp:
+            return [float(t) for t in steps]
+        grid = torch.cat([self.timesteps(), torch.zeros(1, dtype=torch.float64)])
+        return [float(grid[self.num_train_timesteps - int(t)]) for t in steps]
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0, noise [B, C, F, H, W]; t [B, F] per latent frame."""
+        sigma = self.sigma(t).to(torch.float32)[:, None, :, None, None]
+        return ((1 - sigma) * x0.float() + sigma * noise.float()).to(noise.dtype)
+
+    def velocity_to_x0(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigma(t)[:, None, :, None, None]
+        return (x_t.double() - sigma * v.double()).to(v.dtype)
+
+    def x0_to_velocity(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigma(t)[:, None, :, None, None]
+        return ((x_t.double() - x0.double()) / sigma).to(x0.dtype)

@@ -1,0 +1,44 @@
+"""Prompt encoding as Wan does it: fixed length, and embeddings past the prompt's length set to zero
+(so padding reaches the text-embedding MLP as zeros; cross-attention attends to all positions, no mask)."""
+from __future__ import annotations
+
+import torch
+
+from .errors import UserError
+
+
+class TextEncoder:
+    """A tokenizer and an encoder (umT5 for Wan; any model whose output has last_hidden_state)."""
+
+    def __init__(self, tokenizer, encoder, max_length: int):
+        self.tokenizer = tokenizer
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.max_length = max_length
+        self._memo: dict[str, torch.Tensor] = {}
+
+    @property
+    def device(self):
+        return next(self.encoder.parameters()).device
+
+    def token_count(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    @torch.no_grad()
+    def encode(self, prompt: str) -> torch.Tensor:
+        """[1, max_length, dim] float32. Memoised: a prompt reused between blocks or videos is encoded once."""
+        if prompt in self._memo:
+            return self._memo[prompt]
+        count = self.token_count(prompt)
+        if count > self.max_length:
+            raise UserError(f"prompt is {count} tokens but the text encoder takes at most {self.max_length}; "
+                            f"shorten it: {prompt[:60]!r}...")
+        tokens = self.tokenizer([prompt], padding="max_length", max_length=self.max_length, truncation=True,
+                                add_special_tokens=True, return_tensors="pt")
+        ids = tokens["input_ids"].to(self.device)
+        mask = tokens["attention_mask"].to(self.device)
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        hidden = hidden * mask[..., None].to(hidden.dtype)
+        if len(self._memo) > 64:
+            self._memo.clear()
+        self._memo[prompt] = hidden
+        return hidden

@@ -1,0 +1,52 @@
+"""Streaming decode with diffusers' AutoencoderKLWan: the decoder's causal-conv state (its feature cache)
+is kept from one block to the next, so each block's pixels are final as soon as the block is decoded.
+
+Decoding latents block by block this way gives exactly the frames of one decode of the whole video.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class StreamingDecoder:
+    def __init__(self, vae):
+        self.vae = vae.eval().requires_grad_(False)
+        cfg = vae.config
+        self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.reset()
+
+    def reset(self) -> None:
+        self.vae.clear_cache()  # gives the VAE a fresh, empty decoder feature cache
+        self._feat_map = self.vae._feat_map
+        self._first = True
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Generator latents are per-channel standardised; the VAE wants raw latents."""
+        return latents.float() * self.std.to(latents.device) + self.mean.to(latents.device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, C, F, h, w] -> pixels [B, 3, T, H, W] in [-1, 1]; T = 1 + 4 (F - 1) for the first
+        block of a video and 4 F after it."""
+        param = next(self.vae.parameters())
+        z = self.vae.post_quant_conv(self.denormalize(latents).to(param.dtype))
+        frames = []
+        for i in range(z.shape[2]):
+            conv_index = [0]
+            frames.append(self.vae.decoder(z[:, :, i:i + 1], feat_cache=self._feat_map, feat_idx=conv_index,
+                                           first_chunk=self._first))
+            self._first = False
+        return torch.cat(frames, dim=2).float().clamp(-1, 1)
+
+
+def one_shot_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Reference: diffusers' own whole-video decode, for checking the streaming decoder."""
+    decoder = StreamingDecoder(vae)
+    with torch.no_grad():
+        return vae.decode(decoder.denormalize(latents).to(next(vae.parameters()).dtype)).sample.float()
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, T, H, W] in [-1, 1] -> [B, T, H, W, 3] uint8 (CPU)."""
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()

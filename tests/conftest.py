@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from nasa_video.model.cache import TextCache
+from nasa_video.model.causal_wan import CausalWanTransformer
+
+TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=4,
+            text_dim=32, freq_dim=32, ffn_dim=96, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    torch.manual_seed(0)
+    model = CausalWanTransformer(**TINY).eval().requires_grad_(False)
+    # Random init leaves the output projections tiny; widen them so guidance visibly matters in tests.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="session")
+def contexts():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(1, 16, TINY["text_dim"], generator=g) for _ in range(3)]
+
+
+@pytest.fixture
+def text_cache(tiny_model, contexts):
+    cache = TextCache(tiny_model, contexts[0])
+    cache.set_negatives(["neg a", "neg b"], [1.0, 0.5], contexts[1:])
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_generator():
+    from nasa_video.pipeline import StreamingGenerator
+    return StreamingGenerator.from_config("tiny", device="cpu", dtype="fp32", attention_backend="sdpa")

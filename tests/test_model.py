@@ -1,0 +1,98 @@
+"""The block-causal generator: equal to diffusers' Wan forward, and streaming equals the full masked forward."""
+import torch
+from diffusers import WanTransformer3DModel
+
+from nasa_video.guidance import NASA
+from nasa_video.model.causal_wan import block_causal_mask, rope_frequencies
+
+from .conftest import TINY
+
+FPB, H, W = 3, 8, 8
+TPF = (H // 2) * (W // 2)
+
+
+def test_forward_matches_diffusers_wan(tiny_model, text_cache):
+    """Uniform timesteps and full attention: the same function as diffusers' WanTransformer3DModel."""
+    reference = WanTransformer3DModel(**TINY).eval()
+    reference.load_state_dict(tiny_model.state_dict())
+    x = torch.randn(1, 4, 3, H, W)
+    positive = torch.randn(1, 16, TINY["text_dim"])
+    from nasa_video.model.cache import TextCache
+    cache = TextCache(tiny_model, positive)
+    with torch.no_grad():
+        expected = reference(x, torch.tensor([400.0]), positive, return_dict=False)[0]
+        got = tiny_model(x, torch.full((1, 3), 400.0), cache.layers)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_positions_start_at_block_frame(tiny_model):
+    full_cos, full_sin = rope_frequencies(tiny_model.rope, 0, 9, 4, 4, "cpu")
+    cos, sin = rope_frequencies(tiny_model.rope, 6, 3, 4, 4, "cpu")
+    torch.testing.assert_close(cos, full_cos[:, 6 * 16:])
+    torch.testing.assert_close(sin, full_sin[:, 6 * 16:])
+
+
+def _inputs(blocks, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(1, 4, FPB, H, W, generator=g) for _ in range(blocks)]
+    ts = [torch.rand(1, FPB, generator=g) * 1000 for _ in range(blocks)]
+    return xs, ts
+
+
+def test_streaming_equals_full_block_causal_forward(tiny_model, text_cache):
+    """Per block: a noisy pass, then the cache pass. The noisy pass's output must equal the full masked forward
+    over [earlier blocks' cache-pass inputs, this block's noisy input]; and the cache pass's output the full
+    forward over all cache-pass inputs."""
+    blocks = 4
+    noisy, t_noisy = _inputs(blocks, seed=0)
+    clean, t_clean = _inputs(blocks, seed=1)
+    guidance, alphas = NASA(), text_cache.alphas(0.7)
+    cache = tiny_model.new_kv_cache(1, blocks * FPB, H, W)
+    mask = block_causal_mask(blocks * FPB, FPB, TPF)
+    with torch.no_grad():
+        full_clean = tiny_model(torch.cat(clean, 2), torch.cat(t_clean, 1), text_cache.layers, guidance, alphas,
+                                attn_mask=mask)
+        for b in range(blocks):
+            s = slice(b * FPB, (b + 1) * FPB)
+            out_noisy = tiny_model(noisy[b], t_noisy[b], text_cache.layers, guidance, alphas, b * FPB, cache)
+            out_clean = tiny_model(clean[b], t_clean[b], text_cache.layers, guidance, alphas, b * FPB, cache)
+            mixed = torch.cat(clean[:b] + [noisy[b]], 2)
+            t_mixed = torch.cat(t_clean[:b] + [t_noisy[b]], 1)
+            full_noisy = tiny_model(mixed, t_mixed, text_cache.layers, guidance, alphas,
+                                    attn_mask=block_causal_mask((b + 1) * FPB, FPB, TPF))
+            torch.testing.assert_close(out_noisy, full_noisy[:, :, s], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out_clean, full_clean[:, :, s], rtol=1e-4, atol=1e-5)
+
+
+def _stream(model, cache, xs, ts, text):
+    with torch.no_grad():
+        return torch.cat([model(x, t, text.layers, start_frame=b * FPB, kv_cache=cache)
+                          for b, (x, t) in enumerate(zip(xs, ts))], 2)
+
+
+def test_rolling_cache_inside_its_window_equals_fixed(tiny_model, text_cache):
+    xs, ts = _inputs(3)
+    fixed = _stream(tiny_model, tiny_model.new_kv_cache(1, 9, H, W), xs, ts, text_cache)
+    rolling = _stream(tiny_model, tiny_model.new_kv_cache(1, 9, H, W, rolling=True, sink_frames=3), xs, ts, text_cache)
+    torch.testing.assert_close(rolling, fixed, rtol=0, atol=0)
+
+
+def test_rolling_cache_past_its_window_equals_windowed_mask(tiny_model, text_cache):
+    """Beyond the window: sink frames plus the most recent frames, as a sliding mask with a sink gives."""
+    xs, ts = _inputs(5)
+    for capacity, sink in [(6, 0), (9, 3), (6, 3)]:
+        cache = tiny_model.new_kv_cache(1, capacity, H, W, rolling=True, sink_frames=sink)
+        streamed = _stream(tiny_model, cache, xs, ts, text_cache)
+        mask = block_causal_mask(5 * FPB, FPB, TPF, window_frames=capacity, sink_frames=sink)
+        with torch.no_grad():
+            full = tiny_model(torch.cat(xs, 2), torch.cat(ts, 1), text_cache.layers, attn_mask=mask)
+        torch.testing.assert_close(streamed, full, rtol=1e-4, atol=1e-5)
+        assert cache.frames == list(range(sink)) + list(range(5 * FPB - (capacity - sink), 5 * FPB))
+
+
+def test_fixed_cache_refuses_overflow(tiny_model, text_cache):
+    import pytest
+    from nasa_video.errors import UserError
+    xs, ts = _inputs(3)
+    with pytest.raises(UserError, match="rolling"):
+        _stream(tiny_model, tiny_model.new_kv_cache(1, 6, H, W), xs, ts, text_cache)
