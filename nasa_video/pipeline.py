@@ -97,6 +97,11 @@ class StreamingGenerator:
         device_ = resolve_device(device)
         dtype_ = resolve_dtype(dtype, device_)
         attention.set_backend(attention_backend)
+        checkpoint = checkpoint or cfg.weights.get("checkpoint")
+        if checkpoint is None and cfg.weights.source not in ("random", "bundled"):
+            raise UserError(f"model {cfg.name} needs its generator weights: pass --checkpoint PATH")
+        if checkpoint is not None and not os.path.exists(checkpoint):
+            raise UserError(f"checkpoint not found: {checkpoint}")
         if check_memory:
             check_fits(cfg, device_, dtype_)
         vae, text = build_vae_and_text(cfg, device_, dtype_, wan)
@@ -119,7 +124,7 @@ class StreamingGenerator:
 
         writer = Mp4Writer(out, fps=int(self.cfg.video.fps))
         stream = self.stream(prompt, negative, scale, guidance, frames, seed, rolling)
-        bar = tqdm(total=stream.num_blocks, unit="block", disable=not progress, desc="generating")
+        bar = tqdm(total=getattr(stream, "num_blocks", None), unit="block", disable=not progress, desc="generating")
         start, first, written, blocks = time.perf_counter(), 0.0, 0, 0
         interrupted = False
         try:

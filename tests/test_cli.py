@@ -1,0 +1,73 @@
+"""The CLI end to end on the tiny config, and its one-line errors."""
+import os
+
+import numpy as np
+import pytest
+
+from nasa_video.cli import main
+from nasa_video.video_io import read_video
+
+ARGS = ["generate", "--prompt", "a red circle and a blue square", "--negative", "red circle", "--quiet",
+        "--device", "cpu"]
+
+
+def test_writes_mp4_with_requested_frame_count(tmp_path, capsys):
+    out = tmp_path / "x.mp4"
+    assert main(ARGS + ["--out", str(out), "--frames", "21"]) == 0
+    frames = read_video(out)
+    assert frames.shape == (21, 64, 64, 3)
+    assert "wrote" in capsys.readouterr().out
+    assert not list(tmp_path.glob(".*partial*"))  # the temp file was renamed away
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--prompt", "x" * 80], "prompt is 81 tokens"),
+    (["--scale", "9"], "out of range for nasa"),
+    (["--frames", "20"], "not a whole number of blocks"),
+    (["--model", "nope"], "unknown model"),
+    (["--attention", "flash2"], "flash-attn"),
+    (["--model", "causvid", "--checkpoint", "/nonexistent/model.pt"], "not found"),
+    (["--negative-weight", "1", "--negative-weight", "2"], "--negative-weight"),
+    (["--dtype", "fp8"], "unknown --dtype"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, extra, message):
+    assert main(ARGS + ["--out", str(tmp_path / "x.mp4")] + extra) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("nasa-video: error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+
+
+def test_unwritable_output(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        for out in [str(tmp_path / "missing" / "x.mp4"), str(tmp_path / "x.avi")] + \
+                   ([str(locked / "x.mp4")] if os.geteuid() != 0 else []):
+            assert main(ARGS + ["--out", out]) == 2
+            assert "nasa-video: error:" in capsys.readouterr().err
+    finally:
+        os.chmod(locked, 0o700)
+
+
+def test_wan_folder_missing_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "model.pt").write_bytes(b"")
+    assert main(ARGS + ["--out", str(tmp_path / "x.mp4"), "--model", "causvid", "--wan", str(tmp_path),
+                        "--checkpoint", str(tmp_path / "model.pt")]) == 2
+    assert "vae/" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_finished_blocks(tmp_path, tiny_generator, monkeypatch):
+    real_stream = tiny_generator.stream
+
+    def interrupted(*args, **kwargs):
+        for i, chunk in enumerate(real_stream(*args, **kwargs)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield chunk
+    monkeypatch.setattr(tiny_generator, "stream", interrupted)
+    out = tmp_path / "x.mp4"
+    result = tiny_generator.generate("a red circle", out, progress=False)
+    assert result.interrupted and result.blocks == 1
+    assert read_video(out).shape[0] == 9  # the first block's frames, playable
+    assert np.all(read_video(out) >= 0)

@@ -1,0 +1,89 @@
+"""NASA and its interface: the equation, the fused kernel, alpha = 0, several negatives, schedules."""
+import math
+
+import pytest
+import torch
+
+from nasa_video.errors import UserError
+from nasa_video.guidance import (NASA, NoGuidance, ScaleSchedule, TextKV, attend_all_prompts, make_guidance,
+                                 nasa, parse_negatives)
+
+B, S, L, HEADS, D = 2, 20, 7, 3, 8
+
+
+def naive_attention(q, k, v):
+    """softmax(Q K^T / sqrt(d)) V written out, [B, S, H, D] layout."""
+    scores = torch.einsum("bshd,blhd->bhsl", q, k) / math.sqrt(q.shape[-1])
+    return torch.einsum("bhsl,blhd->bshd", scores.softmax(-1), v)
+
+
+@pytest.fixture
+def qkv():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, S, HEADS, D, generator=g, dtype=torch.float64)
+    ks = [torch.randn(B, L, HEADS, D, generator=g, dtype=torch.float64) for _ in range(3)]
+    vs = [torch.randn(B, L, HEADS, D, generator=g, dtype=torch.float64) for _ in range(3)]
+    return q, ks, vs, TextKV(torch.cat(ks, 2), torch.cat(vs, 2), HEADS)
+
+
+def test_nasa_equals_naive_formula(qkv):
+    q, ks, vs, kv = qkv
+    alphas = [0.8, 0.3]
+    expected = naive_attention(q, ks[0], vs[0]) - sum(a * naive_attention(q, k, v)
+                                                      for a, k, v in zip(alphas, ks[1:], vs[1:]))
+    torch.testing.assert_close(NASA().cross_attention(q, kv, alphas), expected)
+
+
+def test_fused_call_equals_separate_calls(qkv):
+    q, ks, vs, kv = qkv
+    fused = attend_all_prompts(q, kv)
+    for i in range(3):
+        torch.testing.assert_close(fused[:, :, i], naive_attention(q, ks[i], vs[i]))
+
+
+def test_alpha_zero_equals_no_guidance(qkv):
+    q, _, _, kv = qkv
+    torch.testing.assert_close(NASA().cross_attention(q, kv, [0.0, 0.0]), NoGuidance().cross_attention(q, kv, [1, 1]))
+
+
+def test_nasa_function_is_linear_in_alpha(qkv):
+    q, _, _, kv = qkv
+    z = attend_all_prompts(q, kv)
+    a1 = nasa(z[:, :, 0], z[:, :, 1:], [1.0, 0.0])
+    a2 = nasa(z[:, :, 0], z[:, :, 1:], [2.0, 0.0])
+    torch.testing.assert_close(a2 - a1, -z[:, :, 1])
+
+
+def test_model_alpha_zero_equals_none(tiny_model, text_cache):
+    x, t = torch.randn(1, 4, 3, 8, 8), torch.full((1, 3), 700.0)
+    with torch.no_grad():
+        none = tiny_model(x, t, text_cache.layers, NoGuidance())
+        zero = tiny_model(x, t, text_cache.layers, NASA(), text_cache.alphas(0.0))
+        guided = tiny_model(x, t, text_cache.layers, NASA(), text_cache.alphas(1.0))
+    torch.testing.assert_close(zero, none, rtol=0, atol=0)
+    assert (guided - none).abs().max() > 1e-3
+
+
+def test_scale_schedules():
+    assert ScaleSchedule(0.5)(3, 2) == 0.5
+    per_block = ScaleSchedule([0.1, 0.2])
+    assert [per_block(b, 0) for b in range(4)] == [0.1, 0.2, 0.2, 0.2]
+    per_step = ScaleSchedule([[1.0, 0.5], [0.0]])
+    assert (per_step(0, 0), per_step(0, 1), per_step(0, 5), per_step(1, 0), per_step(9, 1)) == (1.0, 0.5, 0.5, 0.0, 0.0)
+    assert ScaleSchedule(lambda b, s: b + s)(2, 1) == 3.0
+    assert sorted(per_step.values()) == [0.0, 0.5, 1.0]
+
+
+def test_scale_out_of_range_is_a_clear_error():
+    with pytest.raises(UserError, match=r"out of range for nasa"):
+        NASA().check_scale(7.0)
+    with pytest.raises(UserError, match="unknown guidance"):
+        make_guidance("magic")
+
+
+def test_parse_negatives():
+    assert parse_negatives(None) == []
+    assert parse_negatives("red circle") == [("red circle", 1.0)]
+    assert parse_negatives(["a", ("b", 0.5)]) == [("a", 1.0), ("b", 0.5)]
+    assert parse_negatives({"a": 2}) == [("a", 2.0)]
+    assert parse_negatives(["  "]) == []

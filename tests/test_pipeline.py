@@ -1,0 +1,125 @@
+"""The streaming loop on the tiny random config: pass counts, caches, mid-stream changes, decode, MP4."""
+import numpy as np
+import pytest
+import torch
+
+from nasa_video.errors import UserError
+from nasa_video.pipeline import latent_frames_for
+from nasa_video.vae import StreamingDecoder, one_shot_decode
+
+PROMPT, NEG = "a red circle and a blue square", "red circle"
+
+
+def run(gen, **kw):
+    return list(gen.stream(PROMPT, **kw))
+
+
+def count_forwards(model):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, args: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("guidance", ["none", "nasa"])
+def test_one_forward_per_step_plus_cache_pass(tiny_generator, guidance):
+    calls, handle = count_forwards(tiny_generator.model)
+    try:
+        chunks = run(tiny_generator, negative=NEG, guidance=guidance, scale=0.5, decode=False)
+    finally:
+        handle.remove()
+    assert len(chunks) == 2
+    assert len(calls) == len(chunks) * (len(tiny_generator.steps) + 1)
+
+
+def test_negative_text_kv_built_once_per_video(tiny_generator):
+    stream = tiny_generator.stream(PROMPT, negative=[NEG, "blue square"], decode=False)
+    list(stream)
+    assert stream.text_cache.negative_builds == 1
+
+
+def test_reproducible_for_a_seed(tiny_generator):
+    a = run(tiny_generator, negative=NEG, seed=3, decode=False)
+    b = run(tiny_generator, negative=NEG, seed=3, decode=False)
+    c = run(tiny_generator, negative=NEG, seed=4, decode=False)
+    assert all(torch.equal(x.latents, y.latents) for x, y in zip(a, b))
+    assert not torch.equal(a[0].latents, c[0].latents)
+
+
+def test_alpha_zero_stream_equals_none(tiny_generator):
+    none = run(tiny_generator, negative=NEG, guidance="none", decode=False)
+    zero = run(tiny_generator, negative=NEG, guidance="nasa", scale=0.0, decode=False)
+    nasa = run(tiny_generator, negative=NEG, guidance="nasa", scale=1.0, decode=False)
+    for a, b in zip(none, zero):
+        torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
+    assert not torch.allclose(none[1].latents, nasa[1].latents)
+
+
+def test_mid_stream_scale_change_equals_per_block_schedule(tiny_generator):
+    scheduled = run(tiny_generator, negative=NEG, scale=[1.0, 0.2], decode=False)
+    stream = tiny_generator.stream(PROMPT, negative=NEG, scale=1.0, decode=False)
+    changed = []
+    for chunk in stream:
+        changed.append(chunk)
+        stream.set_scale(0.2)
+    for a, b in zip(scheduled, changed):
+        torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
+    assert [c.scale for c in changed] == [1.0, 0.2]
+
+
+def test_mid_stream_negative_change_keeps_the_video_so_far(tiny_generator):
+    plain = run(tiny_generator, negative=NEG, scale=1.0, decode=False)
+    stream = tiny_generator.stream(PROMPT, negative=NEG, scale=1.0, decode=False)
+    positive_k = stream.text_cache.positive[0][0]
+    changed = []
+    for chunk in stream:
+        changed.append(chunk)
+        stream.set_negative("blue square")
+    assert torch.equal(changed[0].latents, plain[0].latents)  # block 0 untouched
+    assert not torch.allclose(changed[1].latents, plain[1].latents)  # block 1 steered away from the new negative
+    assert changed[1].negative == [("blue square", 1.0)]
+    assert stream.text_cache.negative_builds == 2
+    assert stream.text_cache.positive[0][0] is positive_k  # the positive K/V were not recomputed
+
+
+def test_streaming_decode_equals_one_shot(tiny_generator):
+    chunks = run(tiny_generator, negative=NEG)
+    streamed = np.concatenate([c.frames for c in chunks])
+    latents = torch.cat([c.latents for c in chunks], 2)
+    reference = one_shot_decode(tiny_generator.vae, latents)
+    from nasa_video.vae import to_uint8
+    assert np.array_equal(streamed, to_uint8(reference)[0].numpy())
+    assert streamed.shape == (21, 64, 64, 3)
+    assert [c.first_frame for c in chunks] == [0, 9]
+
+
+def test_streaming_decoder_state_carries_between_blocks(tiny_generator):
+    z = torch.randn(1, 4, 6, 8, 8)
+    decoder = StreamingDecoder(tiny_generator.vae)
+    parts = [decoder.decode(z[:, :, i:i + 3]) for i in (0, 3)]
+    torch.testing.assert_close(torch.cat(parts, 2), one_shot_decode(tiny_generator.vae, z), rtol=0, atol=1e-6)
+
+
+def test_rolling_stream_runs_past_the_cache(tiny_generator):
+    chunks = run(tiny_generator, frames=1 + 4 * 11, rolling=True, decode=False)  # 12 latent frames, cache of 6
+    assert len(chunks) == 4
+    with pytest.raises(UserError, match="rolling"):
+        run(tiny_generator, frames=1 + 4 * 11, rolling=False, decode=False)
+
+
+def test_frame_counts():
+    assert latent_frames_for(81, 3) == 21
+    assert latent_frames_for(21, 3) == 6
+    with pytest.raises(UserError, match="whole number of blocks"):
+        latent_frames_for(80, 3)
+
+
+def test_memory_check_refuses_with_the_estimate(monkeypatch):
+    from nasa_video import pipeline
+    from nasa_video.loading import load_config
+    cfg = load_config("causvid")
+    estimate = pipeline.memory_estimate(cfg, torch.bfloat16)
+    assert 2.5e9 < estimate["weights"] < 3.0e9  # 1.42B parameters in bf16
+    assert estimate["kv_cache"] == 2 * 30 * 32760 * 1536 * 2  # CausVid's 21-frame cache, about 6 GB
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: 4 * 2**30)
+    with pytest.raises(UserError, match=r"needs about .* GiB .* but 4.0 GiB is free"):
+        pipeline.check_fits(cfg, torch.device("cpu"), torch.bfloat16)

@@ -1,0 +1,30 @@
+import torch
+
+from nasa_video.schedule import FlowSchedule
+
+
+def test_self_forcing_warped_steps():
+    steps = FlowSchedule(5.0).step_list([1000, 750, 500, 250], warp=True)
+    assert [round(s, 1) for s in steps] == [1000.0, 937.5, 833.3, 625.0]
+
+
+def test_causvid_steps_unwarped():
+    assert FlowSchedule(8.0).step_list([1000, 757, 522], warp=False) == [1000.0, 757.0, 522.0]
+
+
+def test_noise_and_velocity_round_trip():
+    flow = FlowSchedule(8.0)
+    x0, eps = torch.randn(1, 4, 3, 2, 2), torch.randn(1, 4, 3, 2, 2)
+    t = torch.tensor([[757.0, 757.0, 522.0]])
+    x_t = flow.add_noise(x0, eps, t)
+    v = eps - x0  # the flow the model is trained to predict
+    torch.testing.assert_close(flow.velocity_to_x0(v, x_t, t), x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flow.x0_to_velocity(x0, x_t, t), v, rtol=1e-4, atol=1e-4)
+
+
+def test_sigma_is_nearest_grid_value():
+    flow = FlowSchedule(8.0)
+    grid_t, grid_s = flow.timesteps(), flow.sigmas()
+    assert flow.sigma(torch.tensor([1000.0])).item() == grid_s[0].item() == 1.0
+    i = int((grid_t - 757).abs().argmin())
+    assert flow.sigma(torch.tensor([757.0])).item() == grid_s[i].item()
