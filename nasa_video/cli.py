@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -67,14 +68,84 @@ def generate(args) -> int:
     return 0
 
 
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate negative guidance", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = p.add_subparsers(dest="what", required=True)
+    r = what.add_parser("removal", help="removal benchmark with ground truth on the bundled model",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--model", default="toy", help="a model whose world the detector knows (toy)")
+    r.add_argument("--json", required=True, help="results as JSON")
+    r.add_argument("--table", default=None, help="markdown table (default: beside the JSON)")
+    r.add_argument("--plot", default=None, help="PNG of success and retention against alpha (default: beside the JSON)")
+    r.add_argument("--methods", nargs="+", default=["none", "nasa"], choices=sorted(METHODS))
+    r.add_argument("--scales", nargs="+", type=float, default=[0.25, 0.5, 1.0, 1.5, 2.0, 3.0])
+    r.add_argument("--pairs", type=int, default=48, help="prompt pairs (at least 40 for the reported figures)")
+    r.add_argument("--seeds", type=int, default=4, help="seeds per pair")
+    r.add_argument("--device", default="cpu")
+    d = what.add_parser("detector", help="detector agreement with the world's ground truth on codec reconstructions")
+    d.add_argument("--videos", type=int, default=200)
+    d.add_argument("--seed", type=int, default=0)
+
+
+def evaluate(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from .pipeline import StreamingGenerator
+
+    if args.what == "detector":
+        from .toy.train import codec_agreement
+        gen = StreamingGenerator.from_config("toy", device="cpu")
+        frames = int(gen.cfg.video.latent_frames - 1) * 4 + 1
+        score = codec_agreement(gen.vae, np.random.default_rng(args.seed), args.videos, frames)
+        print(f"detector agreement with ground truth on {args.videos} codec-reconstructed videos "
+              f"({frames} frames, 12 object names per frame): {100 * score:.2f}%")
+        return 0
+    from .toy.removal import markdown_table, plot_sweep, prompt_pairs, run_removal, write_json
+
+    if args.model != "toy":
+        raise UserError("the removal benchmark with ground truth needs the bundled world: --model toy")
+    out = Path(args.json)
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+    gen = StreamingGenerator.from_config(args.model, device=args.device)
+    methods = [(m, 0.0) if m == "none" else (m, s) for m in args.methods for s in ([0.0] if m == "none" else args.scales)]
+    for method, scale in methods:
+        from .guidance import make_guidance
+        make_guidance(method).check_scale(scale)
+    result = run_removal(gen, methods, prompt_pairs(args.pairs), tuple(range(args.seeds)))
+    write_json(result, out)
+    table = markdown_table(result)
+    Path(args.table or out.with_suffix(".md")).write_text(table + "\n")
+    plot_sweep(result, args.plot or out.with_suffix(".png"))
+    print(table)
+    print(f"wrote {out}, {args.table or out.with_suffix('.md')}, {args.plot or out.with_suffix('.png')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nasa-video", description="Negative prompts for streaming video diffusion (NASA)")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    train = sub.add_parser("train", help="train a model")
+    train.add_argument("what", choices=["toy"], help="toy: the bundled shapes-world model, on this CPU")
+    train.add_argument("--out", default="toy-weights", help="output folder (copy it to nasa_video/toy/weights to ship)")
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--smoke", action="store_true", help="a few iterations of each stage (a test)")
+    train.add_argument("--stop-after", choices=["codec"], default=None, help="stop after this stage")
+    _eval_parser(sub)
     args = parser.parse_args(argv)
     try:
+        if args.command == "eval":
+            return evaluate(args)
         if args.command == "generate":
             return generate(args)
+        if args.command == "train":
+            from .toy.train import train_toy
+            log = train_toy(args.out, args.seed, args.smoke, args.stop_after)
+            print(f"wrote {args.out}: {json.dumps(log)}")
+            return 0
     except UserError as err:
         print(f"nasa-video: error: {err}", file=sys.stderr)
         return 2

@@ -123,13 +123,14 @@ class StreamingGenerator:
         from .video_io import Mp4Writer
 
         writer = Mp4Writer(out, fps=int(self.cfg.video.fps))
+        zoom = int(self.cfg.video.get("display_scale", 1))  # small models' frames, enlarged for viewing
         stream = self.stream(prompt, negative, scale, guidance, frames, seed, rolling)
         bar = tqdm(total=getattr(stream, "num_blocks", None), unit="block", disable=not progress, desc="generating")
         start, first, written, blocks = time.perf_counter(), 0.0, 0, 0
         interrupted = False
         try:
             for chunk in stream:
-                writer.write(chunk.frames)
+                writer.write(chunk.frames.repeat(zoom, axis=1).repeat(zoom, axis=2) if zoom > 1 else chunk.frames)
                 written += len(chunk.frames)
                 blocks += 1
                 if blocks == 1:

@@ -23,22 +23,25 @@ class TextEncoder:
     def token_count(self, prompt: str) -> int:
         return len(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
-    @torch.no_grad()
-    def encode(self, prompt: str) -> torch.Tensor:
-        """[1, max_length, dim] float32. Memoised: a prompt reused between blocks or videos is encoded once."""
-        if prompt in self._memo:
-            return self._memo[prompt]
-        count = self.token_count(prompt)
-        if count > self.max_length:
-            raise UserError(f"prompt is {count} tokens but the text encoder takes at most {self.max_length}; "
-                            f"shorten it: {prompt[:60]!r}...")
-        tokens = self.tokenizer([prompt], padding="max_length", max_length=self.max_length, truncation=True,
+    def encode_batch(self, prompts: list[str]) -> torch.Tensor:
+        """[B, max_length, dim] float32, differentiable when grad is enabled (training the toy encoder)."""
+        for prompt in prompts:
+            count = self.token_count(prompt)
+            if count > self.max_length:
+                raise UserError(f"prompt is {count} tokens but the text encoder takes at most {self.max_length}; "
+                                f"shorten it: {prompt[:60]!r}...")
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
                                 add_special_tokens=True, return_tensors="pt")
         ids = tokens["input_ids"].to(self.device)
         mask = tokens["attention_mask"].to(self.device)
         hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        hidden = hidden * mask[..., None].to(hidden.dtype)
-        if len(self._memo) > 64:
-            self._memo.clear()
-        self._memo[prompt] = hidden
-        return hidden
+        return hidden * mask[..., None].to(hidden.dtype)
+
+    @torch.no_grad()
+    def encode(self, prompt: str) -> torch.Tensor:
+        """[1, max_length, dim] float32. Memoised: a prompt reused between blocks or videos is encoded once."""
+        if prompt not in self._memo:
+            if len(self._memo) > 64:
+                self._memo.clear()
+            self._memo[prompt] = self.encode_batch([prompt])
+        return self._memo[prompt]

@@ -26,8 +26,8 @@ def test_forward_matches_diffusers_wan(tiny_model, text_cache):
 
 
 def test_rope_positions_start_at_block_frame(tiny_model):
-    full_cos, full_sin = rope_frequencies(tiny_model.rope, 0, 9, 4, 4, "cpu")
-    cos, sin = rope_frequencies(tiny_model.rope, 6, 3, 4, 4, "cpu")
+    full_cos, full_sin = rope_frequencies(tiny_model.rope, torch.arange(9), 4, 4, "cpu")
+    cos, sin = rope_frequencies(tiny_model.rope, torch.arange(6, 9), 4, 4, "cpu")
     torch.testing.assert_close(cos, full_cos[:, 6 * 16:])
     torch.testing.assert_close(sin, full_sin[:, 6 * 16:])
 
@@ -96,3 +96,25 @@ def test_fixed_cache_refuses_overflow(tiny_model, text_cache):
     xs, ts = _inputs(3)
     with pytest.raises(UserError, match="rolling"):
         _stream(tiny_model, tiny_model.new_kv_cache(1, 6, H, W), xs, ts, text_cache)
+
+
+def test_teacher_forcing_mask_equals_streaming(tiny_model, text_cache):
+    """Training on [clean | noisy] with the teacher-forcing mask gives each noisy block exactly the output it
+    gets when streamed after the clean blocks' cache passes."""
+    from nasa_video.model.causal_wan import teacher_forcing_mask
+    blocks = 3
+    clean, _ = _inputs(blocks, seed=2)
+    noisy, t_noisy = _inputs(blocks, seed=3)
+    frames = blocks * FPB
+    x = torch.cat(clean + noisy, 2)
+    t = torch.cat([torch.zeros(1, frames)] + t_noisy, 1)
+    positions = torch.cat([torch.arange(frames), torch.arange(frames)])
+    with torch.no_grad():
+        full = tiny_model(x, t, text_cache.layers, attn_mask=teacher_forcing_mask(frames, FPB, TPF),
+                          frame_positions=positions)
+        cache = tiny_model.new_kv_cache(1, frames, H, W)
+        for b in range(blocks):
+            streamed = tiny_model(noisy[b], t_noisy[b], text_cache.layers, start_frame=b * FPB, kv_cache=cache)
+            tiny_model(clean[b], torch.zeros(1, FPB), text_cache.layers, start_frame=b * FPB, kv_cache=cache)
+            s = slice(frames + b * FPB, frames + (b + 1) * FPB)
+            torch.testing.assert_close(streamed, full[:, :, s], rtol=1e-4, atol=1e-5)

@@ -21,12 +21,14 @@ from .cache import SelfAttentionCache
 _PLAIN = NoGuidance()
 
 
-def rope_frequencies(rope, start_frame: int, frames: int, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [1, F*H*W, 1, head_dim] for a grid of patches whose first frame is start_frame."""
+def rope_frequencies(rope, frame_positions: torch.Tensor, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [1, F*H*W, 1, head_dim] for a grid of patches whose frames sit at the given temporal positions
+    (a block starting at frame 6 has positions 6, 7, 8)."""
+    frames = len(frame_positions)
+    if int(frame_positions.max()) >= rope.max_seq_len:
+        raise ValueError(f"frame {int(frame_positions.max())} is past the RoPE table ({rope.max_seq_len} positions)")
     sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
-    ranges = [torch.arange(start_frame, start_frame + frames), torch.arange(height), torch.arange(width)]
-    if start_frame + frames > rope.max_seq_len:
-        raise ValueError(f"frame {start_frame + frames} is past the RoPE table ({rope.max_seq_len} positions)")
+    ranges = [frame_positions.long().cpu(), torch.arange(height), torch.arange(width)]
     out = []
     for table in (rope.freqs_cos, rope.freqs_sin):
         t, h, w = (part[idx.to(part.device)] for part, idx in zip(table.float().split(sizes, dim=1), ranges))
@@ -58,6 +60,21 @@ def block_causal_mask(num_frames: int, frames_per_block: int, tokens_per_frame: 
     if window_frames is not None:
         recent = k >= q_end - (window_frames - sink_frames)
         visible = visible & (recent | (k < sink_frames))
+    return visible.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+def teacher_forcing_mask(num_frames: int, frames_per_block: int, tokens_per_frame: int, device=None) -> torch.Tensor:
+    """Bool mask for training on [clean frames | noisy frames] side by side (2 * num_frames frames).
+    Clean frames attend block-causally to clean frames (what the cache pass writes at inference); a noisy
+    block attends to the clean blocks before it and to itself, exactly what a streamed block sees."""
+    frame = torch.arange(2 * num_frames, device=device)
+    block = (frame % num_frames) // frames_per_block
+    noisy = frame >= num_frames
+    q_block, k_block = block[:, None], block[None, :]
+    q_noisy, k_noisy = noisy[:, None], noisy[None, :]
+    clean_query = ~q_noisy & ~k_noisy & (k_block <= q_block)
+    noisy_query = q_noisy & ((~k_noisy & (k_block < q_block)) | (k_noisy & (k_block == q_block)))
+    visible = clean_query | noisy_query
     return visible.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
@@ -95,11 +112,13 @@ class CausalWanTransformer(WanTransformer3DModel):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: Sequence[TextKV], guidance: Guidance | None = None,
                 alphas: Sequence[float] = (), start_frame: int = 0, kv_cache: SelfAttentionCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, frame_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the flow v for latent frames x [B, C, F, H, W] at per-frame timesteps t [B, F].
 
         kv_cache: streaming; this block's K/V go into the cache and the block attends to the cached window.
         attn_mask: the full (teacher-forcing) forward over all frames at once, no cache.
+        frame_positions: temporal RoPE position of each frame (default start_frame, start_frame + 1, ...);
+        training uses it to put a clean copy and a noisy copy of the same frames side by side.
         """
         guidance = guidance or _PLAIN
         batch, _, frames, height, width = x.shape
@@ -108,7 +127,9 @@ class CausalWanTransformer(WanTransformer3DModel):
         dtype = self.patch_embedding.weight.dtype
 
         hidden = self.patch_embedding(x.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # [B, F, HW, D]
-        cos, sin = rope_frequencies(self.rope, start_frame, fp, hp, wp, x.device)
+        if frame_positions is None:
+            frame_positions = torch.arange(start_frame, start_frame + fp)
+        cos, sin = rope_frequencies(self.rope, frame_positions, hp, wp, x.device)
 
         emb = self.condition_embedder
         sinusoid = emb.timesteps_proj(t.flatten().float())

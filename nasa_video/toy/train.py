@@ -1,0 +1,318 @@
+"""Train the bundled model from a seed: codec -> latents -> teacher -> ODE trajectories -> student.
+
+    nasa-video train toy [--out FOLDER] [--seed 0] [--smoke]
+
+Every stage runs on the CPU; the numbers live in configs/toy_train.yaml and configs/toy.yaml. The output
+folder holds what nasa_video/toy/weights ships: generator.safetensors (the student), teacher.safetensors,
+vae/, text/, training.json (losses, timings, detector agreement).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from ..loading import load_config
+from ..model.cache import TextCache
+from ..model.causal_wan import CausalWanTransformer, teacher_forcing_mask
+from ..schedule import FlowSchedule
+from .detect import agreement, detect
+from .text import load_toy_text_encoder, new_toy_text_encoder, save_toy_text_encoder
+from .world import render, sample_scene, visibility
+
+SMOKE = {"codec": {"steps": 2, "batch": 2}, "data": {"clips": 8},
+         "teacher": {"steps": 2, "batch": 4, "warmup": 1}, "ode": {"trajectories": 4, "batch": 4,
+                                                                  "steps_per_segment": [1, 1, 2]},
+         "student": {"steps": 2, "batch": 2, "warmup": 1}}
+
+
+def to_pixels(video: np.ndarray) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float [3, T, H, W] in [-1, 1]."""
+    return torch.from_numpy(video).permute(3, 0, 1, 2).float() / 127.5 - 1
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def train_codec(tc, rng, log):
+    from diffusers import AutoencoderKLWan
+
+    cfg = OmegaConf.to_container(tc.codec.config)
+    z = cfg["z_dim"]
+    vae = AutoencoderKLWan(**cfg, latents_mean=[0.0] * z, latents_std=[1.0] * z)
+    opt = torch.optim.AdamW(vae.parameters(), lr=tc.codec.lr, weight_decay=0.0)
+    losses = []
+    for step in tqdm(range(tc.codec.steps), desc="codec", unit="step"):
+        set_lr(opt, lr_at(step, tc.codec.steps, tc.codec.lr, 20))
+        clips = torch.stack([to_pixels(render(sample_scene(rng, tc.codec.clip_frames), tc.codec.clip_frames)[0])
+                             for _ in range(tc.codec.batch)])
+        posterior = vae.encode(clips).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, clips) + F.mse_loss(recon, clips) + tc.codec.kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    log["codec_loss_last50"] = float(np.mean(losses[-50:]))
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_dataset(vae, tc, rng, clips: int):
+    latents, captions = [], []
+    for start in tqdm(range(0, clips, 16), desc="encode", unit="batch"):
+        scenes = [sample_scene(rng, tc.clip_frames) for _ in range(min(16, clips - start))]
+        pixels = torch.stack([to_pixels(render(s, tc.clip_frames)[0]) for s in scenes])
+        latents.append(vae.encode(pixels).latent_dist.mode())
+        captions += [s.caption for s in scenes]
+    return torch.cat(latents), captions
+
+
+@torch.no_grad()
+def codec_agreement(vae, rng, videos: int, frames: int) -> float:
+    """Detector vs ground truth on codec reconstructions (through the streaming decoder, as generation does)."""
+    from ..vae import StreamingDecoder, to_uint8
+
+    decoder = StreamingDecoder(vae)
+    scores = []
+    for _ in range(videos):
+        scene = sample_scene(rng, frames)
+        video, labels = render(scene, frames)
+        z = vae.encode(to_pixels(video)[None]).latent_dist.mode()
+        decoder.reset()
+        recon = to_uint8(decoder.decode((z - decoder.mean) / decoder.std))[0].numpy()
+        scores.append(agreement(detect(recon), visibility(scene, labels)))
+    return float(np.mean(scores))
+
+
+def new_generator(model_cfg, seed):
+    config = OmegaConf.to_container(model_cfg.generator)
+    config["patch_size"] = tuple(config["patch_size"])
+    torch.manual_seed(seed)
+    return CausalWanTransformer(**config)
+
+
+def train_teacher(model_cfg, tc, latents, captions, text, rng, log):
+    flow = FlowSchedule(float(model_cfg.sampling.shift))
+    model = new_generator(model_cfg, tc.seed + 2).train()
+    text.encoder.train().requires_grad_(True)
+    params = list(model.parameters()) + list(text.encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=tc.teacher.lr, weight_decay=0.01)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema_text = copy.deepcopy(text.encoder).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(tc.seed + 3)
+    losses = []
+    frames = latents.shape[2]
+    for step in tqdm(range(tc.teacher.steps), desc="teacher", unit="step"):
+        set_lr(opt, lr_at(step, tc.teacher.steps, tc.teacher.lr, tc.teacher.warmup))
+        idx = torch.randint(len(latents), (tc.teacher.batch,), generator=gen)
+        x0 = latents[idx]
+        prompts = [captions[i] if rng.random() >= tc.teacher.caption_dropout else "" for i in idx.tolist()]
+        u = torch.rand(len(idx), generator=gen)
+        sigma = flow.shift * u / (1 + (flow.shift - 1) * u)
+        noise = torch.randn(x0.shape, generator=gen)
+        s = sigma[:, None, None, None, None]
+        x_t = (1 - s) * x0 + s * noise
+        t = (sigma * flow.num_train_timesteps)[:, None].expand(-1, frames)
+        layers = TextCache(model, text.encode_batch(prompts)).layers
+        loss = F.mse_loss(model(x_t, t, layers), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for net, avg in ((model, ema), (text.encoder, ema_text)):
+                for p, q in zip(net.parameters(), avg.parameters()):
+                    q.lerp_(p, 1 - tc.teacher.ema)
+        losses.append(loss.item())
+    log["teacher_loss_last50"] = float(np.mean(losses[-50:]))
+    text.encoder = ema_text
+    return ema
+
+
+def sigma_path(flow: FlowSchedule, student_steps, steps_per_segment) -> tuple[list[float], list[int]]:
+    """Euler sigmas from 1 to 0 that pass through every student sigma; returns (path, index of each)."""
+    anchors = [float(flow.sigma(torch.tensor([t]))) for t in student_steps] + [0.0]
+    path, marks = [], []
+    for (a, b), n in zip(zip(anchors[:-1], anchors[1:]), steps_per_segment):
+        marks.append(len(path))
+        path += list(np.linspace(a, b, n + 1)[:-1])
+    return path + [0.0], marks
+
+
+@torch.no_grad()
+def teacher_trajectories(teacher, text, model_cfg, tc, rng, frames: int, hw: tuple[int, int]):
+    """x at each student timestep and the final x0, sampled by the teacher with CFG (Euler)."""
+    flow = FlowSchedule(float(model_cfg.sampling.shift))
+    path, marks = sigma_path(flow, list(model_cfg.sampling.steps), list(tc.ode.steps_per_segment))
+    gen = torch.Generator().manual_seed(tc.seed + 5)
+    empty = text.encode_batch([""])
+    states, finals, captions = [], [], []
+    channels = teacher.config.in_channels
+    for start in tqdm(range(0, tc.ode.trajectories, tc.ode.batch), desc="trajectories", unit="batch"):
+        n = min(tc.ode.batch, tc.ode.trajectories - start)
+        prompts = [sample_scene(rng, tc.clip_frames).caption for _ in range(n)]
+        ctx = torch.cat([text.encode_batch(prompts), empty.expand(n, -1, -1)])
+        layers = TextCache(teacher, ctx).layers
+        x = torch.randn(n, channels, frames, *hw, generator=gen)
+        recorded = []
+        for i, (s, s_next) in enumerate(zip(path[:-1], path[1:])):
+            if i in marks:
+                recorded.append(x.clone())
+            t = torch.full((2 * n, frames), s * flow.num_train_timesteps)
+            v_cond, v_uncond = teacher(torch.cat([x, x]), t, layers).chunk(2)
+            v = v_uncond + tc.ode.cfg * (v_cond - v_uncond)
+            x = x + (s_next - s) * v
+        states.append(torch.stack(recorded, 1))
+        finals.append(x)
+        captions += prompts
+    return torch.cat(states), torch.cat(finals), captions
+
+
+def train_student(teacher, text, model_cfg, tc, states, finals, captions, log):
+    """ODE regression: each block at a random student step, the clean context beside it (teacher forcing)."""
+    flow = FlowSchedule(float(model_cfg.sampling.shift))
+    steps = torch.tensor(list(model_cfg.sampling.steps), dtype=torch.float32)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=tc.student.lr, weight_decay=0.01)
+    fpb = int(model_cfg.video.frames_per_block)
+    _, _, _, frames, h, w = states.shape
+    blocks = frames // fpb
+    tpf = student.tokens_per_frame(h, w)
+    mask = teacher_forcing_mask(frames, fpb, tpf)
+    positions = torch.cat([torch.arange(frames), torch.arange(frames)])
+    gen = torch.Generator().manual_seed(tc.seed + 7)
+    losses = []
+    with torch.no_grad():
+        contexts = torch.cat([text.encode_batch(captions[i:i + 256]) for i in range(0, len(captions), 256)])
+    for step in tqdm(range(tc.student.steps), desc="student", unit="step"):
+        set_lr(opt, lr_at(step, tc.student.steps, tc.student.lr, tc.student.warmup))
+        idx = torch.randint(len(states), (tc.student.batch,), generator=gen)
+        k = torch.randint(len(steps), (len(idx), blocks), generator=gen)
+        k_frames = k.repeat_interleave(fpb, 1)  # [B, F]
+        x_noisy = torch.gather(states[idx], 1, k_frames[:, None, None, :, None, None].expand(
+            -1, 1, states.shape[2], -1, h, w)).squeeze(1)
+        x0 = finals[idx]
+        t_noisy = steps[k_frames]
+        x_in = torch.cat([x0, x_noisy], 2)
+        t_in = torch.cat([torch.zeros_like(t_noisy), t_noisy], 1)
+        layers = TextCache(student, contexts[idx]).layers
+        v = student(x_in, t_in, layers, attn_mask=mask, frame_positions=positions)[:, :, frames:]
+        x0_pred = x_noisy - flow.sigma(t_noisy).float()[:, None, :, None, None] * v
+        loss = F.mse_loss(x0_pred, x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    log["student_loss_last50"] = float(np.mean(losses[-50:]))
+    return student.eval().requires_grad_(False)
+
+
+def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False, stop_after: str | None = None) -> dict:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg = load_config("toy")
+    tc = OmegaConf.load(Path(__file__).parents[1] / "configs" / "toy_train.yaml")
+    if smoke:
+        tc = OmegaConf.merge(tc, OmegaConf.create(SMOKE))
+    if seed is not None:
+        tc.seed = seed
+    torch.manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    log: dict = {"seed": int(tc.seed), "smoke": smoke, "torch_threads": torch.get_num_threads()}
+    timings = {}
+
+    # Each stage leaves its result in the output folder; a rerun (after a crash, or to retrain only the later
+    # stages) picks up from the first missing one.
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import load_file
+
+    cache = out / "cache"
+    cache.mkdir(exist_ok=True)
+    began = time.perf_counter()
+    if (out / "vae" / "config.json").exists():
+        vae = AutoencoderKLWan.from_pretrained(out / "vae").eval().requires_grad_(False)
+        log.update(json.loads((cache / "codec.json").read_text()))
+    else:
+        vae = train_codec(tc, rng, log)
+        log["codec_detector_agreement"] = codec_agreement(vae, rng, 4 if smoke else 100, tc.clip_frames)
+        vae.save_pretrained(out / "vae", safe_serialization=True)
+        (cache / "codec.json").write_text(json.dumps({k: log[k] for k in ("codec_loss_last50",
+                                                                          "codec_detector_agreement")}))
+        tqdm.write(f"codec: loss {log['codec_loss_last50']:.4f}, detector agreement on reconstructions "
+                   f"{log['codec_detector_agreement']:.4f}, {time.perf_counter() - began:.0f}s")
+    if (cache / "latents.safetensors").exists():
+        latents = load_file(str(cache / "latents.safetensors"))["latents"]
+        captions = json.loads((cache / "captions.json").read_text())
+    else:
+        latents, captions = encode_dataset(vae, tc, rng, int(tc.data.clips))
+        mean = latents.mean(dim=(0, 2, 3, 4))
+        std = latents.std(dim=(0, 2, 3, 4))
+        vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+        vae.save_pretrained(out / "vae", safe_serialization=True)
+        latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+        save_file({"latents": latents.contiguous()}, str(cache / "latents.safetensors"))
+        (cache / "captions.json").write_text(json.dumps(captions))
+    timings["codec_and_data"] = time.perf_counter() - began
+    if stop_after == "codec":
+        return log
+
+    began = time.perf_counter()
+    if (out / "teacher.safetensors").exists():
+        text = load_toy_text_encoder(out / "text", "cpu")
+        teacher = new_generator(model_cfg, 0)
+        teacher.load_state_dict(load_file(str(out / "teacher.safetensors")))
+        teacher.eval().requires_grad_(False)
+        log.update(json.loads((cache / "teacher.json").read_text()))
+    else:
+        text = new_toy_text_encoder(OmegaConf.to_container(tc.text.config),
+                                    int(model_cfg.weights.text_max_length), tc.seed + 1)
+        teacher = train_teacher(model_cfg, tc, latents, captions, text, rng, log)
+        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(out / "teacher.safetensors"))
+        save_toy_text_encoder(text, out / "text")
+        (cache / "teacher.json").write_text(json.dumps({"teacher_loss_last50": log["teacher_loss_last50"]}))
+        tqdm.write(f"teacher: loss {log['teacher_loss_last50']:.4f}, {time.perf_counter() - began:.0f}s")
+    timings["teacher"] = time.perf_counter() - began
+    text.encoder.eval().requires_grad_(False)
+
+    began = time.perf_counter()
+    if (cache / "trajectories.safetensors").exists():
+        saved = load_file(str(cache / "trajectories.safetensors"))
+        states, finals = saved["states"], saved["finals"]
+        ode_captions = json.loads((cache / "trajectory_captions.json").read_text())
+    else:
+        states, finals, ode_captions = teacher_trajectories(teacher, text, model_cfg, tc, rng, latents.shape[2],
+                                                            tuple(latents.shape[3:]))
+        save_file({"states": states.contiguous(), "finals": finals.contiguous()},
+                  str(cache / "trajectories.safetensors"))
+        (cache / "trajectory_captions.json").write_text(json.dumps(ode_captions))
+    timings["trajectories"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    student = train_student(teacher, text, model_cfg, tc, states, finals, ode_captions, log)
+    timings["student"] = time.perf_counter() - began
+    log["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+    log["seconds_total"] = round(sum(timings.values()), 1)
+
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(out / "generator.safetensors"))
+    (out / "training.json").write_text(json.dumps(log, indent=2))
+    return log

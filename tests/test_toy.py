@@ -1,0 +1,85 @@
+"""The bundled world: scenes, the detector, the toy text encoder, the removal scoring, the training smoke run."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from nasa_video.toy.detect import agreement, corruption, detect
+from nasa_video.toy.removal import prompt_pairs, score_video
+from nasa_video.toy.text import VOCAB, WordTokenizer
+from nasa_video.toy.world import OBJECTS, render, sample_scene, visibility
+
+
+def test_scenes_are_captioned_and_never_overlap():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = sample_scene(rng, 33)
+        video, labels = render(scene, 33)
+        assert video.shape == (33, 32, 32, 3) and video.dtype == np.uint8
+        assert 2 <= len(scene.things) <= 3
+        for name in scene.names:
+            assert name in scene.caption
+        vis = visibility(scene, labels)
+        assert all(vis[n].all() for n in scene.names)
+        assert not any(vis[n].any() for n in OBJECTS if n not in scene.names)
+
+
+def test_detector_is_exact_on_rendered_frames():
+    rng = np.random.default_rng(1)
+    scores = []
+    for _ in range(100):
+        scene = sample_scene(rng, 33)
+        video, labels = render(scene, 33)
+        scores.append(agreement(detect(video), visibility(scene, labels)))
+        assert corruption(video) == 0.0
+    assert np.mean(scores) == 1.0
+
+
+def test_corruption_counts_unexplained_pixels():
+    scene = sample_scene(np.random.default_rng(2), 5)
+    video, _ = render(scene, 5)
+    video[:, :16, :16] = (128, 0, 128)  # a purple quarter that is neither background nor a palette colour
+    assert 0.2 < corruption(video) <= 0.25
+
+
+def test_word_tokenizer_pads_and_names_unknown_words():
+    tok = WordTokenizer(VOCAB)
+    out = tok(["a red circle"], padding="max_length", max_length=6, return_tensors="pt")
+    assert out["input_ids"].shape == (1, 6)
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0]]
+    with pytest.warns(UserWarning, match="'purple'"):
+        tok(["a purple circle"], padding="max_length", max_length=6, return_tensors="pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok("a purple circle")  # the length check alone does not warn a second time
+
+
+def test_removal_pairs_are_fixed_and_well_formed():
+    pairs = prompt_pairs()
+    assert len(pairs) >= 40 and pairs == prompt_pairs()
+    for positive, negative, others in pairs:
+        assert negative in positive and 1 <= len(others) <= 2
+        assert all(o in positive for o in others)
+
+
+def test_score_video_on_ground_truth():
+    rng = np.random.default_rng(3)
+    scene = sample_scene(rng, 33, names=["red circle", "blue square"])
+    video, _ = render(scene, 33)
+    kept = score_video(video, "red circle", ["blue square"])
+    assert kept["removed"] == 0.0 and kept["retained"] == 1.0
+    gone = score_video(video, "green triangle", ["blue square", "red circle"])
+    assert gone["removed"] == 1.0 and gone["retained"] == 1.0
+
+
+def test_training_smoke_run_writes_loadable_weights(tmp_path):
+    from nasa_video.pipeline import StreamingGenerator
+    from nasa_video.toy.train import train_toy
+
+    log = train_toy(tmp_path / "w", seed=0, smoke=True)
+    assert np.isfinite(log["teacher_loss_last50"]) and np.isfinite(log["student_loss_last50"])
+    gen = StreamingGenerator.from_config("toy", device="cpu", overrides={"weights": {"folder": str(tmp_path / "w")}})
+    chunks = list(gen.stream("a red circle and a blue square", "red circle"))
+    assert sum(len(c.frames) for c in chunks) == 33
+    assert torch.isfinite(chunks[-1].latents).all()
