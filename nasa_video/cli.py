@@ -20,7 +20,7 @@ def _generate_parser(sub) -> None:
                    help="weight of each --negative, in order (default 1 each)")
     p.add_argument("--scale", type=float, default=None, help="guidance scale alpha (default: the model config's)")
     p.add_argument("--guidance", choices=sorted(METHODS), default=None, help="default: the model config's")
-    p.add_argument("--model", default="tiny", help="tiny | causvid | self-forcing | a config YAML")
+    p.add_argument("--model", default="toy", help="toy (bundled, trained) | tiny (random weights) | causvid | self-forcing | a config YAML")
     p.add_argument("--checkpoint", default=None, help="generator weights: CausVid / Self-Forcing .pt, Wan or diffusers")
     p.add_argument("--wan", default=None, help="Diffusers-format Wan2.1-T2V-1.3B folder or hub id (VAE, umT5)")
     p.add_argument("--frames", type=int, default=None, help="video frames, 1 + 4*3*k (default: the config's)")
@@ -97,10 +97,11 @@ def evaluate(args) -> int:
     if args.what == "detector":
         from .toy.train import codec_agreement
         gen = StreamingGenerator.from_config("toy", device="cpu")
-        frames = int(gen.cfg.video.latent_frames - 1) * 4 + 1
+        from .pipeline import pixel_frames
+        frames = pixel_frames(int(gen.cfg.video.latent_frames), gen.temporal_stride)
         score = codec_agreement(gen.vae, np.random.default_rng(args.seed), args.videos, frames)
         print(f"detector agreement with ground truth on {args.videos} codec-reconstructed videos "
-              f"({frames} frames, 12 object names per frame): {100 * score:.2f}%")
+              f"({frames} frames each, 12 object names per frame): {100 * score:.2f}%")
         return 0
     from .toy.removal import markdown_table, plot_sweep, prompt_pairs, run_removal, write_json
 

@@ -7,7 +7,7 @@ import pytest
 from nasa_video.cli import main
 from nasa_video.video_io import read_video
 
-ARGS = ["generate", "--prompt", "a red circle and a blue square", "--negative", "red circle", "--quiet",
+ARGS = ["generate", "--model", "tiny", "--prompt", "a red circle and a blue square", "--negative", "red circle", "--quiet",
         "--device", "cpu"]
 
 

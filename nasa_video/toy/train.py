@@ -28,7 +28,7 @@ from .detect import agreement, detect
 from .text import load_toy_text_encoder, new_toy_text_encoder, save_toy_text_encoder
 from .world import render, sample_scene, visibility
 
-SMOKE = {"codec": {"steps": 2, "batch": 2}, "data": {"clips": 8},
+SMOKE = {"codec": {"steps": 2, "batch": 2, "long_steps": 1, "long_batch": 1}, "data": {"clips": 8},
          "teacher": {"steps": 2, "batch": 4, "warmup": 1}, "ode": {"trajectories": 4, "batch": 4,
                                                                   "steps_per_segment": [1, 1, 2]},
          "student": {"steps": 2, "batch": 2, "warmup": 1}}
@@ -37,6 +37,11 @@ SMOKE = {"codec": {"steps": 2, "batch": 2}, "data": {"clips": 8},
 def to_pixels(video: np.ndarray) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [3, T, H, W] in [-1, 1]."""
     return torch.from_numpy(video).permute(3, 0, 1, 2).float() / 127.5 - 1
+
+
+def encodable(frames: int) -> int:
+    """diffusers' Wan encoder reads a first frame and then chunks of 4: round up to 1 + 4k frames."""
+    return 1 + 4 * math.ceil((frames - 1) / 4)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -50,18 +55,24 @@ def set_lr(opt, lr):
         group["lr"] = lr
 
 
-def train_codec(tc, rng, log):
+def train_codec(tc, rng, log, vae=None, clip_frames=None, steps=None, batch=None, lr=None, key="codec"):
+    """Train (or go on training) the tiny AutoencoderKLWan on rendered clips of clip_frames frames."""
     from diffusers import AutoencoderKLWan
 
-    cfg = OmegaConf.to_container(tc.codec.config)
-    z = cfg["z_dim"]
-    vae = AutoencoderKLWan(**cfg, latents_mean=[0.0] * z, latents_std=[1.0] * z)
-    opt = torch.optim.AdamW(vae.parameters(), lr=tc.codec.lr, weight_decay=0.0)
+    if vae is None:
+        cfg = OmegaConf.to_container(tc.codec.config)
+        z = cfg["z_dim"]
+        vae = AutoencoderKLWan(**cfg, latents_mean=[0.0] * z, latents_std=[1.0] * z)
+    vae.train().requires_grad_(True)
+    clip_frames, steps = clip_frames or tc.codec.clip_frames, steps or tc.codec.steps
+    batch, lr = batch or tc.codec.batch, lr or tc.codec.lr
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     losses = []
-    for step in tqdm(range(tc.codec.steps), desc="codec", unit="step"):
-        set_lr(opt, lr_at(step, tc.codec.steps, tc.codec.lr, 20))
-        clips = torch.stack([to_pixels(render(sample_scene(rng, tc.codec.clip_frames), tc.codec.clip_frames)[0])
-                             for _ in range(tc.codec.batch)])
+    for step in tqdm(range(steps), desc=key, unit="step"):
+        set_lr(opt, lr_at(step, steps, lr, 20))
+        clip_frames = encodable(clip_frames)
+        clips = torch.stack([to_pixels(render(sample_scene(rng, clip_frames), clip_frames)[0])
+                             for _ in range(batch)])
         posterior = vae.encode(clips).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(recon, clips) + F.mse_loss(recon, clips) + tc.codec.kl_weight * posterior.kl().mean()
@@ -69,17 +80,18 @@ def train_codec(tc, rng, log):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    log["codec_loss_last50"] = float(np.mean(losses[-50:]))
+    log[f"{key}_loss_last50"] = float(np.mean(losses[-50:]))
     return vae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def encode_dataset(vae, tc, rng, clips: int):
+def encode_dataset(vae, tc, rng, clips: int, latent_frames: int):
     latents, captions = [], []
+    frames = encodable(tc.clip_frames)
     for start in tqdm(range(0, clips, 16), desc="encode", unit="batch"):
-        scenes = [sample_scene(rng, tc.clip_frames) for _ in range(min(16, clips - start))]
-        pixels = torch.stack([to_pixels(render(s, tc.clip_frames)[0]) for s in scenes])
-        latents.append(vae.encode(pixels).latent_dist.mode())
+        scenes = [sample_scene(rng, frames) for _ in range(min(16, clips - start))]
+        pixels = torch.stack([to_pixels(render(s, frames)[0]) for s in scenes])
+        latents.append(vae.encode(pixels).latent_dist.mode()[:, :, :latent_frames])
         captions += [s.caption for s in scenes]
     return torch.cat(latents), captions
 
@@ -90,6 +102,7 @@ def codec_agreement(vae, rng, videos: int, frames: int) -> float:
     from ..vae import StreamingDecoder, to_uint8
 
     decoder = StreamingDecoder(vae)
+    frames = encodable(frames)
     scores = []
     for _ in range(videos):
         scene = sample_scene(rng, frames)
@@ -249,22 +262,37 @@ def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False, sto
     cache = out / "cache"
     cache.mkdir(exist_ok=True)
     began = time.perf_counter()
+    # The codec trains on short clips first (cheap), then on full-length clips, so that its causal
+    # feature cache stays accurate over a whole video. Each phase seeds its own generators, so a resumed
+    # run equals an uninterrupted one.
     if (out / "vae" / "config.json").exists():
         vae = AutoencoderKLWan.from_pretrained(out / "vae").eval().requires_grad_(False)
         log.update(json.loads((cache / "codec.json").read_text()))
     else:
-        vae = train_codec(tc, rng, log)
-        log["codec_detector_agreement"] = codec_agreement(vae, rng, 4 if smoke else 100, tc.clip_frames)
+        if (cache / "vae_short" / "config.json").exists():
+            vae = AutoencoderKLWan.from_pretrained(cache / "vae_short").eval()
+            log.update(json.loads((cache / "codec_short.json").read_text()))
+        else:
+            vae = train_codec(tc, rng, log)
+            vae.save_pretrained(cache / "vae_short", safe_serialization=True)
+            (cache / "codec_short.json").write_text(json.dumps({"codec_loss_last50": log["codec_loss_last50"]}))
+        torch.manual_seed(tc.seed + 100)
+        long_rng = np.random.default_rng([tc.seed, 2])
+        vae = train_codec(tc, long_rng, log, vae, int(tc.clip_frames), int(tc.codec.long_steps),
+                          int(tc.codec.long_batch), float(tc.codec.long_lr), key="codec_long")
+        log["codec_detector_agreement"] = codec_agreement(vae, long_rng, 4 if smoke else 100, tc.clip_frames)
         vae.save_pretrained(out / "vae", safe_serialization=True)
-        (cache / "codec.json").write_text(json.dumps({k: log[k] for k in ("codec_loss_last50",
-                                                                          "codec_detector_agreement")}))
-        tqdm.write(f"codec: loss {log['codec_loss_last50']:.4f}, detector agreement on reconstructions "
+        (cache / "codec.json").write_text(json.dumps({k: log[k] for k in (
+            "codec_loss_last50", "codec_long_loss_last50", "codec_detector_agreement")}))
+        tqdm.write(f"codec: loss {log['codec_long_loss_last50']:.4f}, detector agreement on reconstructions "
                    f"{log['codec_detector_agreement']:.4f}, {time.perf_counter() - began:.0f}s")
+    rng = np.random.default_rng([tc.seed, 3])
+    torch.manual_seed(tc.seed + 200)
     if (cache / "latents.safetensors").exists():
         latents = load_file(str(cache / "latents.safetensors"))["latents"]
         captions = json.loads((cache / "captions.json").read_text())
     else:
-        latents, captions = encode_dataset(vae, tc, rng, int(tc.data.clips))
+        latents, captions = encode_dataset(vae, tc, rng, int(tc.data.clips), int(model_cfg.video.latent_frames))
         mean = latents.mean(dim=(0, 2, 3, 4))
         std = latents.std(dim=(0, 2, 3, 4))
         vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())

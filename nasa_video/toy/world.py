@@ -13,7 +13,7 @@ COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 245), "
 SHAPES = ("circle", "square", "triangle")
 RADIUS = {"small": 4.5, "large": 6.5}
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-SPEED = 0.45  # pixels per frame
+SPEED = 1.0  # pixels per frame
 OBJECTS = [f"{c} {s}" for c in COLORS for s in SHAPES]  # the 12 names the detector knows
 
 
