@@ -20,7 +20,7 @@ def _generate_parser(sub) -> None:
                    help="weight of each --negative, in order (default 1 each)")
     p.add_argument("--scale", type=float, default=None, help="guidance scale alpha (default: the model config's)")
     p.add_argument("--guidance", choices=sorted(METHODS), default=None, help="default: the model config's")
-    p.add_argument("--model", default="toy", help="toy (bundled, trained) | tiny (random weights) | causvid | self-forcing | a config YAML")
+    p.add_argument("--model", default="tiny", help="tiny (random weights) | toy (bundled, once trained) | causvid | self-forcing | a config YAML")
     p.add_argument("--checkpoint", default=None, help="generator weights: CausVid / Self-Forcing .pt, Wan or diffusers")
     p.add_argument("--wan", default=None, help="Diffusers-format Wan2.1-T2V-1.3B folder or hub id (VAE, umT5)")
     p.add_argument("--frames", type=int, default=None, help="video frames, 1 + 4*3*k (default: the config's)")
@@ -134,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--out", default="toy-weights", help="output folder (copy it to nasa_video/toy/weights to ship)")
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--smoke", action="store_true", help="a few iterations of each stage (a test)")
-    train.add_argument("--stop-after", choices=["codec"], default=None, help="stop after this stage")
     _eval_parser(sub)
     args = parser.parse_args(argv)
     try:
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             return generate(args)
         if args.command == "train":
             from .toy.train import train_toy
-            log = train_toy(args.out, args.seed, args.smoke, args.stop_after)
+            log = train_toy(args.out, args.seed, args.smoke)
             print(f"wrote {args.out}: {json.dumps(log)}")
             return 0
     except UserError as err:

@@ -80,8 +80,8 @@ def build_generator(cfg: DictConfig, device, dtype, checkpoint: str | None = Non
 def bundled_path(cfg: DictConfig, name: str) -> Path:
     path = Path(__file__).parent / cfg.weights.get("folder", "toy/weights") / name
     if not path.exists():
-        raise UserError(f"bundled weights {path} are missing; reinstall nasa-video or retrain them "
-                        f"(see the model card)")
+        raise UserError(f"bundled weights {path} are missing: train them with "
+                        f"`nasa-video train toy --out {path.parent}` (CPU, about an hour)")
     return path
 
 
@@ -117,7 +117,10 @@ def build_vae_and_text(cfg: DictConfig, device, dtype, wan: str | None = None):
     if source == "bundled":
         from .toy.text import load_toy_text_encoder
 
-        vae = AutoencoderKLWan.from_pretrained(str(bundled_path(cfg, "vae")))
+        from .toy.codec import ShuffleCodec
+
+        codec = bundled_path(cfg, "codec")
+        vae = ShuffleCodec.load(codec) if (codec / "codec.json").exists() else AutoencoderKLWan.from_pretrained(str(codec))
         return vae.to(device).eval(), load_toy_text_encoder(bundled_path(cfg, "text"), device)
     folder = _wan_folder(wan or cfg.weights.wan)
     for sub in ("vae", "text_encoder", "tokenizer"):

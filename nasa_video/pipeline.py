@@ -24,7 +24,7 @@ from .guidance import Guidance, NoGuidance, ScaleSchedule, ScaleSpec, make_guida
 from .loading import build_generator, build_vae_and_text, load_config, resolve_device, resolve_dtype
 from .model.cache import SelfAttentionCache, TextCache
 from .schedule import FlowSchedule
-from .vae import StreamingDecoder, to_uint8
+from .vae import StreamingDecoder, codec_strides, to_uint8
 
 
 @dataclass
@@ -83,14 +83,12 @@ class StreamingGenerator:
         self.flow = FlowSchedule(float(cfg.sampling.shift), int(cfg.sampling.num_train_timesteps))
         self.steps = self.flow.step_list(list(cfg.sampling.steps), bool(cfg.sampling.warp))
         self.decoder = StreamingDecoder(vae)
-        z_dim, down = vae.config.z_dim, sum(vae.config.temperal_downsample)
-        self.temporal_stride = 2 ** down
-        self.spatial_stride = 2 ** (len(vae.config.dim_mult) - 1)
+        self.temporal_stride, self.spatial_stride, z_dim = codec_strides(vae)
         if z_dim != model.config.in_channels:
             raise UserError(f"VAE has {z_dim} latent channels but the generator takes {model.config.in_channels}")
 
     @classmethod
-    def from_config(cls, model: str = "toy", checkpoint: str | None = None, wan: str | None = None,
+    def from_config(cls, model: str = "tiny", checkpoint: str | None = None, wan: str | None = None,
                     device: str | None = None, dtype: str | None = None, attention_backend: str = "auto",
                     overrides: dict | None = None, check_memory: bool = True) -> "StreamingGenerator":
         cfg = load_config(model, overrides)

@@ -8,18 +8,32 @@ from __future__ import annotations
 import torch
 
 
+def codec_strides(vae) -> tuple[int, int, int]:
+    """(temporal stride, spatial stride, latent channels) of an AutoencoderKLWan or an exact codec."""
+    if hasattr(vae, "decode_block"):
+        return vae.temporal_stride, vae.spatial_stride, vae.z_dim
+    cfg = vae.config
+    return 2 ** sum(cfg.temperal_downsample), 2 ** (len(cfg.dim_mult) - 1), cfg.z_dim
+
+
 class StreamingDecoder:
+    """Block-by-block decoding. An AutoencoderKLWan keeps its causal-conv feature cache between blocks; a
+    codec with decode_block (the bundled exact codec) is stateless but for knowing the first block."""
+
     def __init__(self, vae):
         self.vae = vae.eval().requires_grad_(False)
-        cfg = vae.config
-        self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.exact = hasattr(vae, "decode_block")
+        if not self.exact:
+            cfg = vae.config
+            self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+            self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.reset()
 
     def reset(self) -> None:
-        self.vae.clear_cache()  # gives the VAE a fresh, empty decoder feature cache
-        self._feat_map = self.vae._feat_map
         self._first = True
+        if not self.exact:
+            self.vae.clear_cache()  # gives the VAE a fresh, empty decoder feature cache
+            self._feat_map = self.vae._feat_map
 
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Generator latents are per-channel standardised; the VAE wants raw latents."""
@@ -29,6 +43,10 @@ class StreamingDecoder:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, C, F, h, w] -> pixels [B, 3, T, H, W] in [-1, 1]; T = 1 + 4 (F - 1) for the first
         block of a video and 4 F after it."""
+        if self.exact:
+            out = self.vae.decode_block(latents, self._first)
+            self._first = False
+            return out
         param = next(self.vae.parameters())
         z = self.vae.post_quant_conv(self.denormalize(latents).to(param.dtype))
         frames = []

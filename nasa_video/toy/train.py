@@ -1,10 +1,10 @@
-"""Train the bundled model from a seed: codec -> latents -> teacher -> ODE trajectories -> student.
+"""Train the bundled model from a seed: latents (exact codec) -> teacher -> ODE trajectories -> student.
 
     nasa-video train toy [--out FOLDER] [--seed 0] [--smoke]
 
 Every stage runs on the CPU; the numbers live in configs/toy_train.yaml and configs/toy.yaml. The output
 folder holds what nasa_video/toy/weights ships: generator.safetensors (the student), teacher.safetensors,
-vae/, text/, training.json (losses, timings, detector agreement).
+codec/, text/, training.json (losses, timings, detector agreement); cache/ holds the intermediate data.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from .detect import agreement, detect
 from .text import load_toy_text_encoder, new_toy_text_encoder, save_toy_text_encoder
 from .world import render, sample_scene, visibility
 
-SMOKE = {"codec": {"steps": 2, "batch": 2, "long_steps": 1, "long_batch": 1}, "data": {"clips": 8},
+SMOKE = {"data": {"clips": 8},
          "teacher": {"steps": 2, "batch": 4, "warmup": 1}, "ode": {"trajectories": 4, "batch": 4,
                                                                   "steps_per_segment": [1, 1, 2]},
          "student": {"steps": 2, "batch": 2, "warmup": 1}}
@@ -55,35 +55,6 @@ def set_lr(opt, lr):
         group["lr"] = lr
 
 
-def train_codec(tc, rng, log, vae=None, clip_frames=None, steps=None, batch=None, lr=None, key="codec"):
-    """Train (or go on training) the tiny AutoencoderKLWan on rendered clips of clip_frames frames."""
-    from diffusers import AutoencoderKLWan
-
-    if vae is None:
-        cfg = OmegaConf.to_container(tc.codec.config)
-        z = cfg["z_dim"]
-        vae = AutoencoderKLWan(**cfg, latents_mean=[0.0] * z, latents_std=[1.0] * z)
-    vae.train().requires_grad_(True)
-    clip_frames, steps = clip_frames or tc.codec.clip_frames, steps or tc.codec.steps
-    batch, lr = batch or tc.codec.batch, lr or tc.codec.lr
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    losses = []
-    for step in tqdm(range(steps), desc=key, unit="step"):
-        set_lr(opt, lr_at(step, steps, lr, 20))
-        clip_frames = encodable(clip_frames)
-        clips = torch.stack([to_pixels(render(sample_scene(rng, clip_frames), clip_frames)[0])
-                             for _ in range(batch)])
-        posterior = vae.encode(clips).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        loss = F.l1_loss(recon, clips) + F.mse_loss(recon, clips) + tc.codec.kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    log[f"{key}_loss_last50"] = float(np.mean(losses[-50:]))
-    return vae.eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def encode_dataset(vae, tc, rng, clips: int, latent_frames: int):
     latents, captions = [], []
@@ -91,7 +62,7 @@ def encode_dataset(vae, tc, rng, clips: int, latent_frames: int):
     for start in tqdm(range(0, clips, 16), desc="encode", unit="batch"):
         scenes = [sample_scene(rng, frames) for _ in range(min(16, clips - start))]
         pixels = torch.stack([to_pixels(render(s, frames)[0]) for s in scenes])
-        latents.append(vae.encode(pixels).latent_dist.mode()[:, :, :latent_frames])
+        latents.append(vae.encode(pixels)[:, :, :latent_frames])
         captions += [s.caption for s in scenes]
     return torch.cat(latents), captions
 
@@ -107,9 +78,8 @@ def codec_agreement(vae, rng, videos: int, frames: int) -> float:
     for _ in range(videos):
         scene = sample_scene(rng, frames)
         video, labels = render(scene, frames)
-        z = vae.encode(to_pixels(video)[None]).latent_dist.mode()
         decoder.reset()
-        recon = to_uint8(decoder.decode((z - decoder.mean) / decoder.std))[0].numpy()
+        recon = to_uint8(decoder.decode(vae.encode(to_pixels(video)[None])))[0].numpy()
         scores.append(agreement(detect(recon), visibility(scene, labels)))
     return float(np.mean(scores))
 
@@ -238,7 +208,7 @@ def train_student(teacher, text, model_cfg, tc, states, finals, captions, log):
     return student.eval().requires_grad_(False)
 
 
-def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False, stop_after: str | None = None) -> dict:
+def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False) -> dict:
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -256,53 +226,36 @@ def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False, sto
 
     # Each stage leaves its result in the output folder; a rerun (after a crash, or to retrain only the later
     # stages) picks up from the first missing one.
-    from diffusers import AutoencoderKLWan
     from safetensors.torch import load_file
+
+    from .codec import ShuffleCodec
 
     cache = out / "cache"
     cache.mkdir(exist_ok=True)
     began = time.perf_counter()
-    # The codec trains on short clips first (cheap), then on full-length clips, so that its causal
-    # feature cache stays accurate over a whole video. Each phase seeds its own generators, so a resumed
-    # run equals an uninterrupted one.
-    if (out / "vae" / "config.json").exists():
-        vae = AutoencoderKLWan.from_pretrained(out / "vae").eval().requires_grad_(False)
-        log.update(json.loads((cache / "codec.json").read_text()))
-    else:
-        if (cache / "vae_short" / "config.json").exists():
-            vae = AutoencoderKLWan.from_pretrained(cache / "vae_short").eval()
-            log.update(json.loads((cache / "codec_short.json").read_text()))
-        else:
-            vae = train_codec(tc, rng, log)
-            vae.save_pretrained(cache / "vae_short", safe_serialization=True)
-            (cache / "codec_short.json").write_text(json.dumps({"codec_loss_last50": log["codec_loss_last50"]}))
-        torch.manual_seed(tc.seed + 100)
-        long_rng = np.random.default_rng([tc.seed, 2])
-        vae = train_codec(tc, long_rng, log, vae, int(tc.clip_frames), int(tc.codec.long_steps),
-                          int(tc.codec.long_batch), float(tc.codec.long_lr), key="codec_long")
-        log["codec_detector_agreement"] = codec_agreement(vae, long_rng, 4 if smoke else 100, tc.clip_frames)
-        vae.save_pretrained(out / "vae", safe_serialization=True)
-        (cache / "codec.json").write_text(json.dumps({k: log[k] for k in (
-            "codec_loss_last50", "codec_long_loss_last50", "codec_detector_agreement")}))
-        tqdm.write(f"codec: loss {log['codec_long_loss_last50']:.4f}, detector agreement on reconstructions "
-                   f"{log['codec_detector_agreement']:.4f}, {time.perf_counter() - began:.0f}s")
-    rng = np.random.default_rng([tc.seed, 3])
-    torch.manual_seed(tc.seed + 200)
+    # Each stage leaves its result in the output folder; a rerun picks up from the first missing one.
+    # Every stage seeds its own generators, so a resumed run equals an uninterrupted one.
     if (cache / "latents.safetensors").exists():
+        vae = ShuffleCodec.load(out / "codec")
         latents = load_file(str(cache / "latents.safetensors"))["latents"]
         captions = json.loads((cache / "captions.json").read_text())
+        log.update(json.loads((cache / "codec.json").read_text()))
     else:
+        vae = ShuffleCodec()
         latents, captions = encode_dataset(vae, tc, rng, int(tc.data.clips), int(model_cfg.video.latent_frames))
-        mean = latents.mean(dim=(0, 2, 3, 4))
-        std = latents.std(dim=(0, 2, 3, 4))
-        vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
-        vae.save_pretrained(out / "vae", safe_serialization=True)
+        mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
+        vae = ShuffleCodec(3, mean.tolist(), std.tolist())
         latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+        log["codec_detector_agreement"] = codec_agreement(vae, np.random.default_rng([tc.seed, 1]),
+                                                          4 if smoke else 100, tc.clip_frames)
+        vae.save(out / "codec")
         save_file({"latents": latents.contiguous()}, str(cache / "latents.safetensors"))
         (cache / "captions.json").write_text(json.dumps(captions))
+        (cache / "codec.json").write_text(json.dumps({"codec_detector_agreement": log["codec_detector_agreement"]}))
+        tqdm.write(f"codec: detector agreement on reconstructions {log['codec_detector_agreement']:.4f}")
+    rng = np.random.default_rng([tc.seed, 3])
+    torch.manual_seed(tc.seed + 200)
     timings["codec_and_data"] = time.perf_counter() - began
-    if stop_after == "codec":
-        return log
 
     began = time.perf_counter()
     if (out / "teacher.safetensors").exists():
