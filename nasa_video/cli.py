@@ -125,6 +125,26 @@ def evaluate(args) -> int:
     return 0
 
 
+def bench_flops(args) -> int:
+    import os
+
+    from .bench import flops_report
+
+    methods = list(dict.fromkeys(["none"] + args.methods))
+    report = flops_report(args.model, methods)
+    print(f"{report['model']}: {report['latent_frames']} latent frames at {report['resolution'][0]}x"
+          f"{report['resolution'][1]}, steps {report['steps']} + cache pass, one video")
+    print(f"{'method':8} {'TFLOPs':>10} {'ratio':>8} {'memory GiB':>11}")
+    for name, r in report["methods"].items():
+        print(f"{name:8} {r['flops'] / 1e12:10.2f} {r['ratio']:8.4f} {r['memory_bytes'] / 2**30:11.2f}")
+    if args.json:
+        tmp = f"{args.json}.partial"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nasa-video", description="Negative prompts for streaming video diffusion (NASA)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,8 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--smoke", action="store_true", help="a few iterations of each stage (a test)")
     _eval_parser(sub)
+    bench = sub.add_parser("bench", help="cost of the guidance methods")
+    kind = bench.add_subparsers(dest="kind", required=True)
+    flops = kind.add_parser("flops", help="FLOPs and memory per video, counted on the meta device")
+    flops.add_argument("--model", default="causvid")
+    flops.add_argument("--methods", nargs="+", default=["none", "nasa"], choices=sorted(METHODS))
+    flops.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     try:
+        if args.command == "bench":
+            return bench_flops(args)
         if args.command == "eval":
             return evaluate(args)
         if args.command == "generate":

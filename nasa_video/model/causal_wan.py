@@ -28,7 +28,7 @@ def rope_frequencies(rope, frame_positions: torch.Tensor, height: int, width: in
     if int(frame_positions.max()) >= rope.max_seq_len:
         raise ValueError(f"frame {int(frame_positions.max())} is past the RoPE table ({rope.max_seq_len} positions)")
     sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
-    ranges = [frame_positions.long().cpu(), torch.arange(height), torch.arange(width)]
+    ranges = [frame_positions.long().cpu(), torch.arange(height, device="cpu"), torch.arange(width, device="cpu")]
     out = []
     for table in (rope.freqs_cos, rope.freqs_sin):
         t, h, w = (part[idx.to(part.device)] for part, idx in zip(table.float().split(sizes, dim=1), ranges))
@@ -128,7 +128,7 @@ class CausalWanTransformer(WanTransformer3DModel):
 
         hidden = self.patch_embedding(x.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # [B, F, HW, D]
         if frame_positions is None:
-            frame_positions = torch.arange(start_frame, start_frame + fp)
+            frame_positions = torch.arange(start_frame, start_frame + fp, device="cpu")
         cos, sin = rope_frequencies(self.rope, frame_positions, hp, wp, x.device)
 
         emb = self.condition_embedder
