@@ -97,3 +97,10 @@ def test_exact_codec_round_trip_and_streaming():
     blocks = [decoder.decode(latents[:, :, i:i + 3]) for i in (0, 3, 6)]
     assert [b.shape[2] for b in blocks] == [5, 6, 6]
     torch.testing.assert_close(torch.cat(blocks, 2), pixels, rtol=0, atol=1e-5)
+
+
+def test_detector_command_prints_agreement(capsys):
+    from nasa_video.cli import main
+    assert main(["eval", "detector", "--videos", "5"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert float(line.rsplit(" ", 1)[1].rstrip("%")) >= 99.0
