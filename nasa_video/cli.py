@@ -19,7 +19,9 @@ def _generate_parser(sub) -> None:
     p.add_argument("--negative-weight", type=float, action="append", default=[],
                    help="weight of each --negative, in order (default 1 each)")
     p.add_argument("--scale", type=float, default=None, help="guidance scale alpha (default: the model config's)")
-    p.add_argument("--guidance", choices=sorted(METHODS), default=None, help="default: the model config's")
+    p.add_argument("--guidance", choices=sorted(METHODS), default=None,
+                   help="default: the model config's. --scale is alpha for nasa, nag_scale s for nag (s > 1), "
+                        "s for vsf, w for cfg")
     p.add_argument("--model", default="tiny", help="tiny (random weights) | toy (bundled, once trained) | causvid | self-forcing | a config YAML")
     p.add_argument("--checkpoint", default=None, help="generator weights: CausVid / Self-Forcing .pt, Wan or diffusers")
     p.add_argument("--wan", default=None, help="Diffusers-format Wan2.1-T2V-1.3B folder or hub id (VAE, umT5)")
@@ -77,7 +79,8 @@ def _eval_parser(sub) -> None:
     r.add_argument("--json", required=True, help="results as JSON")
     r.add_argument("--table", default=None, help="markdown table (default: beside the JSON)")
     r.add_argument("--plot", default=None, help="PNG of success and retention against alpha (default: beside the JSON)")
-    r.add_argument("--methods", nargs="+", default=["none", "nasa"], choices=sorted(METHODS))
+    r.add_argument("--methods", nargs="+", default=["none", "nasa"], choices=sorted(METHODS),
+                   help="methods to compare; --scales applies to each guided method (check its range)")
     r.add_argument("--scales", nargs="+", type=float, default=[0.25, 0.5, 1.0, 1.5, 2.0, 3.0])
     r.add_argument("--pairs", type=int, default=48, help="prompt pairs (at least 40 for the reported figures)")
     r.add_argument("--seeds", type=int, default=4, help="seeds per pair")
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     kind = bench.add_subparsers(dest="kind", required=True)
     flops = kind.add_parser("flops", help="FLOPs and memory per video, counted on the meta device")
     flops.add_argument("--model", default="causvid")
-    flops.add_argument("--methods", nargs="+", default=["none", "nasa"], choices=sorted(METHODS))
+    flops.add_argument("--methods", nargs="+", default=list(METHODS), choices=sorted(METHODS))
     flops.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     try:

@@ -1,6 +1,6 @@
 """Negative guidance as small, pure pieces.
 
-Attention-space methods (NASA here; NAG and VSF fit the same slot) receive, in every cross-attention layer,
+Attention-space methods (NASA, NAG, VSF) receive, in every cross-attention layer,
 the query of the video tokens and the cached text K/V of the positive prompt and of each negative prompt,
 and return the attention output before the layer's output projection. Output-space methods (CFG) act on
 the model's prediction instead and ask the pipeline for a second pass with its own self-attention cache.
@@ -23,6 +23,7 @@ class TextKV:
     k: torch.Tensor  # [B, L, H * (1 + N), D], norm_k already applied
     v: torch.Tensor  # [B, L, H * (1 + N), D]
     heads: int
+    negative_lengths: tuple[int, ...] | None = None  # real (unpadded) token count of each negative
 
     @property
     def num_prompts(self) -> int:
@@ -58,15 +59,47 @@ def nasa(z_pos: torch.Tensor, z_neg: torch.Tensor, alphas: Sequence[float]) -> t
     return out
 
 
+def nag(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float, tau: float, blend: float) -> torch.Tensor:
+    """NAG, arXiv 2505.21179, in the public code's convention nag_scale s = phi + 1:
+    Zt = s Z+ - (s - 1) Z-; r = ||Zt||_1 / ||Z+||_1 per token over all heads; Zh = Zt min(r, tau) / r;
+    Z = blend Zh + (1 - blend) Z+.  z_pos, z_neg [B, S, H, D]."""
+    z_t = scale * z_pos - (scale - 1) * z_neg
+    norm_pos = z_pos.flatten(2).abs().sum(-1)[..., None, None]
+    norm_t = z_t.flatten(2).abs().sum(-1)[..., None, None]
+    ratio = norm_t / norm_pos.clamp_min(1e-12)
+    z_h = z_t * torch.minimum(ratio, torch.full_like(ratio, tau)) / ratio.clamp_min(1e-12)
+    return blend * z_h + (1 - blend) * z_pos
+
+
+def vsf(q, k_pos, v_pos, k_neg, v_neg, scale: float, bias: float) -> torch.Tensor:
+    """VSF, arXiv 2508.10931: one softmax over [K+; K-] with values [V+; -scale V-] and `bias` added to the
+    negative columns' logits (keys are not flipped). Pass k_neg / v_neg without their padding."""
+    keys, values = torch.cat([k_pos, k_neg], 1), torch.cat([v_pos, -scale * v_neg], 1)
+    logit_bias = torch.zeros(keys.shape[1], dtype=q.dtype, device=q.device)
+    logit_bias[k_pos.shape[1]:] = bias
+    return attend(q, keys, values, logit_bias.view(1, 1, 1, -1))
+
+
 class Guidance:
-    """Base of every method. in_attention: acts inside cross-attention (one pass per step) or on outputs."""
+    """Base of every method. in_attention: acts inside cross-attention (one pass per step) or on outputs
+    (CFG: the pipeline runs a second pass with its own self-attention cache and calls combine())."""
 
     name = "base"
     in_attention = True
     scale_range = (0.0, 0.0)
+    max_negatives: int | None = None
 
     def cross_attention(self, q: torch.Tensor, kv: TextKV, alphas: Sequence[float]) -> torch.Tensor:
         raise NotImplementedError
+
+    def scale_at(self, scale: float, sigma: float) -> float:
+        """The scale actually used at noise level sigma (NAG switches off below sigma_end)."""
+        return scale
+
+    def check_negatives(self, count: int) -> None:
+        if self.max_negatives is not None and count > self.max_negatives:
+            raise UserError(f"{self.name} takes at most {self.max_negatives} negative prompt; "
+                            f"use --guidance nasa for several weighted negatives")
 
     def check_scale(self, value: float) -> None:
         lo, hi = self.scale_range
@@ -97,7 +130,63 @@ class NASA(Guidance):
         return nasa(z[:, :, 0], z[:, :, 1:], alphas)
 
 
-METHODS: dict[str, type[Guidance]] = {"none": NoGuidance, "nasa": NASA}
+class NAG(Guidance):
+    """Normalized Attention Guidance; scale is nag_scale s (guidance only when s > 1)."""
+
+    name = "nag"
+    scale_range = (1.0, 20.0)
+    max_negatives = 1
+
+    def __init__(self, tau: float = 2.5, blend: float = 0.25, sigma_end: float = 0.0):
+        self.tau, self.blend, self.sigma_end = tau, blend, sigma_end
+
+    def scale_at(self, scale, sigma):
+        return scale if sigma >= self.sigma_end else 1.0
+
+    def cross_attention(self, q, kv, alphas):
+        if kv.num_prompts == 1 or not alphas or alphas[0] <= 1.0:
+            return attend(q, *kv.positive())
+        z = attend_all_prompts(q, kv)
+        return nag(z[:, :, 0], z[:, :, 1], alphas[0], self.tau, self.blend)
+
+
+class VSF(Guidance):
+    """Value Sign Flip; scale is s in [V+; -s V-]; the negative's padding tokens are dropped."""
+
+    name = "vsf"
+    scale_range = (0.0, 5.0)
+    max_negatives = 1
+
+    def __init__(self, bias: float = -0.1):
+        self.bias = bias
+
+    def cross_attention(self, q, kv, alphas):
+        if kv.num_prompts == 1 or not alphas or alphas[0] == 0.0:
+            return attend(q, *kv.positive())
+        k_neg, v_neg = kv.prompt(1)
+        if kv.negative_lengths is not None:
+            k_neg, v_neg = k_neg[:, :kv.negative_lengths[0]], v_neg[:, :kv.negative_lengths[0]]
+        return vsf(q, *kv.positive(), k_neg, v_neg, alphas[0], self.bias)
+
+
+class CFG(Guidance):
+    """Classifier-free guidance with the negative prompt as the unconditional branch (empty prompt when none):
+    v = v(y-) + w (v(y+) - v(y-)). Two passes per step and a second self-attention cache."""
+
+    name = "cfg"
+    in_attention = False
+    scale_range = (0.0, 20.0)
+    max_negatives = 1
+
+    def cross_attention(self, q, kv, alphas):
+        return attend(q, *kv.positive())  # each CFG pass is plain attention on its own prompt
+
+    @staticmethod
+    def combine(v_pos: torch.Tensor, v_neg: torch.Tensor, scale: float) -> torch.Tensor:
+        return v_neg + scale * (v_pos - v_neg)
+
+
+METHODS: dict[str, type[Guidance]] = {"none": NoGuidance, "nasa": NASA, "nag": NAG, "vsf": VSF, "cfg": CFG}
 
 
 def make_guidance(name: str) -> Guidance:

@@ -53,6 +53,9 @@ class GenerationResult:
     chunks: list[FrameChunk] = field(default_factory=list, repr=False)
 
 
+_PLAIN = NoGuidance()
+
+
 def pixel_frames(latent_frames: int, temporal_stride: int = 4) -> int:
     return 1 + temporal_stride * (latent_frames - 1)
 
@@ -162,10 +165,10 @@ class Stream:
             self.latent_total = latent_frames_for(int(frames), self.fpb, gen.temporal_stride)
         self.guidance = make_guidance(cfg.guidance.method if guidance is None else guidance) \
             if not isinstance(guidance, Guidance) else guidance
-        if not self.guidance.in_attention:
-            raise UserError(f"guidance {self.guidance.name} acts on model outputs; this generator runs "
-                            f"attention-space guidance (none, nasa)")
-        self.cache_pass_guidance = self.guidance if bool(cfg.guidance.in_cache_pass) else NoGuidance()
+        self.uncond_cache: TextCache | None = None  # CFG: the negative (or empty) prompt as its own context
+        # CFG always refreshes both caches with their own contexts; attention methods follow the config.
+        in_cache = bool(cfg.guidance.in_cache_pass) or not self.guidance.in_attention
+        self.cache_pass_guidance = self.guidance if in_cache else _PLAIN
         self.seed = seed
         self.latent_hw = (int(cfg.video.height) // gen.spatial_stride, int(cfg.video.width) // gen.spatial_stride)
         with torch.no_grad():
@@ -183,6 +186,7 @@ class Stream:
     def set_negative(self, negative, scale: ScaleSpec | None = None) -> None:
         """Replace the negative prompt(s) (str, list of str, or (text, weight) pairs) from the next block."""
         negatives = parse_negatives(negative)
+        self.guidance.check_negatives(len(negatives))
         schedule = self.schedule if scale is None else ScaleSchedule(scale)
         for value in schedule.values():
             self.guidance.check_scale(value)
@@ -201,7 +205,13 @@ class Stream:
         texts, weights = [t for t, _ in negatives], [w for _, w in negatives]
         if texts != self.text_cache.negative_texts:
             with torch.no_grad():
-                self.text_cache.set_negatives(texts, weights, [self.gen.text.encode(t) for t in texts])
+                self.text_cache.set_negatives(texts, weights, [self.gen.text.encode(t) for t in texts],
+                                              [self.gen.text.token_count(t) for t in texts])
+                if not self.guidance.in_attention:
+                    self.uncond_cache = TextCache(self.gen.model, self.gen.text.encode(texts[0] if texts else ""))
+        if not self.guidance.in_attention and self.uncond_cache is None:
+            with torch.no_grad():
+                self.uncond_cache = TextCache(self.gen.model, self.gen.text.encode(""))
         self.text_cache.weights = weights
         self.negatives = negatives
 
@@ -217,7 +227,10 @@ class Stream:
         if self.latent_total is not None and not self.rolling and self.latent_total > capacity:
             raise UserError(f"{pixel_frames(self.latent_total, gen.temporal_stride)} frames need {self.latent_total} "
                             f"latent frames but the cache holds {capacity}; use --rolling or fewer frames")
-        kv_cache = model.new_kv_cache(1, capacity, h, w, self.rolling, int(cfg.cache.sink_frames), gen.dtype, device)
+        new_cache = lambda: model.new_kv_cache(1, capacity, h, w, self.rolling, int(cfg.cache.sink_frames),  # noqa: E731
+                                               gen.dtype, device)
+        # CFG's unconditional pass needs its own self-attention cache, refreshed with its own context.
+        kv_cache = (new_cache(), new_cache()) if not self.guidance.in_attention else (new_cache(),)
         rng = torch.Generator(device=device).manual_seed(int(self.seed))
         channels = model.config.in_channels
         gen.decoder.reset()
@@ -238,9 +251,19 @@ class Stream:
             first_frame += 0 if frames is None else len(frames)
             block += 1
 
-    def _denoise_block(self, kv_cache: SelfAttentionCache, rng: torch.Generator, start: int, shape) -> torch.Tensor:
+    def _velocity(self, x, t, scale: float, start: int, kv_cache: tuple, guidance: Guidance) -> torch.Tensor:
+        """One denoising prediction: a single guided pass, or CFG's two passes (each with its own caches)."""
+        model, text = self.gen.model, self.text_cache
+        scale = guidance.scale_at(scale, float(self.gen.flow.sigma(t[:, :1].cpu()).max()))
+        if guidance.in_attention:
+            return model(x, t, text.layers, guidance, text.alphas(scale), start, kv_cache[0])
+        v_pos = model(x, t, text.layers, _PLAIN, (), start, kv_cache[0])
+        v_neg = model(x, t, self.uncond_cache.layers, _PLAIN, (), start, kv_cache[1])
+        return guidance.combine(v_pos, v_neg, scale)
+
+    def _denoise_block(self, kv_cache: tuple, rng: torch.Generator, start: int, shape) -> torch.Tensor:
         gen = self.gen
-        model, flow, device, text = gen.model, gen.flow, gen.device, self.text_cache
+        flow, device = gen.flow, gen.device
         block = start // self.fpb
 
         def t_of(value: float) -> torch.Tensor:
@@ -250,8 +273,7 @@ class Stream:
         x0 = x
         for step, t_value in enumerate(gen.steps):
             t = t_of(t_value)
-            alphas = text.alphas(self.schedule(block, step))
-            v = model(x, t, text.layers, self.guidance, alphas, start, kv_cache)
+            v = self._velocity(x, t, self.schedule(block, step), start, kv_cache, self.guidance)
             x0 = flow.velocity_to_x0(v.float(), x, t)
             if step + 1 < len(gen.steps):
                 noise = torch.randn(shape, generator=rng, device=device, dtype=torch.float32)
@@ -262,8 +284,8 @@ class Stream:
         if context_t > 0:
             noise = torch.randn(shape, generator=rng, device=device, dtype=torch.float32)
             context = flow.add_noise(x0, noise, t_of(context_t))
-        alphas = text.alphas(self.schedule(block, len(gen.steps) - 1))
-        model(context, t_of(context_t), text.layers, self.cache_pass_guidance, alphas, start, kv_cache)
+        self._velocity(context, t_of(context_t), self.schedule(block, len(gen.steps) - 1), start, kv_cache,
+                       self.cache_pass_guidance)
         return x0
 
 

@@ -89,7 +89,9 @@ class TextCache:
         self.negative_builds = 0
         self.layers = [TextKV(k, v, model.config.num_attention_heads) for k, v in self.positive]
 
-    def set_negatives(self, texts: list[str], weights: list[float], embeddings: list[torch.Tensor]) -> None:
+    def set_negatives(self, texts: list[str], weights: list[float], embeddings: list[torch.Tensor],
+                      lengths: list[int] | None = None) -> None:
+        """lengths: real token count of each negative (VSF drops the padding)."""
         self.negative_texts, self.weights = list(texts), list(weights)
         heads = self.model.config.num_attention_heads
         if not embeddings:
@@ -101,7 +103,7 @@ class TextCache:
         for layer, (k_pos, v_pos) in enumerate(self.positive):
             k = torch.cat([k_pos] + [neg[layer][0] for neg in negatives], dim=2)
             v = torch.cat([v_pos] + [neg[layer][1] for neg in negatives], dim=2)
-            self.layers.append(TextKV(k, v, heads))
+            self.layers.append(TextKV(k, v, heads, tuple(lengths) if lengths else None))
 
     def alphas(self, scale: float) -> list[float]:
         return [scale * w for w in self.weights]
