@@ -227,10 +227,9 @@ class Stream:
         if self.latent_total is not None and not self.rolling and self.latent_total > capacity:
             raise UserError(f"{pixel_frames(self.latent_total, gen.temporal_stride)} frames need {self.latent_total} "
                             f"latent frames but the cache holds {capacity}; use --rolling or fewer frames")
-        new_cache = lambda: model.new_kv_cache(1, capacity, h, w, self.rolling, int(cfg.cache.sink_frames),  # noqa: E731
-                                               gen.dtype, device)
         # CFG's unconditional pass needs its own self-attention cache, refreshed with its own context.
-        kv_cache = (new_cache(), new_cache()) if not self.guidance.in_attention else (new_cache(),)
+        kv_cache = tuple(model.new_kv_cache(1, capacity, h, w, self.rolling, int(cfg.cache.sink_frames), gen.dtype,
+                                            device) for _ in range(1 if self.guidance.in_attention else 2))
         rng = torch.Generator(device=device).manual_seed(int(self.seed))
         channels = model.config.in_channels
         gen.decoder.reset()
