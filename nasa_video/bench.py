@@ -71,3 +71,86 @@ def flops_report(model: str = "causvid", methods=("none", "nasa", "nag", "vsf", 
         r["ratio"] = r["flops"] / base if base else None
     return {"model": cfg.name, "latent_frames": int(cfg.video.latent_frames), "steps": list(cfg.sampling.steps),
             "resolution": [int(cfg.video.height), int(cfg.video.width)], "methods": results}
+
+
+# ---- wall time ------------------------------------------------------------------------------------------------
+BENCH_SCALE = {"none": 0.0, "nasa": 0.5, "nag": 5.0, "vsf": 1.0, "cfg": 3.0}
+MID = {"generator": {"num_attention_heads": 8, "attention_head_dim": 64, "ffn_dim": 2048, "num_layers": 4},
+       "video": {"height": 128, "width": 128}}
+
+
+class RandomTextEncoder:
+    """Benchmark stand-in for umT5: seeded random prompt embeddings of the right shape (text encoding is
+    done once per video and is not what is being timed)."""
+
+    def __init__(self, dim: int, max_length: int, device):
+        self.dim, self.max_length, self.device = dim, max_length, device
+
+    def token_count(self, prompt: str) -> int:
+        return len(prompt.split()) + 1
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(sum(map(ord, prompt)))
+        return torch.randn(1, self.max_length, self.dim, generator=g).to(self.device)
+
+
+def random_weight_generator(model: str, device: str, dtype: str, overrides: dict | None = None):
+    """A StreamingGenerator of a config with random generator and VAE weights (no downloads)."""
+    from diffusers import AutoencoderKLWan
+
+    from .loading import build_generator, resolve_device, resolve_dtype
+    from .pipeline import StreamingGenerator
+
+    cfg = load_config(model, overrides)
+    device_ = resolve_device(device)
+    dtype_ = resolve_dtype(dtype, device_)
+    if cfg.weights.source == "random":
+        from .loading import build_vae_and_text
+        vae, text = build_vae_and_text(cfg, device_, dtype_)
+    else:
+        vae = AutoencoderKLWan().to(device_)  # diffusers' defaults are Wan2.1's VAE
+        text = RandomTextEncoder(int(cfg.generator.text_dim), int(cfg.weights.text_max_length), device_)
+    cfg.weights.source = "random"
+    cfg.weights.seed = 0
+    generator = build_generator(cfg, device_, dtype_)
+    return StreamingGenerator(cfg, generator, vae, text, device_, dtype_)
+
+
+def time_video(gen, method: str, decode: bool) -> tuple[float, float]:
+    """(seconds for one video, seconds to its first block)."""
+    import time
+
+    start = time.perf_counter()
+    first = None
+    for chunk in gen.stream("a fox running through snow", "blurry, low quality", BENCH_SCALE[method], method,
+                            decode=decode):
+        if first is None:
+            first = time.perf_counter() - start
+    return time.perf_counter() - start, first
+
+
+def speed_report(gen, methods, repeats: int = 5, decode: bool = False) -> dict:
+    """Interleaved runs (the method order rotates each round), median and spread, ratio to none."""
+    import statistics
+
+    methods = list(dict.fromkeys(["none"] + list(methods)))
+    for method in methods:  # warm-up: allocator, kernels, text caches
+        time_video(gen, method, decode)
+    runs = {m: [] for m in methods}
+    firsts = {m: [] for m in methods}
+    for r in range(repeats):
+        for method in methods[r % len(methods):] + methods[:r % len(methods)]:
+            total, first = time_video(gen, method, decode)
+            runs[method].append(total)
+            firsts[method].append(first)
+    base = statistics.median(runs["none"])
+    from .pipeline import pixel_frames
+
+    frames = pixel_frames(int(gen.cfg.video.latent_frames), gen.temporal_stride)
+    out = {}
+    for m in methods:
+        med = statistics.median(runs[m])
+        out[m] = {"median_s": med, "min_s": min(runs[m]), "max_s": max(runs[m]), "ratio": med / base,
+                  "fps": frames / med, "first_block_s": statistics.median(firsts[m])}
+    return {"model": gen.cfg.name, "device": str(gen.device), "dtype": str(gen.dtype), "repeats": repeats,
+            "decode": decode, "frames": frames, "methods": out}

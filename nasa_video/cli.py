@@ -151,6 +151,39 @@ def bench_flops(args) -> int:
     return 0
 
 
+def bench_speed(args) -> int:
+    import os
+
+    import torch
+
+    from . import attention
+    from .bench import MID, random_weight_generator, speed_report
+
+    backend = attention.set_backend(args.attention)
+    model, overrides = ("tiny", MID) if args.model == "mid" else (args.model, None)
+    gen = random_weight_generator(model, args.device, args.dtype, overrides)
+    if gen.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(gen.device)
+    report = speed_report(gen, args.methods, args.repeats, args.decode)
+    report["attention"] = backend
+    if gen.device.type == "cuda":
+        report["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(gen.device)
+    print(f"{args.model} (random weights) on {report['device']} {report['dtype']}, attention {backend}, "
+          f"{report['frames']} frames, decode {'on' if args.decode else 'off'}, {args.repeats} interleaved runs")
+    print(f"{'method':8} {'median s':>9} {'min-max s':>15} {'ratio':>7} {'fps':>8} {'first block s':>14}")
+    for name, r in report["methods"].items():
+        print(f"{name:8} {r['median_s']:9.3f} {r['min_s']:7.3f}-{r['max_s']:<7.3f} {r['ratio']:7.3f} "
+              f"{r['fps']:8.2f} {r['first_block_s']:14.3f}")
+    if "peak_gpu_memory_bytes" in report:
+        print(f"peak GPU memory {report['peak_gpu_memory_bytes'] / 2**30:.2f} GiB")
+    if args.json:
+        tmp = f"{args.json}.partial"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nasa-video", description="Negative prompts for streaming video diffusion (NASA)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,10 +200,19 @@ def main(argv: list[str] | None = None) -> int:
     flops.add_argument("--model", default="causvid")
     flops.add_argument("--methods", nargs="+", default=list(METHODS), choices=sorted(METHODS))
     flops.add_argument("--json", default=None)
+    speed = kind.add_parser("speed", help="wall time per video, interleaved runs, ratio to none")
+    speed.add_argument("--model", default="tiny", help="tiny | mid (a mid-size random config) | causvid | ...")
+    speed.add_argument("--methods", nargs="+", default=list(METHODS), choices=sorted(METHODS))
+    speed.add_argument("--repeats", type=int, default=5)
+    speed.add_argument("--device", default="auto")
+    speed.add_argument("--dtype", default="auto")
+    speed.add_argument("--attention", default="auto")
+    speed.add_argument("--decode", action="store_true", help="include the VAE decode")
+    speed.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     try:
         if args.command == "bench":
-            return bench_flops(args)
+            return bench_flops(args) if args.kind == "flops" else bench_speed(args)
         if args.command == "eval":
             return evaluate(args)
         if args.command == "generate":

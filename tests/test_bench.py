@@ -17,3 +17,15 @@ def test_extra_negatives_add_cross_attention_only():
     one, two = video_flops(cfg, "nasa", 1), video_flops(cfg, "nasa", 2)
     none = video_flops(cfg, "none")
     assert two - one == one - none > 0  # each negative adds the same attention cost
+
+
+def test_speed_report_on_the_causvid_code_path():
+    """The GPU script's path (random full-architecture weights, Wan VAE, no downloads), shrunk to run here."""
+    from nasa_video.bench import random_weight_generator, speed_report
+    small = {"generator": {"num_layers": 1}, "video": {"height": 32, "width": 32, "latent_frames": 3},
+             "cache": {"capacity_frames": 3}}
+    gen = random_weight_generator("causvid", "cpu", "fp32", small)
+    report = speed_report(gen, ["nasa", "cfg"], repeats=1, decode=True)
+    assert set(report["methods"]) == {"none", "nasa", "cfg"} and report["frames"] == 9
+    assert report["methods"]["none"]["ratio"] == 1.0
+    assert all(r["median_s"] > 0 and r["first_block_s"] > 0 for r in report["methods"].values())
