@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+mkdir -p outputs
 exec .venv/bin/nasa-video generate --prompt "a red circle and a blue square" --negative "red circle" \
     --out outputs/demo.mp4 "$@"
