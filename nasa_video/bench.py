@@ -13,8 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .guidance import make_guidance
 from .loading import load_config
-from .model.cache import SelfAttentionCache, TextCache
-from .model.causal_wan import CausalWanTransformer, parameter_count
+from .model.cache import TextCache
+from .model.causal_wan import CausalWanTransformer
 
 
 # A scale at which each method is switched on (NAG guides only for nag_scale > 1).
@@ -50,17 +50,12 @@ def video_flops(cfg, method: str, negatives: int = 1) -> int:
 
 
 def memory_bytes(cfg, method: str, dtype=torch.bfloat16, negatives: int = 1) -> int:
-    g = cfg.generator
-    stride = cfg.video.vae_stride[1]
-    tokens_per_frame = (cfg.video.height // stride // g.patch_size[1]) * (cfg.video.width // stride // g.patch_size[2])
-    generator = {k: tuple(v) if k == "patch_size" else v for k, v in dict(g).items()}
-    weights = parameter_count(generator) * dtype.itemsize
-    kv_caches = 1 if make_guidance(method).in_attention else 2  # CFG keeps a second self-attention cache
-    kv = kv_caches * SelfAttentionCache.nbytes_for(g.num_layers, 1, cfg.cache.capacity_frames, tokens_per_frame,
-                                                   g.num_attention_heads, g.attention_head_dim, dtype)
-    prompts = 1 + (negatives if method != "none" else 0)
-    text = 2 * g.num_layers * prompts * cfg.weights.text_max_length * g.num_attention_heads * g.attention_head_dim
-    return int(weights + kv + text * dtype.itemsize)
+    """Weights + self-attention KV cache(s) + text K/V (CFG keeps a second KV cache)."""
+    from .pipeline import memory_estimate
+
+    estimate = memory_estimate(cfg, dtype, negatives if method != "none" else 0,
+                               kv_caches=1 if make_guidance(method).in_attention else 2)
+    return int(estimate["weights"] + estimate["kv_cache"] + estimate["text_cache"])
 
 
 def flops_report(model: str = "causvid", methods=("none", "nasa", "nag", "vsf", "cfg")) -> dict:

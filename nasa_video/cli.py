@@ -109,7 +109,8 @@ def evaluate(args) -> int:
         print(f"detector agreement with ground truth on {args.videos} codec-reconstructed videos "
               f"({frames} frames each, 12 object names per frame): {100 * score:.2f}%")
         return 0
-    from .toy.removal import markdown_table, plot_sweep, prompt_pairs, run_removal, write_json
+    from .toy.removal import markdown_table, plot_sweep, prompt_pairs, run_removal
+    from .video_io import write_json
 
     if args.model != "toy":
         raise UserError("the removal benchmark with ground truth needs the bundled world: --model toy")
@@ -122,7 +123,7 @@ def evaluate(args) -> int:
         from .guidance import make_guidance
         make_guidance(method).check_scale(scale)
     result = run_removal(gen, methods, prompt_pairs(args.pairs), tuple(range(args.seeds)))
-    write_json(result, out)
+    write_json(out, result)
     table = markdown_table(result)
     Path(args.table or out.with_suffix(".md")).write_text(table + "\n")
     plot_sweep(result, args.plot or out.with_suffix(".png"))
@@ -132,9 +133,8 @@ def evaluate(args) -> int:
 
 
 def bench_flops(args) -> int:
-    import os
-
     from .bench import flops_report
+    from .video_io import write_json
 
     methods = list(dict.fromkeys(["none"] + args.methods))
     report = flops_report(args.model, methods)
@@ -144,18 +144,14 @@ def bench_flops(args) -> int:
     for name, r in report["methods"].items():
         print(f"{name:8} {r['flops'] / 1e12:10.2f} {r['ratio']:8.4f} {r['memory_bytes'] / 2**30:11.2f}")
     if args.json:
-        tmp = f"{args.json}.partial"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, report)
     return 0
 
 
 def bench_speed(args) -> int:
-    import os
-
     import torch
 
+    from .video_io import write_json
     from . import attention
     from .bench import MID, random_weight_generator, speed_report
 
@@ -177,10 +173,7 @@ def bench_speed(args) -> int:
     if "peak_gpu_memory_bytes" in report:
         print(f"peak GPU memory {report['peak_gpu_memory_bytes'] / 2**30:.2f} GiB")
     if args.json:
-        tmp = f"{args.json}.partial"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, report)
     return 0
 
 

@@ -83,6 +83,17 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 16) -> Pat
     return writer.close()
 
 
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """JSON written atomically (temp file beside it, then rename)."""
+    import json
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
 def read_video(path: str | os.PathLike) -> np.ndarray:
     """[T, H, W, 3] uint8 frames, read with decord."""
     try:

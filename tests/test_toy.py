@@ -85,6 +85,17 @@ def test_training_smoke_run_writes_loadable_weights(tmp_path):
     assert sum(len(c.frames) for c in chunks) == pixel_frames(int(gen.cfg.video.latent_frames), gen.temporal_stride)
     assert torch.isfinite(chunks[-1].latents).all()
 
+    # The removal benchmark's whole output path on these (untrained) weights: JSON, table, plot.
+    from nasa_video.toy.removal import markdown_table, plot_sweep, run_removal
+    from nasa_video.video_io import write_json
+    result = run_removal(gen, [("none", 0.0), ("nasa", 1.0)], prompt_pairs()[:2], seeds=(0,), progress=False)
+    assert set(result["methods"]) == {"none", "nasa@1"}
+    for row in result["methods"].values():
+        assert {"success", "retention", "corruption"} <= set(row) and row["videos"] == 2
+    write_json(tmp_path / "r.json", result)
+    plot_sweep(result, tmp_path / "r.png")
+    assert "| nasa | 1 |" in markdown_table(result) and (tmp_path / "r.png").stat().st_size > 1000
+
 
 def test_exact_codec_round_trip_and_streaming():
     from nasa_video.toy.codec import ShuffleCodec

@@ -11,7 +11,6 @@ reads each frame. Per video:
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from pathlib import Path
 
@@ -120,10 +119,4 @@ def plot_sweep(result: dict, path: str | Path) -> None:
     draw.text((pad + 150, 12), "retention", fill=(30, 80, 200))
     tmp = Path(path).with_name(f".{Path(path).name}.partial.png")
     img.save(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(result: dict, path: str | Path) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.partial")
-    tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, path)
