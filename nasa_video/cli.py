@@ -25,7 +25,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--model", default="tiny", help="tiny (random weights) | toy (bundled, once trained) | causvid | self-forcing | a config YAML")
     p.add_argument("--checkpoint", default=None, help="generator weights: CausVid / Self-Forcing .pt, Wan or diffusers")
     p.add_argument("--wan", default=None, help="Diffusers-format Wan2.1-T2V-1.3B folder or hub id (VAE, umT5)")
-    p.add_argument("--frames", type=int, default=None, help="video frames, 1 + 4*3*k (default: the config's)")
+    p.add_argument("--frames", type=int, default=None, help="video frames: 12k - 3 for Wan (81 = 7 blocks; default: the config's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/nasa-video.mp4")
     p.add_argument("--device", default="auto")

@@ -67,8 +67,8 @@ def latent_frames_for(frames: int, frames_per_block: int, temporal_stride: int =
         step = temporal_stride * frames_per_block
         lower = max(pixel_frames(frames_per_block, temporal_stride),
                     pixel_frames(((frames - 1) // step) * frames_per_block or frames_per_block, temporal_stride))
-        raise UserError(f"--frames {frames} is not a whole number of blocks: use 1 + {step} k frames, "
-                        f"e.g. {lower} or {lower + step}")
+        raise UserError(f"--frames {frames} is not a whole number of blocks: use {step}k - {temporal_stride - 1} "
+                        f"frames, e.g. {lower} or {lower + step}")
     return int(latent)
 
 
