@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -50,7 +50,6 @@ class GenerationResult:
     seconds: float
     first_block_seconds: float
     interrupted: bool = False
-    chunks: list[FrameChunk] = field(default_factory=list, repr=False)
 
 
 _PLAIN = NoGuidance()
@@ -221,7 +220,7 @@ class Stream:
     @torch.no_grad()
     def _run(self) -> Iterator[FrameChunk]:
         gen, cfg = self.gen, self.gen.cfg
-        model, flow, device = gen.model, gen.flow, gen.device
+        model, device = gen.model, gen.device
         h, w = self.latent_hw
         capacity = int(cfg.cache.capacity_frames)
         if self.latent_total is not None and not self.rolling and self.latent_total > capacity:
