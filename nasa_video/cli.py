@@ -177,6 +177,49 @@ def bench_speed(args) -> int:
     return 0
 
 
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="a live page: stream a video, change the negative prompt while it plays",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", help="as for generate")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--wan", default=None)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes the server")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--clips", default="outputs/clips", help="server-side folder for saved MP4s")
+    p.add_argument("--max-blocks", type=int, default=60, help="longest finite video a client may ask for")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--attention", default="auto")
+
+
+def serve(args) -> int:
+    import ipaddress
+
+    from .pipeline import StreamingGenerator
+    from .server import Limits
+    from .server import serve as run_server
+    from .video_io import ffmpeg_exe
+
+    ffmpeg_exe()
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        print(f"warning: binding {args.host}: anyone who can reach this machine can run generations on it "
+              f"(no authentication)", file=sys.stderr)
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port} is not a port number (1-65535)")
+    if args.max_blocks < 1:
+        raise UserError("--max-blocks must be at least 1")
+    gen = StreamingGenerator.from_config(args.model, args.checkpoint, args.wan, args.device, args.dtype,
+                                         args.attention)
+    print(f"nasa-video serve: model {gen.cfg.name} on {gen.device}; open http://{args.host}:{args.port}/",
+          file=sys.stderr)
+    run_server(gen, args.host, args.port, args.clips, Limits(max_blocks=args.max_blocks))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nasa-video", description="Negative prompts for streaming video diffusion (NASA)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--smoke", action="store_true", help="a few iterations of each stage (a test)")
     _eval_parser(sub)
+    _serve_parser(sub)
     bench = sub.add_parser("bench", help="cost of the guidance methods")
     kind = bench.add_subparsers(dest="kind", required=True)
     flops = kind.add_parser("flops", help="FLOPs and memory per video, counted on the meta device")
@@ -210,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate(args)
         if args.command == "generate":
             return generate(args)
+        if args.command == "serve":
+            return serve(args)
         if args.command == "train":
             from .toy.train import train_toy
             log = train_toy(args.out, args.seed, args.smoke)

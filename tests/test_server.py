@@ -1,0 +1,203 @@
+"""The live page's server: HTTP validation, the WebSocket stream, mid-stream changes, queueing, cancellation."""
+import base64
+import io
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("httpx")
+from starlette.testclient import TestClient
+
+from nasa_video.server import Limits, VideoServer, create_app
+
+
+@pytest.fixture
+def server(tiny_generator, tmp_path):
+    return VideoServer(tiny_generator, tmp_path / "clips", Limits(max_blocks=6))
+
+
+@pytest.fixture
+def client(server):
+    with TestClient(create_app(server)) as c:
+        yield c
+
+
+def frames_of(message) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+                     for src in message["frames"]])
+
+
+def start(client, **body):
+    body = {"prompt": "a red circle", "negative": ["noise"], "scale": 0.5, "seed": 3, "blocks": 2, **body}
+    response = client.post("/api/jobs", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def until(ws, kind):
+    seen = []
+    while True:
+        message = ws.receive_json()
+        seen.append(message)
+        if message["type"] == kind:
+            return message, seen
+        assert not (message["type"] == "error" and message.get("fatal")), message
+
+
+def test_page_and_info(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "<canvas" in page.text and "/api/jobs" in page.text
+    info = client.get("/api/info").json()
+    assert info["methods"]["nasa"] == {"min": 0.0, "max": 3.0, "max_negatives": None}
+    assert info["frames_per_block"] == 3 and info["limits"]["max_blocks"] == 6
+
+
+def test_stream_delivers_the_blocks_and_equals_the_library(client, tiny_generator):
+    job = start(client, blocks=2)
+    with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
+        started, _ = until(ws, "started")
+        blocks = []
+        done, seen = until(ws, "done")
+        blocks = [m for m in seen if m["type"] == "block"]
+    assert started["blocks"] == 2 and [b["block"] for b in blocks] == [0, 1]
+    assert done == {**done, "blocks": 2, "frames": sum(len(b["frames"]) for b in blocks), "stopped": False}
+    assert all(b["negative"] == ["noise"] and b["scale"] == 0.5 and not b["changed"] for b in blocks)
+    expected = [c.frames for c in tiny_generator.stream("a red circle", ["noise"], 0.5, "nasa", None, 3, False)]
+    for block, frames in zip(blocks, expected):
+        np.testing.assert_array_equal(frames_of(block), frames)
+
+
+def test_mid_stream_change_applies_from_the_next_block(client, tiny_generator):
+    job = start(client, blocks=4)
+    with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
+        first, _ = until(ws, "block")
+        ws.send_json({"type": "negative", "negative": ["blur"], "scale": 1.5})
+        _, seen = until(ws, "done")
+    blocks = [first] + [m for m in seen if m["type"] == "block"]
+    assert len(blocks) == 4 and blocks[0]["negative"] == ["noise"]
+    switch = next(i for i, b in enumerate(blocks) if b["negative"] == ["blur"])
+    # Taken at a block boundary: every block from the switch on has the new prompt and scale, and only the
+    # switch is marked as a change.
+    assert switch >= 1 and all(b["negative"] == ["blur"] and b["scale"] == 1.5 for b in blocks[switch:])
+    assert [b["changed"] for b in blocks] == [i == switch for i in range(4)]
+    # The same change through the library API, before the same block, gives the same frames.
+    stream = tiny_generator.stream("a red circle", ["noise"], 0.5, "nasa", None, 3, rolling=True)
+    expected = []
+    for i, chunk in enumerate(stream):
+        expected.append(chunk.frames)
+        if i + 1 == switch:
+            stream.set_negative(["blur"], 1.5)
+        if i == 3:
+            break
+    for block, frames in zip(blocks, expected):
+        np.testing.assert_array_equal(frames_of(block), frames)
+
+
+def test_bad_change_is_refused_and_the_stream_goes_on(client):
+    job = start(client, blocks=3)
+    with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
+        until(ws, "block")
+        ws.send_json({"type": "scale", "scale": 99})
+        error, _ = until(ws, "error")
+        done, seen = until(ws, "done")
+    assert "change refused" in error["message"] and "nasa" in error["message"] and not error["fatal"]
+    assert done["blocks"] == 3 and all(m["scale"] == 0.5 for m in seen if m["type"] == "block")
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"prompt": ""}, "prompt is empty"),
+    ({"prompt": "x" * 401}, "at most 400"),
+    ({"scale": 7.0}, "nasa"),
+    ({"method": "magic"}, "unknown method"),
+    ({"method": "nag", "scale": 2.0, "negative": ["a", "b"]}, "at most 1 negative"),
+    ({"negative": ["a", "b", "c", "d", "e"]}, "at most 4"),
+    ({"blocks": 7}, "blocks must be between 0 and 6"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 1.5}, "whole number"),
+    ({"scale": "big"}, "scale must be a number"),
+    ({"path": "/etc/passwd"}, "unknown field"),
+    ({"prompt": "word " * 80}, "tokens"),
+])
+def test_bad_requests_get_400_with_a_message(client, body, needle):
+    response = client.post("/api/jobs", json={"prompt": "a red circle", **body})
+    assert response.status_code == 400 and needle in response.json()["error"], response.text
+
+
+def test_not_json_unknown_job_and_clip_names(client):
+    assert client.post("/api/jobs", content=b"{oops").status_code == 400
+    assert client.post("/api/jobs/nope/save").status_code == 404
+    assert client.get("/clips/..%2F..%2Fetc%2Fpasswd").status_code == 404
+    assert client.get("/clips/clip-20260101-000000-deadbeef.mp4").status_code == 404
+    with client.websocket_connect("/api/jobs/nope/stream") as ws:
+        message = ws.receive_json()
+    assert message["type"] == "error" and "no such job" in message["message"]
+
+
+def test_save_writes_a_clip_the_page_can_fetch(client, server):
+    from nasa_video.video_io import read_video
+
+    job = start(client, blocks=2)
+    with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
+        done, _ = until(ws, "done")
+    response = client.post(f"/api/jobs/{job}/save")
+    assert response.status_code == 201
+    url = response.json()["url"]
+    clip = client.get(url)
+    assert clip.status_code == 200 and clip.headers["content-type"] == "video/mp4"
+    files = list(server.clips_dir.iterdir())
+    assert len(files) == 1 and url.endswith(files[0].name)
+    assert len(read_video(files[0])) == done["frames"]
+
+
+def test_one_job_at_a_time_queue_positions_and_cancellation(client, server):
+    endless = start(client, blocks=0)
+    second = start(client, blocks=1)
+    third = start(client, blocks=1)
+    with client.websocket_connect(f"/api/jobs/{endless}/stream") as a:
+        until(a, "block")  # the endless stream holds the device
+        with client.websocket_connect(f"/api/jobs/{second}/stream") as b:
+            assert b.receive_json() == {"type": "queued", "position": 1}
+            with client.websocket_connect(f"/api/jobs/{third}/stream") as c:
+                assert c.receive_json() == {"type": "queued", "position": 2}
+            # c disconnected while queued: it leaves the queue. Stopping a hands the device on to b.
+            a.send_json({"type": "stop"})
+            done, _ = until(a, "done")
+            assert done["stopped"] and done["blocks"] >= 1
+            _, seen = until(b, "done")
+            assert [m["type"] for m in seen if m["type"] in ("started", "block")] == ["started", "block"]
+    assert server.queue.running is None and not server.queue.waiting
+
+
+def test_a_client_that_disconnects_frees_the_device(client, server):
+    endless = start(client, blocks=0)
+    with client.websocket_connect(f"/api/jobs/{endless}/stream") as a:
+        until(a, "block")
+    # a is gone mid-stream: the device is released after the current block, and the next job runs.
+    nxt = start(client, blocks=1)
+    with client.websocket_connect(f"/api/jobs/{nxt}/stream") as b:
+        done, _ = until(b, "done")
+    assert done["blocks"] == 1 and server.queue.running is None
+
+
+def test_generation_failure_ends_with_a_message(client, server, monkeypatch):
+    job = start(client, blocks=2)
+
+    def broken(*args):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(server, "_next_block", broken)
+    with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
+        until(ws, "started")
+        message = ws.receive_json()
+    assert message["type"] == "error" and message["fatal"] and "out of memory" in message["message"]
+    assert server.queue.running is None
+
+
+def test_serve_cli_rejects_bad_arguments(capsys):
+    from nasa_video.cli import main
+
+    assert main(["serve", "--model", "tiny", "--port", "0"]) == 2
+    assert "--port 0" in capsys.readouterr().err
