@@ -84,6 +84,9 @@ class StreamingGenerator:
         self.device, self.dtype = torch.device(device), dtype
         self.flow = FlowSchedule(float(cfg.sampling.shift), int(cfg.sampling.num_train_timesteps))
         self.steps = self.flow.step_list(list(cfg.sampling.steps), bool(cfg.sampling.warp))
+        self.prediction = str(cfg.sampling.get("prediction", "velocity"))  # what the network outputs
+        if self.prediction not in ("velocity", "x0"):
+            raise UserError(f"sampling.prediction must be velocity or x0, got {self.prediction!r}")
         self.decoder = StreamingDecoder(vae)
         self.temporal_stride, self.spatial_stride, z_dim = codec_strides(vae)
         if z_dim != model.config.in_channels:
@@ -249,8 +252,9 @@ class Stream:
             first_frame += 0 if frames is None else len(frames)
             block += 1
 
-    def _velocity(self, x, t, scale: float, start: int, kv_cache: tuple, guidance: Guidance) -> torch.Tensor:
-        """One denoising prediction: a single guided pass, or CFG's two passes (each with its own caches)."""
+    def _predict(self, x, t, scale: float, start: int, kv_cache: tuple, guidance: Guidance) -> torch.Tensor:
+        """One denoising prediction (v, or x0 for x0-prediction models): a single guided pass, or CFG's two
+        passes (each with its own caches)."""
         model, text = self.gen.model, self.text_cache
         scale = guidance.scale_at(scale, float(self.gen.flow.sigma(t[:, :1].cpu()).max()))
         if guidance.in_attention:
@@ -271,8 +275,8 @@ class Stream:
         x0 = x
         for step, t_value in enumerate(gen.steps):
             t = t_of(t_value)
-            v = self._velocity(x, t, self.schedule(block, step), start, kv_cache, self.guidance)
-            x0 = flow.velocity_to_x0(v.float(), x, t)
+            output = self._predict(x, t, self.schedule(block, step), start, kv_cache, self.guidance)
+            x0 = flow.prediction_to_x0(output.float(), x, t, gen.prediction)
             if step + 1 < len(gen.steps):
                 noise = torch.randn(shape, generator=rng, device=device, dtype=torch.float32)
                 x = flow.add_noise(x0, noise, t_of(gen.steps[step + 1]))
@@ -282,7 +286,7 @@ class Stream:
         if context_t > 0:
             noise = torch.randn(shape, generator=rng, device=device, dtype=torch.float32)
             context = flow.add_noise(x0, noise, t_of(context_t))
-        self._velocity(context, t_of(context_t), self.schedule(block, len(gen.steps) - 1), start, kv_cache,
+        self._predict(context, t_of(context_t), self.schedule(block, len(gen.steps) - 1), start, kv_cache,
                        self.cache_pass_guidance)
         return x0
 

@@ -2,6 +2,11 @@
 
 x_t = (1 - sigma) x0 + sigma eps, t = 1000 sigma, the model predicts v = eps - x0, so x0 = x_t - sigma v.
 Sigmas are always looked up at the nearest grid timestep, as upstream's add_noise does.
+
+A model may instead predict x0 itself (`sampling.prediction: x0`, the bundled model): a small network
+denoising raw pixel patches learns the clean patch, which lies on a low-dimensional set, far faster than
+the full-rank noise inside v (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise").
+The two are affine in each other at fixed (x_t, sigma), so guidance that mixes outputs (CFG) is unchanged.
 """
 from __future__ import annotations
 
@@ -43,6 +48,11 @@ class FlowSchedule:
     def velocity_to_x0(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         sigma = self.sigma(t)[:, None, :, None, None]
         return (x_t.double() - sigma * v.double()).to(v.dtype)
+
+    def prediction_to_x0(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                         prediction: str = "velocity") -> torch.Tensor:
+        """The network's output (v or x0, by the model's config) -> x0."""
+        return output if prediction == "x0" else self.velocity_to_x0(output, x_t, t)
 
     def x0_to_velocity(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         sigma = self.sigma(t)[:, None, :, None, None]

@@ -59,7 +59,11 @@ class StreamingDecoder:
 
 
 def one_shot_decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Reference: diffusers' own whole-video decode, for checking the streaming decoder."""
+    """Reference: diffusers' own whole-video decode (or the exact codec's, all blocks at once), for checking
+    the streaming decoder."""
+    if hasattr(vae, "decode_block"):
+        with torch.no_grad():
+            return vae.decode_block(latents, first=True)
     decoder = StreamingDecoder(vae)
     with torch.no_grad():
         return vae.decode(decoder.denormalize(latents).to(next(vae.parameters()).dtype)).sample.float()

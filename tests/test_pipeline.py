@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nasa_video.errors import UserError
-from nasa_video.pipeline import latent_frames_for
+from nasa_video.pipeline import StreamingGenerator, latent_frames_for
 from nasa_video.vae import StreamingDecoder, one_shot_decode
 
 PROMPT, NEG = "a red circle and a blue square", "red circle"
@@ -123,3 +123,24 @@ def test_memory_check_refuses_with_the_estimate(monkeypatch):
     monkeypatch.setattr(pipeline, "available_memory", lambda device: 4 * 2**30)
     with pytest.raises(UserError, match=r"needs about .* GiB .* but 4.0 GiB is free"):
         pipeline.check_fits(cfg, torch.device("cpu"), torch.bfloat16)
+
+
+def test_x0_prediction_model_output_is_the_block(monkeypatch):
+    """sampling.prediction: x0 (the bundled model): the last step's network output is the block's latents."""
+    gen = StreamingGenerator.from_config("tiny", device="cpu", dtype="fp32", attention_backend="sdpa",
+                                         overrides={"sampling": {"prediction": "x0"}})
+    outputs = []
+    forward = gen.model.forward
+
+    def recording(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        outputs.append(out.clone())
+        return out
+
+    monkeypatch.setattr(gen.model, "forward", recording)
+    chunk = next(iter(gen.stream("a cat", "a dog", 0.5, decode=False)))
+    # steps forwards, then the cache pass: the last denoising output is outputs[-2]
+    assert len(outputs) == len(gen.steps) + 1
+    torch.testing.assert_close(chunk.latents, outputs[-2].float())
+    with pytest.raises(UserError, match="prediction"):
+        StreamingGenerator.from_config("tiny", device="cpu", dtype="fp32", overrides={"sampling": {"prediction": "eps"}})

@@ -28,3 +28,17 @@ def test_sigma_is_nearest_grid_value():
     assert flow.sigma(torch.tensor([1000.0])).item() == grid_s[0].item() == 1.0
     i = int((grid_t - 757).abs().argmin())
     assert flow.sigma(torch.tensor([757.0])).item() == grid_s[i].item()
+
+
+def test_x0_prediction_is_read_as_x0_and_mixing_outputs_is_prediction_agnostic():
+    flow = FlowSchedule(2.0)
+    x_t, t = torch.randn(1, 4, 3, 2, 2), torch.full((1, 3), 750.0)
+    x0_pos, x0_neg = torch.randn_like(x_t), torch.randn_like(x_t)
+    assert flow.prediction_to_x0(x0_pos, x_t, t, "x0") is x0_pos
+    v_pos, v_neg = flow.x0_to_velocity(x0_pos, x_t, t), flow.x0_to_velocity(x0_neg, x_t, t)
+    torch.testing.assert_close(flow.prediction_to_x0(v_pos, x_t, t), x0_pos, rtol=1e-5, atol=1e-5)
+    # CFG mixes the network outputs; for an x0 network that equals mixing the velocities.
+    w = 3.0
+    mixed_x0 = x0_neg + w * (x0_pos - x0_neg)
+    torch.testing.assert_close(flow.x0_to_velocity(mixed_x0, x_t, t), v_neg + w * (v_pos - v_neg),
+                               rtol=1e-4, atol=1e-4)

@@ -201,3 +201,30 @@ def test_serve_cli_rejects_bad_arguments(capsys):
 
     assert main(["serve", "--model", "tiny", "--port", "0"]) == 2
     assert "--port 0" in capsys.readouterr().err
+
+
+BUNDLED = __import__("pathlib").Path(__file__).parents[1] / "nasa_video" / "toy" / "weights" / "generator.safetensors"
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="needs the bundled toy weights (issue 3)")
+def test_negative_change_mid_stream_removes_the_object_on_the_bundled_model(tmp_path):
+    """With the bundled model the detector reads the streamed frames: the red circle is there until the
+    negative prompt arrives, and gone in the blocks after it."""
+    from nasa_video.pipeline import StreamingGenerator
+    from nasa_video.toy.detect import detect
+
+    gen = StreamingGenerator.from_config("toy", device="cpu")
+    with TestClient(create_app(VideoServer(gen, tmp_path / "clips", Limits()))) as client:
+        job = start(client, prompt="a red circle and a blue square", negative=[], seed=1, blocks=4,
+                    scale=float(gen.cfg.guidance.scale))
+        with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
+            first, _ = until(ws, "block")
+            ws.send_json({"type": "negative", "negative": ["red circle"]})
+            _, seen = until(ws, "done")
+    blocks = [first] + [m for m in seen if m["type"] == "block"]
+    switch = next(i for i, b in enumerate(blocks) if b["negative"] == ["red circle"])
+    assert blocks[switch]["changed"] and switch >= 1
+    before = detect(np.concatenate([frames_of(b) for b in blocks[:switch]]))
+    after = detect(np.concatenate([frames_of(b) for b in blocks[switch:]]))
+    assert before["red circle"].mean() >= 0.5 and after["red circle"].mean() <= 0.1
+    assert after["blue square"].mean() >= 0.5

@@ -84,6 +84,24 @@ def codec_agreement(vae, rng, videos: int, frames: int) -> float:
     return float(np.mean(scores))
 
 
+MIN_SIGMA = 0.05  # x0-prediction: the velocity divides by sigma; clamp it near the clean end
+
+
+def prediction_of(model_cfg) -> str:
+    return str(model_cfg.sampling.get("prediction", "velocity"))
+
+
+def output_to_velocity(output, x_t, sigma, prediction: str):
+    """sigma broadcastable to x_t. For x0-prediction v = (x_t - x0) / sigma, sigma clamped as in training."""
+    if prediction == "velocity":
+        return output
+    return (x_t - output) / sigma.clamp(min=MIN_SIGMA)
+
+
+def output_to_x0(output, x_t, sigma, prediction: str):
+    return output if prediction == "x0" else x_t - sigma * output
+
+
 def new_generator(model_cfg, seed):
     config = OmegaConf.to_container(model_cfg.generator)
     config["patch_size"] = tuple(config["patch_size"])
@@ -102,6 +120,7 @@ def train_teacher(model_cfg, tc, latents, captions, text, rng, log):
     gen = torch.Generator().manual_seed(tc.seed + 3)
     losses = []
     frames = latents.shape[2]
+    prediction = prediction_of(model_cfg)
     for step in tqdm(range(tc.teacher.steps), desc="teacher", unit="step"):
         set_lr(opt, lr_at(step, tc.teacher.steps, tc.teacher.lr, tc.teacher.warmup))
         idx = torch.randint(len(latents), (tc.teacher.batch,), generator=gen)
@@ -114,7 +133,8 @@ def train_teacher(model_cfg, tc, latents, captions, text, rng, log):
         x_t = (1 - s) * x0 + s * noise
         t = (sigma * flow.num_train_timesteps)[:, None].expand(-1, frames)
         layers = TextCache(model, text.encode_batch(prompts)).layers
-        loss = F.mse_loss(model(x_t, t, layers), noise - x0)
+        # The loss is on v either way; an x0-predicting network is converted first (Li & He 2025).
+        loss = F.mse_loss(output_to_velocity(model(x_t, t, layers), x_t, s, prediction), noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -147,6 +167,7 @@ def teacher_trajectories(teacher, text, model_cfg, tc, rng, frames: int, hw: tup
     gen = torch.Generator().manual_seed(tc.seed + 5)
     empty = text.encode_batch([""])
     states, finals, captions = [], [], []
+    prediction = prediction_of(model_cfg)
     channels = teacher.config.in_channels
     for start in tqdm(range(0, tc.ode.trajectories, tc.ode.batch), desc="trajectories", unit="batch"):
         n = min(tc.ode.batch, tc.ode.trajectories - start)
@@ -159,7 +180,8 @@ def teacher_trajectories(teacher, text, model_cfg, tc, rng, frames: int, hw: tup
             if i in marks:
                 recorded.append(x.clone())
             t = torch.full((2 * n, frames), s * flow.num_train_timesteps)
-            v_cond, v_uncond = teacher(torch.cat([x, x]), t, layers).chunk(2)
+            output = teacher(torch.cat([x, x]), t, layers)
+            v_cond, v_uncond = output_to_velocity(output, torch.cat([x, x]), torch.tensor(s), prediction).chunk(2)
             v = v_uncond + tc.ode.cfg * (v_cond - v_uncond)
             x = x + (s_next - s) * v
         states.append(torch.stack(recorded, 1))
@@ -197,7 +219,8 @@ def train_student(teacher, text, model_cfg, tc, states, finals, captions, log):
         t_in = torch.cat([torch.zeros_like(t_noisy), t_noisy], 1)
         layers = TextCache(student, contexts[idx]).layers
         v = student(x_in, t_in, layers, attn_mask=mask, frame_positions=positions)[:, :, frames:]
-        x0_pred = x_noisy - flow.sigma(t_noisy).float()[:, None, :, None, None] * v
+        x0_pred = output_to_x0(v, x_noisy, flow.sigma(t_noisy).float()[:, None, :, None, None],
+                               prediction_of(model_cfg))
         loss = F.mse_loss(x0_pred, x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
