@@ -220,6 +220,20 @@ def serve(args) -> int:
     return 0
 
 
+def _upstream_parser(sub) -> None:
+    p = sub.add_parser("upstream", help="run upstream CausVid / Self-Forcing inference with a negative prompt",
+                       description="Runs upstream's own inference script (its arguments after --) with the NASA "
+                                   "hook on its pipeline. Example: nasa-video upstream causvid --negative 'blurry' "
+                                   "--scale 0.5 -- --config_path configs/wan_causal_dmd.yaml --checkpoint_folder "
+                                   "ckpt --output_folder out --prompt_file_path prompts.txt")
+    p.add_argument("which", choices=["causvid", "self-forcing"])
+    p.add_argument("--negative", action="append", default=[])
+    p.add_argument("--scale", type=float, default=0.5)
+    p.add_argument("--guidance", choices=["nasa", "nag", "vsf", "none"], default="nasa")
+    p.add_argument("--repo", default=None, help="upstream checkout (default: third_party/... or $NASA_VIDEO_CAUSVID "
+                                                "/ $NASA_VIDEO_SELF_FORCING)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nasa-video", description="Negative prompts for streaming video diffusion (NASA)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -231,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--smoke", action="store_true", help="a few iterations of each stage (a test)")
     _eval_parser(sub)
     _serve_parser(sub)
+    _upstream_parser(sub)
     bench = sub.add_parser("bench", help="cost of the guidance methods")
     kind = bench.add_subparsers(dest="kind", required=True)
     flops = kind.add_parser("flops", help="FLOPs and memory per video, counted on the meta device")
@@ -246,7 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     speed.add_argument("--attention", default="auto")
     speed.add_argument("--decode", action="store_true", help="include the VAE decode")
     speed.add_argument("--json", default=None)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    upstream_args = []
+    if argv[:1] == ["upstream"] and "--" in argv:  # everything after -- goes to upstream's own script
+        cut = argv.index("--")
+        argv, upstream_args = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    args.upstream_args = upstream_args
     try:
         if args.command == "bench":
             return bench_flops(args) if args.kind == "flops" else bench_speed(args)
@@ -256,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             return generate(args)
         if args.command == "serve":
             return serve(args)
+        if args.command == "upstream":
+            from .integrations import run_upstream
+            run_upstream(args.which, args.upstream_args, args.negative, args.scale, args.guidance, args.repo)
+            return 0
         if args.command == "train":
             from .toy.train import train_toy
             log = train_toy(args.out, args.seed, args.smoke)
