@@ -240,9 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     _generate_parser(sub)
     train = sub.add_parser("train", help="train a model")
     train.add_argument("what", choices=["toy"], help="toy: the bundled shapes-world model, on this CPU")
-    train.add_argument("--out", default="toy-weights", help="output folder (copy it to nasa_video/toy/weights to ship)")
+    train.add_argument("--out", default="toy-training", help="training folder (stages resume from it)")
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--smoke", action="store_true", help="a few iterations of each stage (a test)")
+    train.add_argument("--export", default=None, metavar="DIR",
+                       help="then copy the shippable files to DIR (nasa_video/toy/weights to ship them)")
+    train.add_argument("--export-only", action="store_true", help="only export an already trained --out folder")
     _eval_parser(sub)
     _serve_parser(sub)
     _upstream_parser(sub)
@@ -282,9 +285,14 @@ def main(argv: list[str] | None = None) -> int:
             run_upstream(args.which, args.upstream_args, args.negative, args.scale, args.guidance, args.repo)
             return 0
         if args.command == "train":
-            from .toy.train import train_toy
-            log = train_toy(args.out, args.seed, args.smoke)
-            print(f"wrote {args.out}: {json.dumps(log)}")
+            from .toy.train import export_bundle, train_toy
+            if not args.export_only:
+                log = train_toy(args.out, args.seed, args.smoke)
+                print(f"wrote {args.out}: {json.dumps(log)}")
+            if args.export:
+                files = export_bundle(args.out, args.export)
+                size = sum(f.stat().st_size for f in files) / 2**20
+                print(f"exported {len(files)} files ({size:.1f} MiB) to {args.export}")
             return 0
     except UserError as err:
         print(f"nasa-video: error: {err}", file=sys.stderr)

@@ -77,9 +77,13 @@ def test_training_smoke_run_writes_loadable_weights(tmp_path):
     from nasa_video.pipeline import StreamingGenerator
     from nasa_video.toy.train import train_toy
 
+    from nasa_video.toy.train import export_bundle
+
     log = train_toy(tmp_path / "w", seed=0, smoke=True)
     assert np.isfinite(log["teacher_loss_last50"]) and np.isfinite(log["student_loss_last50"])
-    gen = StreamingGenerator.from_config("toy", device="cpu", overrides={"weights": {"folder": str(tmp_path / "w")}})
+    files = export_bundle(tmp_path / "w", tmp_path / "ship")
+    assert not any("cache" in str(f) for f in files)
+    gen = StreamingGenerator.from_config("toy", device="cpu", overrides={"weights": {"folder": str(tmp_path / "ship")}})
     chunks = list(gen.stream("a red circle and a blue square", "red circle"))
     from nasa_video.pipeline import pixel_frames
     assert sum(len(c.frames) for c in chunks) == pixel_frames(int(gen.cfg.video.latent_frames), gen.temporal_stride)

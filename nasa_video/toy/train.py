@@ -320,3 +320,27 @@ def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False) -> 
     save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(out / "generator.safetensors"))
     (out / "training.json").write_text(json.dumps(log, indent=2))
     return log
+
+
+def export_bundle(out: str | Path, dest: str | Path) -> list[Path]:
+    """Copy what the package ships from a training folder: the student (fp32), the teacher (fp16: it only
+    serves NASA-T distillation and CFG comparisons), codec/, text/, training.json. Not cache/."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out, dest = Path(out), Path(dest)
+    missing = [n for n in ("generator.safetensors", "teacher.safetensors", "codec", "text", "training.json")
+               if not (out / n).exists()]
+    if missing:
+        from ..errors import UserError
+        raise UserError(f"{out} is not a finished training folder (missing {', '.join(missing)}); "
+                        f"run `nasa-video train toy --out {out}` first")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(out / "generator.safetensors", dest / "generator.safetensors")
+    teacher = load_file(str(out / "teacher.safetensors"))
+    save_file({k: v.half().contiguous() for k, v in teacher.items()}, str(dest / "teacher.safetensors"))
+    for folder in ("codec", "text"):
+        shutil.copytree(out / folder, dest / folder, dirs_exist_ok=True)
+    shutil.copy2(out / "training.json", dest / "training.json")
+    return sorted(p for p in dest.rglob("*") if p.is_file())
