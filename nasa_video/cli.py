@@ -239,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     train = sub.add_parser("train", help="train a model")
-    train.add_argument("what", choices=["toy"], help="toy: the bundled shapes-world model, on this CPU")
+    train.add_argument("what", choices=["toy", "toy-nasa-t", "dmd"],
+                       help="toy: the bundled shapes-world model, on this CPU; toy-nasa-t: its NASA-T (DMD) variant; "
+                            "dmd: DMD / NASA-T from a training config (--config, --dry-run)")
+    train.add_argument("--config", default=None, help="dmd: a training YAML (e.g. configs/causvid_nasa_t_train.yaml)")
+    train.add_argument("--dry-run", action="store_true", help="dmd: build at full size on the meta device, check shapes")
     train.add_argument("--out", default="toy-training", help="training folder (stages resume from it)")
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--smoke", action="store_true", help="a few iterations of each stage (a test)")
@@ -285,6 +289,23 @@ def main(argv: list[str] | None = None) -> int:
             run_upstream(args.which, args.upstream_args, args.negative, args.scale, args.guidance, args.repo)
             return 0
         if args.command == "train":
+            if args.what == "dmd":
+                from .distill import dry_run
+                if not args.config:
+                    raise UserError("train dmd needs --config (e.g. configs/causvid_nasa_t_train.yaml)")
+                if not args.dry_run:
+                    raise UserError("full-size DMD runs on GPUs with flex-attention block masks, which this "
+                                    "version does not have yet; --dry-run checks the configuration")
+                print(json.dumps(dry_run(args.config), indent=2))
+                return 0
+            if args.what == "toy-nasa-t":
+                from .toy.nasa_t import export_nasa_t, train_toy_nasa_t
+                out = args.out if args.out != "toy-training" else "toy-nasa-t-training"
+                if not args.export_only:
+                    print(f"wrote {out}: {json.dumps(train_toy_nasa_t(out, args.smoke))}")
+                if args.export:
+                    print(f"exported {', '.join(map(str, export_nasa_t(out, args.export)))}")
+                return 0
             from .toy.train import export_bundle, train_toy
             if not args.export_only:
                 log = train_toy(args.out, args.seed, args.smoke)

@@ -12,14 +12,22 @@ from .errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODEL_ALIASES = {"self-forcing": "self_forcing", "self_forcing": "self_forcing"}
+# A variant is a config plus overrides: the NASA-T student ships beside the NASA-I one in the same folder.
+VARIANTS = {"toy-nasa-t": ("toy", {"name": "toy-nasa-t", "weights": {"generator": "generator_nasa_t.safetensors"},
+                                   "description": "bundled shapes-world student distilled with NASA-T (DMD)"})}
 
 
 def available_models() -> list[str]:
-    return sorted(p.stem.replace("_", "-") for p in CONFIG_DIR.glob("*.yaml"))
+    names = [p.stem.replace("_", "-") for p in CONFIG_DIR.glob("*.yaml") if not p.stem.endswith("_train")]
+    return sorted(names + list(VARIANTS))
 
 
 def load_config(model: str = "tiny", overrides: dict | None = None) -> DictConfig:
     """A bundled config by name (tiny, causvid, self-forcing, ...) or a YAML path, with overrides merged."""
+    if model in VARIANTS:
+        base, variant = VARIANTS[model]
+        return load_config(base, OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(variant),
+                                                                           OmegaConf.create(overrides or {}))))
     path = Path(model)
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
         path = CONFIG_DIR / f"{MODEL_ALIASES.get(model, model.replace('-', '_'))}.yaml"
@@ -80,8 +88,9 @@ def build_generator(cfg: DictConfig, device, dtype, checkpoint: str | None = Non
 def bundled_path(cfg: DictConfig, name: str) -> Path:
     path = Path(__file__).parent / cfg.weights.get("folder", "toy/weights") / name
     if not path.exists():
+        command = "train toy-nasa-t" if "nasa_t" in name else "train toy"
         raise UserError(f"bundled weights {path} are missing: train them with "
-                        f"`nasa-video train toy --out {path.parent}` (CPU, about an hour)")
+                        f"`nasa-video {command} --export {path.parent}` (CPU, under an hour)")
     return path
 
 

@@ -15,6 +15,19 @@ from dataclasses import dataclass
 import torch
 
 
+MIN_SIGMA = 0.05  # x0-prediction networks: v = (x_t - x0) / sigma, with sigma clamped near the clean end
+
+
+def output_to_x0(output: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, prediction: str) -> torch.Tensor:
+    """A network's output (v or x0, per its config) -> x0; sigma broadcastable to x_t."""
+    return output if prediction == "x0" else x_t - sigma * output
+
+
+def output_to_velocity(output: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, prediction: str) -> torch.Tensor:
+    """A network's output -> v (for v-space losses and ODE steps)."""
+    return output if prediction == "velocity" else (x_t - output) / sigma.clamp(min=MIN_SIGMA)
+
+
 @dataclass(frozen=True)
 class FlowSchedule:
     shift: float

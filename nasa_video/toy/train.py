@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..loading import load_config
 from ..model.cache import TextCache
 from ..model.causal_wan import CausalWanTransformer, teacher_forcing_mask
-from ..schedule import FlowSchedule
+from ..schedule import FlowSchedule, output_to_velocity, output_to_x0
 from .detect import agreement, detect
 from .text import load_toy_text_encoder, new_toy_text_encoder, save_toy_text_encoder
 from .world import render, sample_scene, visibility
@@ -84,22 +84,8 @@ def codec_agreement(vae, rng, videos: int, frames: int) -> float:
     return float(np.mean(scores))
 
 
-MIN_SIGMA = 0.05  # x0-prediction: the velocity divides by sigma; clamp it near the clean end
-
-
 def prediction_of(model_cfg) -> str:
     return str(model_cfg.sampling.get("prediction", "velocity"))
-
-
-def output_to_velocity(output, x_t, sigma, prediction: str):
-    """sigma broadcastable to x_t. For x0-prediction v = (x_t - x0) / sigma, sigma clamped as in training."""
-    if prediction == "velocity":
-        return output
-    return (x_t - output) / sigma.clamp(min=MIN_SIGMA)
-
-
-def output_to_x0(output, x_t, sigma, prediction: str):
-    return output if prediction == "x0" else x_t - sigma * output
 
 
 def new_generator(model_cfg, seed):

@@ -1,0 +1,121 @@
+"""DMD for block-causal students and NASA-T, on the tiny random config."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from nasa_video.distill import DMDConfig, DMDTrainer, dmd_gradient, sample_nasa_t
+from nasa_video.errors import UserError
+
+CAPTIONS = ["a red circle and a blue square", "a green triangle moving left and a small yellow square"]
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_generator):
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(6, 4, 6, 8, 8, generator=g)
+    captions = [CAPTIONS[i % 2] for i in range(6)]
+    return tiny_generator, latents, captions
+
+
+def trainer(parts, **overrides):
+    gen, latents, captions = parts
+    cfg = DMDConfig(**{"steps": 4, "batch": 2, "lr_generator": 1e-3, "lr_critic": 1e-3,
+                       "dfake_gen_update_ratio": 2, "seed": 3, **overrides})
+    return DMDTrainer(copy.deepcopy(gen.model), copy.deepcopy(gen.model), gen.text, gen.cfg, cfg, latents, captions)
+
+
+def params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_iterations_update_generator_and_critic_with_finite_losses(parts):
+    t = trainer(parts, nasa_t=True, negatives=["blurry", "noise"], ema=0.9)
+    g0, f0 = params(t.generator), params(t.fake)
+    teacher0 = params(t.teacher)
+    log = t.run(progress=False)
+    assert len(log) == 4 and sum("generator_loss" in r for r in log) == 2  # steps 0 and 2
+    assert all(np.isfinite(r["critic_loss"]) for r in log)
+    assert all(np.isfinite(r["generator_loss"]) for r in log if "generator_loss" in r)
+    assert not torch.equal(params(t.generator), g0) and not torch.equal(params(t.fake), f0)
+    assert torch.equal(params(t.teacher), teacher0)  # the real score is frozen
+    assert not torch.equal(params(t.ema), g0)
+
+
+def test_alpha_and_kappa_stay_in_bounds():
+    cfg = DMDConfig(nasa_t=True, negatives=["x"], alpha_max=1.5, kappa_min=0.5, kappa_max=4.0)
+    rng = np.random.default_rng(0)
+    draws = np.array([sample_nasa_t(rng, cfg) for _ in range(2000)])
+    assert draws[:, 0].min() >= 0 and draws[:, 0].max() <= 1.5 and draws[:, 0].max() > 1.4
+    assert draws[:, 1].min() >= 0.5 and draws[:, 1].max() <= 4.0 and draws[:, 1].min() < 0.6
+    with pytest.raises(UserError, match="negative"):
+        DMDConfig(nasa_t=True).check()
+
+
+def test_nasa_t_with_alpha_zero_and_the_plain_teacher_is_plain_dmd(parts):
+    """alpha = 0 in the student (and kappa fixed, empty negative in the teacher) is DMD exactly."""
+    plain = trainer(parts)
+    nasa_t = trainer(parts, nasa_t=True, negatives=[""], alpha_max=0.0, kappa_min=3.5, kappa_max=3.5)
+    plain.run(progress=False)
+    nasa_t.run(progress=False)
+    assert torch.equal(params(plain.generator), params(nasa_t.generator))
+    assert torch.equal(params(plain.fake), params(nasa_t.fake))
+
+
+def test_nasa_t_changes_the_student_update(parts):
+    plain = trainer(parts)
+    nasa_t = trainer(parts, nasa_t=True, negatives=["blurry"], alpha_max=1.0)
+    plain.run(progress=False)
+    nasa_t.run(progress=False)
+    assert not torch.equal(params(plain.generator), params(nasa_t.generator))
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(parts, tmp_path):
+    whole = trainer(parts, nasa_t=True, negatives=["blurry", "noise"], ema=0.9, checkpoint_every=1)
+    whole.run(progress=False)
+    ckpt = tmp_path / "dmd.pt"
+    first = trainer(parts, nasa_t=True, negatives=["blurry", "noise"], ema=0.9, checkpoint_every=1)
+    first.run(ckpt, progress=False, stop_after=3)  # "killed" after step 3 (its last checkpoint)
+    assert ckpt.exists() and not list(tmp_path.glob(".*partial"))
+    resumed = trainer(parts, nasa_t=True, negatives=["blurry", "noise"], ema=0.9, checkpoint_every=1)
+    resumed.run(ckpt, progress=False)
+    assert resumed.step == 4
+    for a, b in ((whole.generator, resumed.generator), (whole.fake, resumed.fake), (whole.ema, resumed.ema)):
+        assert torch.equal(params(a), params(b))
+    assert [r["critic_loss"] for r in resumed.log] == [r["critic_loss"] for r in whole.log]
+
+
+def test_dmd_gradient_is_normalised_per_sample():
+    x0 = torch.zeros(2, 1, 1, 2, 2)
+    real = torch.ones(2, 1, 1, 2, 2) * torch.tensor([1.0, 4.0]).view(2, 1, 1, 1, 1)
+    fake = real + 2.0
+    grad = dmd_gradient(x0, fake, real)
+    torch.testing.assert_close(grad[0], torch.full_like(grad[0], 2.0))
+    torch.testing.assert_close(grad[1], torch.full_like(grad[1], 0.5))
+
+
+def test_real_model_nasa_t_config_dry_run_on_meta():
+    from nasa_video.distill import dry_run
+
+    report = dry_run("configs/causvid_nasa_t_train.yaml")
+    assert report["shapes"]["generator_x0"] == [1, 16, 21, 60, 104] == report["shapes"]["real_x0"]
+    assert report["shapes"]["teacher_forcing_tokens"] == 2 * 21 * 1560
+    assert 1.2e9 < report["parameters_per_network"] < 1.5e9 and report["nasa_t"]
+
+
+BUNDLED = __import__("pathlib").Path(__file__).parents[1] / "nasa_video" / "toy" / "weights" / "teacher.safetensors"
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="needs the bundled toy weights (issue 3)")
+def test_toy_nasa_t_smoke_run_writes_a_loadable_variant(tmp_path):
+    from nasa_video.pipeline import StreamingGenerator
+    from nasa_video.toy.nasa_t import train_toy_nasa_t
+
+    summary = train_toy_nasa_t(tmp_path / "nt", smoke=True)
+    assert summary["steps"] == 3 and np.isfinite(summary["critic_loss_last20"])
+    assert (tmp_path / "nt" / "dmd.pt").exists()
+    gen = StreamingGenerator.from_config("toy", device="cpu", overrides={
+        "weights": {"generator": str(tmp_path / "nt" / "generator_nasa_t.safetensors")}})
+    frames = [c.frames for c in gen.stream("a red circle and a blue square", "red circle")]
+    assert sum(len(f) for f in frames) == 11
