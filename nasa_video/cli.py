@@ -75,19 +75,126 @@ def _eval_parser(sub) -> None:
     what = p.add_subparsers(dest="what", required=True)
     r = what.add_parser("removal", help="removal benchmark with ground truth on the bundled model",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r.add_argument("--model", default="toy", help="a model whose world the detector knows (toy)")
+    r.add_argument("--model", default="toy", help="toy / toy-nasa-t: the bundled world with its exact detector; "
+                                                  "causvid / self-forcing / a YAML: the CLIP-judged pairs (needs --out)")
     r.add_argument("--json", required=True, help="results as JSON")
+    r.add_argument("--checkpoint", default=None)
+    r.add_argument("--wan", default=None)
+    r.add_argument("--dtype", default="auto")
+    r.add_argument("--out", default=None, help="real models: folder for the videos (resumable, sharded with torchrun)")
+    r.add_argument("--samples", type=int, default=4, help="real models: videos per pair and method")
+    r.add_argument("--clip", default=None, help="real models: CLIP ViT-L/14 folder (default $NASA_VIDEO_CLIP or "
+                                                "~/.cache/nasa-video/clip-vit-large-patch14)")
+    r.add_argument("--threshold", type=float, default=0.5, help="real models: the judge's threshold (calibrate "
+                                                               "with `eval calibrate`)")
     r.add_argument("--table", default=None, help="markdown table (default: beside the JSON)")
     r.add_argument("--plot", default=None, help="PNG of success and retention against alpha (default: beside the JSON)")
     r.add_argument("--methods", nargs="+", default=["none", "nasa"], choices=sorted(METHODS),
                    help="methods to compare; --scales applies to each guided method (check its range)")
     r.add_argument("--scales", nargs="+", type=float, default=[0.25, 0.5, 1.0, 1.5, 2.0, 3.0])
+    r.add_argument("--scales-for", action="append", default=[], metavar="METHOD=S1,S2",
+                   help="scales for one method instead of --scales (e.g. nag=2,4 cfg=2,4)")
     r.add_argument("--pairs", type=int, default=48, help="prompt pairs (at least 40 for the reported figures)")
     r.add_argument("--seeds", type=int, default=4, help="seeds per pair")
     r.add_argument("--device", default="cpu")
+    v = what.add_parser("videos", help="generate an evaluation set: prompts x methods x samples, resumable, "
+                                       "sharded over torchrun ranks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _eval_generation_args(v)
+    c = what.add_parser("clip", help="CLIP+ / CLIP- of every finished video in an evaluation folder")
+    c.add_argument("--out", required=True, help="the folder of `eval videos` / `eval removal` / `eval vbench-long`")
+    c.add_argument("--clip", default=None)
+    c.add_argument("--json", required=True)
+    k = what.add_parser("calibrate", help="the judge's threshold from frames whose answer is known")
+    k.add_argument("--labels", required=True, help='JSON: [{"image": path, "negative": "cat", "contrast": "dog", '
+                                                   '"shows": true}, ...]')
+    k.add_argument("--clip", default=None)
     d = what.add_parser("detector", help="detector agreement with the world's ground truth on codec reconstructions")
     d.add_argument("--videos", type=int, default=200)
     d.add_argument("--seed", type=int, default=0)
+
+
+def _eval_generation_args(p) -> None:
+    p.add_argument("--model", default="causvid")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--wan", default=None)
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK under torchrun, else cuda / cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--prompts", required=True, help="prompt file: one per line, or a JSON list (VBench info files)")
+    p.add_argument("--negative", default="low quality, bad anatomy, blurry, distortion, ugly, low resolution, "
+                                         "unclear details", help="the paper's VBench-Long negative prompt")
+    p.add_argument("--methods", nargs="+", default=["none", "nasa"], choices=sorted(METHODS))
+    p.add_argument("--scales", nargs="+", type=float, default=[0.5])
+    p.add_argument("--scales-for", action="append", default=[], metavar="METHOD=S1,S2")
+    p.add_argument("--samples", type=int, default=5, help="videos per prompt and method (VBench uses 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+
+
+def _eval_real(args) -> int:
+    """eval videos / clip / calibrate, and removal on real checkpoints."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from . import evaluate as ev
+    from .video_io import write_json
+
+    if args.what == "videos":
+        jobs = ev.plan(ev.read_prompts(args.prompts), ev.methods_from_args(args.methods, args.scales, args.scales_for),
+                       args.samples, args.negative, args.seed)
+        report = ev.generate_for_evaluation(args, jobs, Path(args.out), {"prompts": args.prompts})
+        print(json.dumps(report))
+        return 0
+    if args.what == "clip":
+        from .clip_score import ClipScorer
+        from .video_io import read_video
+
+        scorer = ClipScorer(args.clip)
+        rows = {}
+        for sidecar in sorted(Path(args.out).glob("videos/*/*.json")):
+            job = json.loads(sidecar.read_text())
+            scores = scorer.clip_plus_minus(read_video(sidecar.with_suffix(".mp4")), job["prompt"], job["negative"])
+            label = sidecar.parent.name
+            rows.setdefault(label, []).append(scores)
+        if not rows:
+            raise UserError(f"no finished videos under {args.out}/videos")
+        result = {label: {"videos": len(v), "clip_plus": float(np.mean([x["clip_plus"] for x in v])),
+                          "clip_minus": float(np.mean([x["clip_minus"] for x in v]))} for label, v in rows.items()}
+        write_json(args.json, {"clip": str(scorer.folder), "methods": result})
+        for label, r in result.items():
+            print(f"{label}: CLIP+ {r['clip_plus']:.2f}  CLIP- {r['clip_minus']:.2f}  ({r['videos']} videos)")
+        return 0
+    if args.what == "calibrate":
+        from PIL import Image
+
+        from .clip_score import ClipScorer, calibrate
+
+        scorer = ClipScorer(args.clip)
+        items = json.loads(Path(args.labels).read_text())
+        probs = [float(scorer.negative_probability(np.asarray(Image.open(i["image"]).convert("RGB"))[None],
+                                                   i["negative"], i["contrast"])[0]) for i in items]
+        result = calibrate(np.array(probs), np.array([bool(i["shows"]) for i in items]))
+        print(json.dumps(result))
+        return 0
+    # removal on a real checkpoint
+    from .clip_score import REMOVAL_PAIRS, ClipScorer
+
+    if not args.out:
+        raise UserError("removal on a real model writes its videos to --out FOLDER (resumable)")
+    methods = ev.methods_from_args(args.methods, args.scales, args.scales_for)
+    jobs = ev.plan_removal(REMOVAL_PAIRS, methods, args.samples)
+    scorer = ClipScorer(args.clip)  # fail before hours of generation, not after
+    args.device = args.device if args.device != "cpu" else None
+    report = ev.generate_for_evaluation(args, jobs, Path(args.out), {"pairs": REMOVAL_PAIRS})
+    if not all(ev.finished(j, Path(args.out)) for j in jobs):
+        print(f"{json.dumps(report)}; other ranks are still generating: run the command again to judge")
+        return 0
+    result = ev.judge_removal(scorer, jobs, REMOVAL_PAIRS, Path(args.out), args.threshold)
+    write_json(args.json, result)
+    for label, r in result["methods"].items():
+        print(f"{label}: removal success {100 * r['success']:.1f}%  CLIP+ {r['clip_plus']:.2f}  "
+              f"CLIP- {r['clip_minus']:.2f}  ({r['videos']} videos)")
+    return 0
 
 
 def evaluate(args) -> int:
@@ -109,19 +216,18 @@ def evaluate(args) -> int:
         print(f"detector agreement with ground truth on {args.videos} codec-reconstructed videos "
               f"({frames} frames each, 12 object names per frame): {100 * score:.2f}%")
         return 0
+    if args.what in ("videos", "clip", "calibrate") or not args.model.startswith("toy"):
+        return _eval_real(args)
     from .toy.removal import markdown_table, plot_sweep, prompt_pairs, run_removal
     from .video_io import write_json
 
-    if args.model != "toy":
-        raise UserError("the removal benchmark with ground truth needs the bundled world: --model toy")
+    from .evaluate import methods_from_args
+
     out = Path(args.json)
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+    methods = methods_from_args(args.methods, args.scales, args.scales_for)
     gen = StreamingGenerator.from_config(args.model, device=args.device)
-    methods = [(m, 0.0) if m == "none" else (m, s) for m in args.methods for s in ([0.0] if m == "none" else args.scales)]
-    for method, scale in methods:
-        from .guidance import make_guidance
-        make_guidance(method).check_scale(scale)
     result = run_removal(gen, methods, prompt_pairs(args.pairs), tuple(range(args.seeds)))
     write_json(out, result)
     table = markdown_table(result)

@@ -1,0 +1,121 @@
+"""CLIP over video frames: CLIP+ / CLIP- (alignment with the positive / negative prompt) and a zero-shot
+judge for removal on real models.
+
+Model: openai/clip-vit-large-patch14 (transformers CLIPModel) read from a local folder: --clip PATH, else
+$NASA_VIDEO_CLIP, else ~/.cache/nasa-video/clip-vit-large-patch14. Nothing is downloaded.
+
+Judge: for a pair (negative concept, contrast concept) each frame is scored with CLIP's zero-shot softmax
+over "a photo of {negative}" and "a photo of {contrast}"; the frame shows the negative when its probability
+is above the threshold (0.5 unless calibrated on frames whose answer is known). A video counts as a removal
+success when at most 10% of its frames show the negative (the bundled benchmark's rule).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+CLIP_FILES = ("config.json", "preprocessor_config.json", "vocab.json", "merges.txt")
+DEFAULT_CLIP = Path.home() / ".cache" / "nasa-video" / "clip-vit-large-patch14"
+SHOWN_FRAMES_MAX = 0.1
+
+
+def clip_folder(path: str | os.PathLike | None = None) -> Path:
+    folder = Path(path or os.environ.get("NASA_VIDEO_CLIP") or DEFAULT_CLIP)
+    missing = [f for f in CLIP_FILES if not (folder / f).exists()]
+    if not any((folder / w).exists() for w in ("model.safetensors", "pytorch_model.bin")):
+        missing.append("model.safetensors")
+    if missing:
+        raise UserError(f"CLIP weights missing in {folder}: {', '.join(missing)}. Put the files of "
+                        f"openai/clip-vit-large-patch14 there (e.g. huggingface-cli download "
+                        f"openai/clip-vit-large-patch14 --local-dir {folder}) or pass --clip PATH / set NASA_VIDEO_CLIP")
+    return folder
+
+
+def _features(output) -> torch.Tensor:
+    """transformers 4 returns the projected embeddings; 5 returns an output whose pooler_output holds them."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+class ClipScorer:
+    def __init__(self, path: str | os.PathLike | None = None, device: str = "cpu"):
+        folder = clip_folder(path)  # a missing file fails before transformers is imported
+        from transformers import CLIPModel, CLIPTokenizer
+
+        try:  # transformers 5: the Pillow processor (torchvision is not part of this install)
+            from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+        except ImportError:
+            from transformers import CLIPImageProcessor
+        self.folder = folder
+        self.model = CLIPModel.from_pretrained(folder).to(device).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(folder)
+        self.processor = CLIPImageProcessor.from_pretrained(folder)
+        self.device = device
+
+    @torch.no_grad()
+    def image_embeddings(self, frames: np.ndarray, batch: int = 32) -> torch.Tensor:
+        """uint8 [T, H, W, 3] -> unit vectors [T, D]."""
+        out = []
+        for i in range(0, len(frames), batch):
+            pixels = self.processor(images=list(frames[i:i + batch]), return_tensors="pt")["pixel_values"]
+            out.append(_features(self.model.get_image_features(pixel_values=pixels.to(self.device))))
+        features = torch.cat(out).float()
+        return features / features.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        features = _features(self.model.get_text_features(**tokens)).float()
+        return features / features.norm(dim=-1, keepdim=True)
+
+    def clip_plus_minus(self, frames: np.ndarray, positive: str, negative: str) -> dict:
+        """Mean over frames of the cosine similarity (x100, as CLIPScore is usually quoted) with each prompt."""
+        images = self.image_embeddings(frames)
+        texts = self.text_embeddings([positive, negative])
+        sims = 100 * images @ texts.T
+        return {"clip_plus": float(sims[:, 0].mean()), "clip_minus": float(sims[:, 1].mean())}
+
+    @torch.no_grad()
+    def negative_probability(self, frames: np.ndarray, negative: str, contrast: str) -> np.ndarray:
+        """Per frame, CLIP's zero-shot probability of the negative concept against the contrast concept."""
+        images = self.image_embeddings(frames)
+        texts = self.text_embeddings([f"a photo of {negative}", f"a photo of {contrast}"])
+        logits = self.model.logit_scale.exp().float() * images @ texts.T
+        return logits.softmax(-1)[:, 0].cpu().numpy()
+
+
+def removal_success(probabilities: np.ndarray, threshold: float = 0.5) -> bool:
+    return float((probabilities > threshold).mean()) <= SHOWN_FRAMES_MAX
+
+
+def calibrate(probabilities: np.ndarray, labels: np.ndarray) -> dict:
+    """The threshold that best separates frames known to show the negative (labels True) from frames known
+    not to; returns it with its agreement and the agreement at 0.5."""
+    probabilities, labels = np.asarray(probabilities, float), np.asarray(labels, bool)
+    if len(probabilities) == 0 or labels.all() or not labels.any():
+        raise UserError("calibration needs frames of both kinds (showing and not showing the concept)")
+    candidates = np.unique(np.concatenate([[0.5], probabilities]))
+    scores = [float(((probabilities > c) == labels).mean()) for c in candidates]
+    best = int(np.argmax(scores))
+    return {"threshold": float(candidates[best]), "agreement": scores[best],
+            "agreement_at_0.5": float(((probabilities > 0.5) == labels).mean()), "frames": int(len(labels))}
+
+
+# The paper's image pairs, and video pairs with a concrete contrast for the zero-shot judge.
+REMOVAL_PAIRS = [
+    # (positive prompt, negative concept, contrast concept)
+    ("A photo of a person", "male", "female"),
+    ("A photo of a person", "female", "male"),
+    ("A photo of a person", "young", "old"),
+    ("A photo of a person", "old", "young"),
+    ("A photo of a pet", "cat", "dog"),
+    ("A photo of a pet", "dog", "cat"),
+    ("A video of a pet running on the grass", "dog", "cat"),
+    ("A video of a person dancing in a studio", "man", "woman"),
+    ("A video of a vehicle driving on a road", "car", "motorcycle"),
+    ("A video of a mountain landscape", "snow", "green grass"),
+]

@@ -1,0 +1,135 @@
+"""Evaluation runs: sharding, resume after an interruption, manifest, CLIP+/CLIP- and the zero-shot judge
+(with a tiny random CLIP written by the test, through the real loading and scoring code)."""
+import json
+import string
+
+import numpy as np
+import pytest
+
+from nasa_video.errors import UserError
+from nasa_video.evaluate import (finished, judge_removal, plan, plan_removal, read_prompts, run_jobs, shard,
+                                 video_stem, write_manifest)
+from nasa_video.video_io import read_video
+
+PROMPTS = ["a red circle", "a blue square: at night?", "x" * 400]
+METHODS = [("none", 0.0), ("nasa", 0.5)]
+
+
+def make_tiny_clip(folder):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(string.ascii_lowercase + string.digits + ".,'-!?")
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    special = {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
+               "pad_token_id": vocab["<|endoftext|>"]}
+    config = CLIPConfig(text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
+                                     "num_hidden_layers": 1, "num_attention_heads": 2, **special},
+                        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_two_ranks_cover_every_job_exactly_once():
+    jobs = plan(PROMPTS, METHODS, samples=3, negative="blurry")
+    assert len(jobs) == 2 * 3 * 3
+    parts = [shard(jobs, r, 2) for r in range(2)]
+    assert sorted(map(repr, parts[0] + parts[1])) == sorted(map(repr, jobs))
+    assert not set(parts[0]) & set(parts[1])
+    # every method starts from the same noise for the same prompt and sample
+    seeds = {(j.prompt, j.sample): set() for j in jobs}
+    for j in jobs:
+        seeds[(j.prompt, j.sample)].add(j.seed)
+    assert all(len(s) == 1 for s in seeds.values())
+    with pytest.raises(UserError):
+        shard(jobs, 2, 2)
+
+
+def test_file_names_are_vbench_style_and_safe():
+    assert video_stem("a red circle") == "a red circle"
+    assert "/" not in video_stem("a/b") and "?" not in video_stem("why?")
+    long_a, long_b = video_stem("x" * 400), video_stem("x" * 399 + "y")
+    assert long_a != long_b and len(long_a.encode()) <= 180
+
+
+def test_interrupted_run_resumes_with_exactly_the_missing_videos(tiny_generator, tmp_path):
+    jobs = plan(PROMPTS[:2], METHODS, samples=2, negative="blurry")
+    write_manifest(tmp_path / "a", jobs, {"model": "tiny"})
+
+    made = []
+
+    def stop_after_three(job):
+        made.append(job)
+        if len(made) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(tiny_generator, jobs, tmp_path / "a", progress=False, on_done=stop_after_three)
+    assert sum(finished(j, tmp_path / "a") for j in jobs) == 3
+    again = run_jobs(tiny_generator, jobs, tmp_path / "a", progress=False)
+    assert again == {"planned": 8, "skipped": 3, "made": 5}
+    assert run_jobs(tiny_generator, jobs, tmp_path / "a", progress=False)["made"] == 0
+    run_jobs(tiny_generator, jobs, tmp_path / "b", progress=False)  # uninterrupted
+    for job in jobs:
+        np.testing.assert_array_equal(read_video(job.path(tmp_path / "a")), read_video(job.path(tmp_path / "b")))
+    # a different plan in the same folder is refused rather than mixed in
+    with pytest.raises(UserError, match="different evaluation"):
+        write_manifest(tmp_path / "a", plan(PROMPTS[:1], METHODS, 2, "blurry"), {"model": "tiny"})
+
+
+def test_a_partial_video_from_an_interrupt_is_not_kept(tiny_generator, tmp_path, monkeypatch):
+    from nasa_video.pipeline import GenerationResult
+
+    jobs = plan(PROMPTS[:1], METHODS[:1], samples=1, negative="")
+
+    def interrupted(prompt, out, *args, **kwargs):
+        open(out, "wb").write(b"partial")
+        return GenerationResult(str(out), 5, 1, 0.1, 0.1, interrupted=True)
+
+    monkeypatch.setattr(tiny_generator, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(tiny_generator, jobs, tmp_path, progress=False)
+    assert not jobs[0].path(tmp_path).exists()
+
+
+def test_read_prompts_text_and_vbench_json(tmp_path):
+    (tmp_path / "p.txt").write_text("# comment\na cat\n\na dog\na cat\n")
+    assert read_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
+    (tmp_path / "p.json").write_text(json.dumps([{"prompt_en": "a fox", "dimension": ["aesthetic_quality"]}]))
+    assert read_prompts(tmp_path / "p.json") == ["a fox"]
+    with pytest.raises(UserError, match="not found"):
+        read_prompts(tmp_path / "none.txt")
+
+
+def test_missing_clip_weights_name_the_file_and_the_place(tmp_path):
+    from nasa_video.clip_score import ClipScorer
+
+    with pytest.raises(UserError, match=r"config\.json.*model\.safetensors.*--clip"):
+        ClipScorer(tmp_path / "empty")
+
+
+def test_clip_scores_and_judge_end_to_end(tiny_generator, tmp_path):
+    from nasa_video.clip_score import ClipScorer, calibrate
+
+    scorer = ClipScorer(make_tiny_clip(tmp_path / "clip"))
+    pairs = [("a photo of a pet", "cat", "dog"), ("a photo of a person", "old", "young")]
+    jobs = plan_removal(pairs, METHODS, samples=1)
+    assert len({j.path(tmp_path) for j in jobs}) == len(jobs)
+    run_jobs(tiny_generator, jobs, tmp_path / "r", progress=False)
+    result = judge_removal(scorer, jobs, pairs, tmp_path / "r", progress=False)
+    for row in result["methods"].values():
+        assert 0 <= row["success"] <= 1 and np.isfinite(row["clip_plus"]) and np.isfinite(row["clip_minus"])
+        assert set(row["per_pair"]) == {"a photo of a pet / -cat", "a photo of a person / -old"}
+    frames = read_video(jobs[0].path(tmp_path / "r"))
+    p = scorer.negative_probability(frames, "cat", "dog")
+    assert p.shape == (len(frames),) and ((0 <= p) & (p <= 1)).all()
+    cal = calibrate(np.array([0.1, 0.2, 0.7, 0.9]), np.array([False, False, True, True]))
+    assert cal["agreement"] == 1.0 and 0.2 <= cal["threshold"] < 0.7
