@@ -22,7 +22,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--guidance", choices=sorted(METHODS), default=None,
                    help="default: the model config's. --scale is alpha for nasa, nag_scale s for nag (s > 1), "
                         "s for vsf, w for cfg")
-    p.add_argument("--model", default="tiny", help="tiny (random weights) | toy (bundled, once trained) | causvid | self-forcing | a config YAML")
+    p.add_argument("--model", default="toy", help="toy (the bundled shapes-world model) | toy-nasa-t | causvid | "
+                                                  "self-forcing | tiny (random weights) | a config YAML")
     p.add_argument("--checkpoint", default=None, help="generator weights: CausVid / Self-Forcing .pt, Wan or diffusers")
     p.add_argument("--wan", default=None, help="Diffusers-format Wan2.1-T2V-1.3B folder or hub id (VAE, umT5)")
     p.add_argument("--frames", type=int, default=None, help="video frames: 12k - 3 for Wan (81 = 7 blocks; default: the config's)")
@@ -100,6 +101,18 @@ def _eval_parser(sub) -> None:
     v = what.add_parser("videos", help="generate an evaluation set: prompts x methods x samples, resumable, "
                                        "sharded over torchrun ranks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _eval_generation_args(v)
+    vb = what.add_parser("vbench-long", help="VBench-Long (aesthetic / imaging quality by default): generate, "
+                                             "then score with vbench in its own environment",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _eval_generation_args(vb)
+    for action in vb._actions:
+        if action.dest == "prompts":
+            action.required, action.help = False, "prompt file (default: VBench's own prompts for --dimensions)"
+    vb.add_argument("--dimensions", nargs="+", default=["aesthetic_quality", "imaging_quality"])
+    vb.add_argument("--vbench-env", default=None, help="the vbench virtualenv (created on first use; default "
+                                                       "$NASA_VIDEO_VBENCH_ENV or ~/.cache/nasa-video/vbench-env)")
+    vb.add_argument("--score-device", default="cuda")
+    vb.add_argument("--score-only", action="store_true", help="score what is already generated")
     c = what.add_parser("clip", help="CLIP+ / CLIP- of every finished video in an evaluation folder")
     c.add_argument("--out", required=True, help="the folder of `eval videos` / `eval removal` / `eval vbench-long`")
     c.add_argument("--clip", default=None)
@@ -216,6 +229,9 @@ def evaluate(args) -> int:
         print(f"detector agreement with ground truth on {args.videos} codec-reconstructed videos "
               f"({frames} frames each, 12 object names per frame): {100 * score:.2f}%")
         return 0
+    if args.what == "vbench-long":
+        from .vbench_env import run_vbench_long
+        return run_vbench_long(args)
     if args.what in ("videos", "clip", "calibrate") or not args.model.startswith("toy"):
         return _eval_real(args)
     from .toy.removal import markdown_table, plot_sweep, prompt_pairs, run_removal
@@ -232,9 +248,10 @@ def evaluate(args) -> int:
     write_json(out, result)
     table = markdown_table(result)
     Path(args.table or out.with_suffix(".md")).write_text(table + "\n")
-    plot_sweep(result, args.plot or out.with_suffix(".png"))
+    plotted = plot_sweep(result, args.plot or out.with_suffix(".png"))
     print(table)
-    print(f"wrote {out}, {args.table or out.with_suffix('.md')}, {args.plot or out.with_suffix('.png')}")
+    print(f"wrote {out}, {args.table or out.with_suffix('.md')}"
+          + (f", {args.plot or out.with_suffix('.png')}" if plotted else " (no none/nasa rows: no alpha plot)"))
     return 0
 
 
@@ -286,7 +303,7 @@ def bench_speed(args) -> int:
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="a live page: stream a video, change the negative prompt while it plays",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny", help="as for generate")
+    p.add_argument("--model", default="toy", help="as for generate")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--wan", default=None)
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes the server")

@@ -219,6 +219,8 @@ def generate_for_evaluation(args, jobs: list[VideoJob], out: Path, extra: dict |
         return {"planned": len(mine), "skipped": len(mine), "made": 0, "rank": rank, "world": world}
     gen = StreamingGenerator.from_config(args.model, args.checkpoint, args.wan, args.device or generation_device(),
                                          args.dtype)
+    for text in sorted({t for j in mine for t in (j.prompt, j.negative) if t}):
+        gen.text.encode(text)  # a prompt over the token limit fails now, not after hours of videos
     if rank == 0:
         import json as _json
         manifest = _json.loads((out / "manifest.json").read_text())

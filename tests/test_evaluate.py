@@ -133,3 +133,34 @@ def test_clip_scores_and_judge_end_to_end(tiny_generator, tmp_path):
     assert p.shape == (len(frames),) and ((0 <= p) & (p <= 1)).all()
     cal = calibrate(np.array([0.1, 0.2, 0.7, 0.9]), np.array([False, False, True, True]))
     assert cal["agreement"] == 1.0 and 0.2 <= cal["threshold"] < 0.7
+
+
+FAKE_VBENCH = r'''#!/usr/bin/env bash
+# stands in for the vbench environment's python running vbench_runner.py: one score per method folder
+while [ $# -gt 0 ]; do case "$1" in --videos) videos="$2"; shift;; --out) out="$2"; shift;; esac; shift; done
+n=$(ls "$videos"/*.mp4 | wc -l)
+echo "{\"scores\": {\"aesthetic_quality\": 0.$n, \"imaging_quality\": 0.5}}" > "$out"
+'''
+
+
+def test_vbench_long_flow_generates_scores_and_tabulates(tmp_path, capsys):
+    """The whole command on the bundled-size tiny model with a stand-in vbench environment (the real one is
+    checked by scripts/vbench_check.sh: it needs the vbench install and its weights)."""
+    from nasa_video.cli import main
+
+    env = tmp_path / "env"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").write_text(FAKE_VBENCH)
+    (env / "bin" / "python").chmod(0o755)
+    (env / ".nasa-video-vbench").write_text("fake")
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    args = ["eval", "vbench-long", "--model", "tiny", "--prompts", str(tmp_path / "p.txt"), "--methods", "none",
+            "nasa", "--scales", "0.5", "--samples", "2", "--out", str(tmp_path / "run"), "--vbench-env", str(env),
+            "--score-device", "cpu", "--device", "cpu", "--negative", "blurry"]
+    assert main(args) == 0
+    table = (tmp_path / "run" / "vbench_long.md").read_text()
+    assert "| none | 40.00 | 50.00 |" in table and "| nasa@0.5 | 40.00 | 50.00 |" in table
+    assert "| CausVid + NASA (paper) | 63.33 | 67.36 |" in table
+    result = json.loads((tmp_path / "run" / "vbench_long.json").read_text())
+    assert set(result["methods"]) == {"none", "nasa@0.5"}
+    assert len(list((tmp_path / "run" / "videos").glob("*/*.mp4"))) == 8

@@ -86,12 +86,14 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(result: dict, path: str | Path) -> None:
+def plot_sweep(result: dict, path: str | Path) -> bool:
     """PNG: removal success and retention against alpha (none drawn at alpha = 0), drawn with Pillow."""
     from PIL import Image, ImageDraw
 
     rows = sorted(((0.0 if r["method"] == "none" else r["scale"], r) for r in result["methods"].values()
                    if r["method"] in ("none", "nasa")), key=lambda x: x[0])
+    if not rows:
+        return False  # the plot is NASA's alpha sweep; nothing to draw without none / nasa rows
     width, height, pad = 560, 360, 50
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
@@ -120,3 +122,4 @@ def plot_sweep(result: dict, path: str | Path) -> None:
     tmp = Path(path).with_name(f".{Path(path).name}.partial.png")
     img.save(tmp)
     os.replace(tmp, path)
+    return True
