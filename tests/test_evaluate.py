@@ -1,6 +1,7 @@
 """Evaluation runs: sharding, resume after an interruption, manifest, CLIP+/CLIP- and the zero-shot judge
 (with a tiny random CLIP written by the test, through the real loading and scoring code)."""
 import json
+import os
 import string
 
 import numpy as np
@@ -164,3 +165,31 @@ def test_vbench_long_flow_generates_scores_and_tabulates(tmp_path, capsys):
     result = json.loads((tmp_path / "run" / "vbench_long.json").read_text())
     assert set(result["methods"]) == {"none", "nasa@0.5"}
     assert len(list((tmp_path / "run" / "videos").glob("*/*.mp4"))) == 8
+
+
+@pytest.mark.skipif(not os.environ.get("NASA_VIDEO_VBENCH_ENV"),
+                    reason="needs the vbench environment (several GB; not built in CI): run scripts/vbench_check.sh")
+def test_real_vbench_engine_scores_the_bundled_model(tmp_path, capsys):
+    """The real vbench 0.1.5 engine (VBenchLong, long_custom_input) on bundled-model videos, with random
+    stand-in weights in a temporary VBENCH_CACHE_DIR: generation, scoring and the table run end to end."""
+    import subprocess
+    from pathlib import Path
+
+    from nasa_video.cli import main
+
+    env = Path(os.environ["NASA_VIDEO_VBENCH_ENV"])
+    cache = tmp_path / "vbench-cache"
+    script = Path(__file__).parents[1] / "scripts" / "vbench_fake_weights.py"
+    subprocess.run([str(env / "bin" / "python"), str(script), str(cache)], check=True, capture_output=True)
+    os.environ["VBENCH_CACHE_DIR"] = str(cache)
+    try:
+        (tmp_path / "p.txt").write_text("a red circle and a blue square\n")
+        assert main(["eval", "vbench-long", "--model", "toy", "--prompts", str(tmp_path / "p.txt"), "--methods",
+                     "none", "nasa", "--scales", "1", "--samples", "1", "--negative", "red circle", "--out",
+                     str(tmp_path / "run"), "--vbench-env", str(env), "--score-device", "cpu"]) == 0
+    finally:
+        del os.environ["VBENCH_CACHE_DIR"]
+    result = json.loads((tmp_path / "run" / "vbench_long.json").read_text())
+    for scores in result["methods"].values():
+        assert set(scores) == {"aesthetic_quality", "imaging_quality"}
+    print(capsys.readouterr().out)
