@@ -59,9 +59,27 @@ def backend() -> str:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over [B, S, H, D] tensors; mask (bool, True = attend) broadcasts to [B, H, Sq, Sk]."""
+    if mask is not None and not isinstance(mask, torch.Tensor):  # a flex-attention BlockMask (training, full size)
+        from torch.nn.attention.flex_attention import flex_attention
+
+        kernel = _compiled_flex() if q.is_cuda else flex_attention
+        out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask)
+        return out.transpose(1, 2)
     fn = _kernel["fn"]
     if fn is not None and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         out = fn(q, k, v)
         return out[0] if isinstance(out, tuple) else out
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
+
+
+_FLEX: dict = {}
+
+
+def _compiled_flex():
+    """flex_attention is only fast compiled; compile it once, on first use on a GPU."""
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]

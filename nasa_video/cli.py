@@ -417,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.config:
                     raise UserError("train dmd needs --config (e.g. configs/causvid_nasa_t_train.yaml)")
                 if not args.dry_run:
-                    raise UserError("full-size DMD runs on GPUs with flex-attention block masks, which this "
-                                    "version does not have yet; --dry-run checks the configuration")
+                    raise UserError("full-size DMD training (latent-LMDB data, FSDP over GPUs) is not in this "
+                                    "version yet; --dry-run checks the configuration, and `train toy-nasa-t` runs "
+                                    "the same DMD / NASA-T code on the bundled model")
                 print(json.dumps(dry_run(args.config), indent=2))
                 return 0
             if args.what == "toy-nasa-t":

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .errors import UserError
 from .guidance import NASA, NoGuidance
 from .model.cache import TextCache
-from .model.causal_wan import teacher_forcing_mask
+from .model.causal_wan import teacher_forcing_block_mask, teacher_forcing_mask
 from .schedule import FlowSchedule, output_to_velocity, output_to_x0
 
 @dataclass
@@ -52,6 +52,8 @@ class DMDConfig:
     kappa_max: float = 4.0
     negatives: list[str] = field(default_factory=list)  # NASA-T's negative prompts (quality terms, object names)
     negative_from_caption: float = 0.0  # bundled world: share of negatives drawn from the clip's own objects
+    flex_mask: bool | None = None     # teacher-forcing mask as a flex-attention BlockMask; None: on CUDA above
+                                      # 16k tokens (the 1.3B model's 65,520), where a dense mask cannot fit
 
     def check(self) -> None:
         if self.nasa_t and not (self.negatives or self.negative_from_caption > 0):
@@ -103,7 +105,11 @@ class DMDTrainer:
         self.log: list[dict] = []
         _, _, frames, h, w = latents.shape
         self.frames = frames
-        self.mask = teacher_forcing_mask(frames, self.fpb, generator.tokens_per_frame(h, w), device=self.device)
+        tpf = generator.tokens_per_frame(h, w)
+        flex = cfg.flex_mask if cfg.flex_mask is not None else (self.device.type == "cuda" and 2 * frames * tpf > 16384)
+        self.mask_tokens = 2 * frames * tpf
+        self.mask = (teacher_forcing_block_mask(frames, self.fpb, tpf, self.device, compile=self.device.type == "cuda")
+                     if flex else teacher_forcing_mask(frames, self.fpb, tpf, device=self.device))
         self.positions = torch.cat([torch.arange(frames), torch.arange(frames)])
 
     # ---- pieces ------------------------------------------------------------------------------------------
@@ -306,9 +312,10 @@ def dry_run(train_config: str | os.PathLike, batch: int = 1) -> dict:
     real = trainer.real_x0(x_t, t, positive, negative, cfg.kappa_max)
     fake = trainer.fake_x0(x_t, t, positive)
     shapes = {"latents": list(x0_data.shape), "generator_x0": list(x0.shape), "real_x0": list(real.shape),
-              "fake_x0": list(fake.shape), "teacher_forcing_tokens": int(trainer.mask.shape[0])}
+              "fake_x0": list(fake.shape), "teacher_forcing_tokens": int(trainer.mask_tokens)}
     for name, shape in shapes.items():
         if name.endswith("x0") and shape != shapes["latents"]:
             raise UserError(f"dry run: {name} has shape {shape}, expected {shapes['latents']}")
     return {"model": str(tc.model), "parameters_per_network": parameter_count(config), "shapes": shapes,
+            "attention_mask": "flex-attention BlockMask on CUDA (dense on meta for this check)",
             "nasa_t": cfg.nasa_t}
