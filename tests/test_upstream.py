@@ -269,3 +269,18 @@ print("AFTER", "forward" in pipe.generator.model.blocks[0].cross_attn.__dict__)
     assert "UPSTREAM ['--prompt_file_path', 'p.txt'] True" in out and "AFTER False" in out
     for name in [m for m in sys.modules if m == "causvid" or m.startswith("causvid.")]:
         del sys.modules[name]  # the stand-in's modules
+
+
+SELF_FORCING = os.environ.get("NASA_VIDEO_SELF_FORCING") or str(ROOT / "third_party" / "self_forcing")
+
+
+@pytest.mark.skipif(not (Path(SELF_FORCING) / "pipeline" / "causal_inference.py").is_file(),
+                    reason="upstream Self-Forcing code not present: set NASA_VIDEO_SELF_FORCING to a checkout")
+def test_hook_on_upstream_self_forcing():
+    import subprocess
+
+    script = ROOT / "scripts" / "self_forcing_check.py"
+    done = subprocess.run([sys.executable, str(script), SELF_FORCING], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = done.stdout.strip().splitlines()[-1]
+    assert "scale 0 bit-identical: True" in line and "restores: True and True" in line, line
