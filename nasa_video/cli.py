@@ -416,11 +416,12 @@ def main(argv: list[str] | None = None) -> int:
                 from .distill import dry_run
                 if not args.config:
                     raise UserError("train dmd needs --config (e.g. configs/causvid_nasa_t_train.yaml)")
-                if not args.dry_run:
-                    raise UserError("full-size DMD training (latent-LMDB data, FSDP over GPUs) is not in this "
-                                    "version yet; --dry-run checks the configuration, and `train toy-nasa-t` runs "
-                                    "the same DMD / NASA-T code on the bundled model")
-                print(json.dumps(dry_run(args.config), indent=2))
+                if args.dry_run:
+                    print(json.dumps(dry_run(args.config), indent=2))
+                    return 0
+                from .distill import train_from_config
+                out = args.out if args.out != "toy-training" else "dmd-training"
+                print(f"wrote {out}: {json.dumps(train_from_config(args.config, out))}")
                 return 0
             if args.what == "toy-nasa-t":
                 from .toy.nasa_t import export_nasa_t, train_toy_nasa_t

@@ -103,7 +103,7 @@ class DMDTrainer:
         self.np_rng = np.random.default_rng(cfg.seed)
         self.step = 0
         self.log: list[dict] = []
-        _, _, frames, h, w = latents.shape
+        _, frames, h, w = latents.shape[1:] if torch.is_tensor(latents) else latents.shape
         self.frames = frames
         tpf = generator.tokens_per_frame(h, w)
         flex = cfg.flex_mask if cfg.flex_mask is not None else (self.device.type == "cuda" and 2 * frames * tpf > 16384)
@@ -174,6 +174,9 @@ class DMDTrainer:
     # ---- one iteration -----------------------------------------------------------------------------------
     def _batch(self):
         idx = torch.randint(len(self.latents), (self.cfg.batch,), generator=self.torch_rng)
+        if hasattr(self.latents, "batch"):  # a LatentFolder: read from disk, captions with the clips
+            latents, captions = self.latents.batch(idx.tolist())
+            return latents.to(self.device), captions
         captions = [self.captions[i] for i in idx.tolist()]
         return self.latents[idx].to(self.device), captions
 
@@ -319,3 +322,69 @@ def dry_run(train_config: str | os.PathLike, batch: int = 1) -> dict:
     return {"model": str(tc.model), "parameters_per_network": parameter_count(config), "shapes": shapes,
             "attention_mask": "flex-attention BlockMask on CUDA (dense on meta for this check)",
             "nasa_t": cfg.nasa_t}
+
+
+class LatentFolder:
+    """Training clips as one safetensors file each: tensor "latents" [C, F, h, w] (the generator's standardised
+    latents) and the caption in the file's metadata {"caption": ...}. Read lazily, a batch at a time."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.files = sorted(Path(folder).glob("*.safetensors"))
+        if not self.files:
+            raise UserError(f"no *.safetensors clips in {folder} (each: tensor 'latents' [C, F, h, w], "
+                            f"metadata {{'caption': ...}})")
+        self.shape = self._read(0)[0].shape
+
+    def _read(self, i: int):
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[i]), "pt") as f:
+            return f.get_tensor("latents").float(), (f.metadata() or {}).get("caption", "")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, list[str]]:
+        items = [self._read(i) for i in indices]
+        return torch.stack([x for x, _ in items]), [c for _, c in items]
+
+
+def train_from_config(config: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> dict:
+    """DMD / NASA-T from a training YAML on one device (CUDA: bf16 autocast over fp32 weights, gradient
+    checkpointing when asked). Keys: model, generator (student checkpoint), teacher (real-score weights: a
+    checkpoint or a diffusers transformer folder; default: the student's), wan (VAE/text folder for real
+    models), data.latents (a LatentFolder), dmd (DMDConfig), gradient_checkpointing."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from .loading import build_generator, build_vae_and_text, load_config, resolve_device
+    from .model.checkpoint import save_generator
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError("multi-GPU (FSDP) DMD is not in this version: run one process per node-free job "
+                        "(one GPU, gradient_checkpointing: true)")
+    tc = OmegaConf.load(config)
+    model_cfg = load_config(str(tc.model))
+    device = resolve_device(tc.get("device"))
+    data = LatentFolder(tc.data.latents)
+    generator = build_generator(model_cfg, device, torch.float32, tc.get("generator"))
+    teacher = build_generator(model_cfg, device, torch.float32, tc.get("teacher") or tc.get("generator"))
+    _, text = build_vae_and_text(model_cfg, device, torch.float32, tc.get("wan"))
+    cfg = DMDConfig(**OmegaConf.to_container(tc.dmd))
+    trainer = DMDTrainer(generator, teacher, text, model_cfg, cfg, data, [])
+    if tc.get("gradient_checkpointing", False):
+        trainer.generator.enable_gradient_checkpointing()
+        trainer.fake.enable_gradient_checkpointing()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    with autocast:
+        log = trainer.run(out / "dmd.pt", progress=progress)
+    final = trainer.ema if trainer.ema is not None else trainer.generator
+    save_generator(final.state_dict(), out / "generator.safetensors", "diffusers")
+    save_generator(final.state_dict(), out / "model.pt", "causvid")  # upstream CausVid's layout too
+    summary = {"steps": trainer.step, "critic_loss_last": log[-1]["critic_loss"] if log else None,
+               "nasa_t": cfg.nasa_t, "config": OmegaConf.to_container(tc)}
+    (out / "dmd.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -118,3 +118,26 @@ def test_teacher_forcing_mask_equals_streaming(tiny_model, text_cache):
             tiny_model(clean[b], torch.zeros(1, FPB), text_cache.layers, start_frame=b * FPB, kv_cache=cache)
             s = slice(frames + b * FPB, frames + (b + 1) * FPB)
             torch.testing.assert_close(streamed, full[:, :, s], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    import copy
+
+    from nasa_video.model.cache import TextCache
+    from nasa_video.model.causal_wan import teacher_forcing_mask
+
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(1, 4, 6, 8, 8, generator=g), torch.full((1, 6), 500.0)
+    ctx = torch.randn(1, 16, 32, generator=g)
+    mask = teacher_forcing_mask(3, 3, 16)
+    grads = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(tiny_model).train().requires_grad_(True)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+            assert model.gradient_checkpointing
+        out = model(x, t, TextCache(model, ctx).layers, attn_mask=mask,
+                    frame_positions=torch.cat([torch.arange(3), torch.arange(3)]))
+        out.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.utils.checkpoint
 from diffusers import WanTransformer3DModel
 
 from ..attention import attend
@@ -161,9 +162,15 @@ class CausalWanTransformer(WanTransformer3DModel):
 
         if kv_cache is not None:
             kv_cache.place(start_frame, fp)
+        # Training at full size: recompute each layer in the backward pass instead of keeping its activations
+        # (diffusers' enable_gradient_checkpointing() sets the flag).
+        checkpointing = getattr(self, "gradient_checkpointing", False) and torch.is_grad_enabled() and kv_cache is None
         for layer, block in enumerate(self.blocks):
-            hidden = self._layer(block, layer, hidden, modulation, cos, sin, text[layer], guidance, alphas,
-                                 kv_cache, attn_mask)
+            args = (block, layer, hidden, modulation, cos, sin, text[layer], guidance, alphas, kv_cache, attn_mask)
+            if checkpointing:
+                hidden = torch.utils.checkpoint.checkpoint(self._layer, *args, use_reentrant=False)
+            else:
+                hidden = self._layer(*args)
 
         shift, scale = (self.scale_shift_table.float().unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(2).unbind(3)
         hidden = (self.norm_out(hidden.float()) * (1 + scale) + shift).to(dtype)
