@@ -31,7 +31,7 @@ from .errors import UserError
 from .guidance import NASA, NoGuidance
 from .model.cache import TextCache
 from .model.causal_wan import teacher_forcing_block_mask, teacher_forcing_mask
-from .schedule import FlowSchedule, output_to_velocity, output_to_x0
+from .schedule import FlowSchedule, output_to_velocity, output_to_x0, prediction_of
 
 @dataclass
 class DMDConfig:
@@ -90,7 +90,7 @@ class DMDTrainer:
         self.text = text
         self.latents, self.captions = latents, captions
         self.flow = FlowSchedule(float(model_cfg.sampling.shift), int(model_cfg.sampling.num_train_timesteps))
-        self.prediction = str(model_cfg.sampling.get("prediction", "velocity"))
+        self.prediction = prediction_of(model_cfg)
         self.steps = torch.tensor(self.flow.step_list(list(model_cfg.sampling.steps), bool(model_cfg.sampling.warp)),
                                   dtype=torch.float32)
         self.fpb = int(model_cfg.video.frames_per_block)

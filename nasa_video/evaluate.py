@@ -222,8 +222,7 @@ def generate_for_evaluation(args, jobs: list[VideoJob], out: Path, extra: dict |
     for text in sorted({t for j in mine for t in (j.prompt, j.negative) if t}):
         gen.text.encode(text)  # a prompt over the token limit fails now, not after hours of videos
     if rank == 0:
-        import json as _json
-        manifest = _json.loads((out / "manifest.json").read_text())
+        manifest = json.loads((out / "manifest.json").read_text())
         if "config" not in manifest:
             from omegaconf import OmegaConf
             manifest["config"] = OmegaConf.to_container(gen.cfg, resolve=True)

@@ -18,7 +18,7 @@ unchanged bit for bit.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -65,7 +65,6 @@ class UpstreamGuidance:
         self.schedule = ScaleSchedule(scale)
         for value in self.schedule.values():
             self.guidance.check_scale(value)
-        self._originals: list[Callable] = []
         self._pre_hook = None
         self._negative_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._call = {"t": None, "start": 0}
@@ -185,12 +184,10 @@ class UpstreamGuidance:
         return [scale * w for w in self.weights]
 
     def enable(self) -> UpstreamGuidance:
-        if self._originals:
+        if self._pre_hook is not None:  # already enabled
             return self
         for i, m in enumerate(self.modules):
-            original = m.forward
-            self._originals.append(original)
-            m.forward = self._patched(i, m, original)
+            m.forward = self._patched(i, m, m.forward)
         self._pre_hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         return self
 
@@ -198,7 +195,6 @@ class UpstreamGuidance:
         """Restore upstream's forwards (the instance attribute goes; the class method shows through again)."""
         for m in self.modules:
             m.__dict__.pop("forward", None)
-        self._originals = []
         if self._pre_hook is not None:
             self._pre_hook.remove()
             self._pre_hook = None

@@ -23,7 +23,7 @@ from .errors import UserError
 from .guidance import Guidance, NoGuidance, ScaleSchedule, ScaleSpec, make_guidance, parse_negatives
 from .loading import build_generator, build_vae_and_text, load_config, resolve_device, resolve_dtype
 from .model.cache import SelfAttentionCache, TextCache
-from .schedule import FlowSchedule
+from .schedule import FlowSchedule, prediction_of
 from .vae import StreamingDecoder, codec_strides, to_uint8
 
 
@@ -84,9 +84,7 @@ class StreamingGenerator:
         self.device, self.dtype = torch.device(device), dtype
         self.flow = FlowSchedule(float(cfg.sampling.shift), int(cfg.sampling.num_train_timesteps))
         self.steps = self.flow.step_list(list(cfg.sampling.steps), bool(cfg.sampling.warp))
-        self.prediction = str(cfg.sampling.get("prediction", "velocity"))  # what the network outputs
-        if self.prediction not in ("velocity", "x0"):
-            raise UserError(f"sampling.prediction must be velocity or x0, got {self.prediction!r}")
+        self.prediction = prediction_of(cfg)  # what the network outputs
         self.decoder = StreamingDecoder(vae)
         self.temporal_stride, self.spatial_stride, z_dim = codec_strides(vae)
         if z_dim != model.config.in_channels:

@@ -18,6 +18,15 @@ import torch
 MIN_SIGMA = 0.05  # x0-prediction networks: v = (x_t - x0) / sigma, with sigma clamped near the clean end
 
 
+def prediction_of(cfg) -> str:
+    """What a model config's network outputs: "velocity" (Wan, CausVid) or "x0" (the bundled model)."""
+    prediction = str(cfg.sampling.get("prediction", "velocity"))
+    if prediction not in ("velocity", "x0"):
+        from .errors import UserError
+        raise UserError(f"sampling.prediction must be velocity or x0, got {prediction!r}")
+    return prediction
+
+
 def output_to_x0(output: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, prediction: str) -> torch.Tensor:
     """A network's output (v or x0, per its config) -> x0; sigma broadcastable to x_t."""
     return output if prediction == "x0" else x_t - sigma * output

@@ -5,20 +5,16 @@ import pytest
 import torch
 
 from nasa_video.errors import UserError
-from nasa_video.guidance import CFG, NAG, VSF, NoGuidance, TextKV, nag
+from nasa_video.guidance import CFG, NAG, VSF, NoGuidance, nag
 
-from .test_guidance import naive_attention
+from .test_guidance import naive_attention, random_qkv
 
 B, S, L, HEADS, D = 2, 10, 6, 3, 8
 
 
 @pytest.fixture
 def qkv():
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, S, HEADS, D, generator=g, dtype=torch.float64)
-    ks = [torch.randn(B, L, HEADS, D, generator=g, dtype=torch.float64) for _ in range(2)]
-    vs = [torch.randn(B, L, HEADS, D, generator=g, dtype=torch.float64) for _ in range(2)]
-    return q, ks, vs, TextKV(torch.cat(ks, 2), torch.cat(vs, 2), HEADS, (4,))
+    return random_qkv(2, (4,), (B, S, L, HEADS, D))
 
 
 def test_nag_equals_naive_formula(qkv):

@@ -17,13 +17,19 @@ def naive_attention(q, k, v):
     return torch.einsum("bhsl,blhd->bshd", scores.softmax(-1), v)
 
 
+def random_qkv(prompts: int, negative_lengths=None, shape=(B, S, L, HEADS, D)):
+    """q, per-prompt K and V lists, and the head-concatenated TextKV, float64, seed 0."""
+    b, s, l_, heads, d = shape
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, s, heads, d, generator=g, dtype=torch.float64)
+    ks = [torch.randn(b, l_, heads, d, generator=g, dtype=torch.float64) for _ in range(prompts)]
+    vs = [torch.randn(b, l_, heads, d, generator=g, dtype=torch.float64) for _ in range(prompts)]
+    return q, ks, vs, TextKV(torch.cat(ks, 2), torch.cat(vs, 2), heads, negative_lengths)
+
+
 @pytest.fixture
 def qkv():
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, S, HEADS, D, generator=g, dtype=torch.float64)
-    ks = [torch.randn(B, L, HEADS, D, generator=g, dtype=torch.float64) for _ in range(3)]
-    vs = [torch.randn(B, L, HEADS, D, generator=g, dtype=torch.float64) for _ in range(3)]
-    return q, ks, vs, TextKV(torch.cat(ks, 2), torch.cat(vs, 2), HEADS)
+    return random_qkv(3)
 
 
 def test_nasa_equals_naive_formula(qkv):

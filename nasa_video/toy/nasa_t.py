@@ -49,7 +49,10 @@ def train_toy_nasa_t(out: str | Path, smoke: bool = False, weights: str | Path |
         captions = json.loads((out / "cache" / "captions.json").read_text())
     else:
         # a different world seed from the ODE stage's data, same world
-        tc_data = OmegaConf.create({"clip_frames": 11})
+        from ..pipeline import pixel_frames
+
+        frames = pixel_frames(int(model_cfg.video.latent_frames), codec.temporal_stride)
+        tc_data = OmegaConf.create({"clip_frames": frames})
         latents, captions = encode_dataset(codec, tc_data, np.random.default_rng([int(tc.seed), 7]),
                                            int(tc.data.clips), int(model_cfg.video.latent_frames))
         save_file({"latents": latents.contiguous()}, str(data))

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..loading import load_config
 from ..model.cache import TextCache
 from ..model.causal_wan import CausalWanTransformer, teacher_forcing_mask
-from ..schedule import FlowSchedule, output_to_velocity, output_to_x0
+from ..schedule import FlowSchedule, output_to_velocity, output_to_x0, prediction_of
 from .detect import agreement, detect
 from .text import load_toy_text_encoder, new_toy_text_encoder, save_toy_text_encoder
 from .world import render, sample_scene, visibility
@@ -82,10 +82,6 @@ def codec_agreement(vae, rng, videos: int, frames: int) -> float:
         recon = to_uint8(decoder.decode(vae.encode(to_pixels(video)[None])))[0].numpy()
         scores.append(agreement(detect(recon), visibility(scene, labels)))
     return float(np.mean(scores))
-
-
-def prediction_of(model_cfg) -> str:
-    return str(model_cfg.sampling.get("prediction", "velocity"))
 
 
 def new_generator(model_cfg, seed):
@@ -166,8 +162,8 @@ def teacher_trajectories(teacher, text, model_cfg, tc, rng, frames: int, hw: tup
             if i in marks:
                 recorded.append(x.clone())
             t = torch.full((2 * n, frames), s * flow.num_train_timesteps)
-            output = teacher(torch.cat([x, x]), t, layers)
-            v_cond, v_uncond = output_to_velocity(output, torch.cat([x, x]), torch.tensor(s), prediction).chunk(2)
+            both = torch.cat([x, x])
+            v_cond, v_uncond = output_to_velocity(teacher(both, t, layers), both, torch.tensor(s), prediction).chunk(2)
             v = v_uncond + tc.ode.cfg * (v_cond - v_uncond)
             x = x + (s_next - s) * v
         states.append(torch.stack(recorded, 1))
