@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .guidance import NASA, NoGuidance
-from .model.cache import TextCache
+from .model.cache import PromptEmbeddings
 from .model.causal_wan import teacher_forcing_block_mask, teacher_forcing_mask
 from .schedule import FlowSchedule, output_to_velocity, output_to_x0, prediction_of
 
@@ -126,12 +126,6 @@ class DMDTrainer:
                 out.append(str(self.cfg.negatives[int(self.np_rng.integers(len(self.cfg.negatives)))]))
         return out
 
-    def _contexts(self, model, positive, negative=None) -> TextCache:
-        cache = TextCache(model, positive)
-        if negative is not None:
-            cache.set_negatives(["negative"], [1.0], [negative])
-        return cache
-
     def _sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.flow.sigma(t).float()[:, None, :, None, None]
 
@@ -143,9 +137,9 @@ class DMDTrainer:
         t = self.steps[k].to(self.device)
         x_t = self.flow.add_noise(x0_data, self._randn(x0_data.shape), t)
         use_nasa = negative is not None and alpha > 0
-        text = self._contexts(self.generator, positive, negative if use_nasa else None)
+        text = PromptEmbeddings(positive, [negative] if use_nasa else [])
         guidance = NASA() if use_nasa else NoGuidance()
-        out = self.generator(torch.cat([x0_data, x_t], 2), torch.cat([torch.zeros_like(t), t], 1), text.layers,
+        out = self.generator(torch.cat([x0_data, x_t], 2), torch.cat([torch.zeros_like(t), t], 1), text,
                              guidance, [alpha] if use_nasa else (), attn_mask=self.mask,
                              frame_positions=self.positions)[:, :, self.frames:]
         return output_to_x0(out, x_t, self._sigma(t), self.prediction)
@@ -162,13 +156,13 @@ class DMDTrainer:
 
     def real_x0(self, x_t, t, positive, unconditional, kappa: float) -> torch.Tensor:
         """Teacher with CFG, in x0 space (CFG mixes outputs affinely, so x0 or v gives the same)."""
-        text = TextCache(self.teacher, torch.cat([positive, unconditional]))
-        out = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), text.layers)
+        text = PromptEmbeddings(torch.cat([positive, unconditional]))
+        out = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), text)
         cond, uncond = output_to_x0(out, torch.cat([x_t, x_t]), self._sigma(torch.cat([t, t])), self.prediction).chunk(2)
         return uncond + kappa * (cond - uncond)
 
     def fake_x0(self, x_t, t, positive) -> torch.Tensor:
-        out = self.fake(x_t, t, TextCache(self.fake, positive).layers)
+        out = self.fake(x_t, t, PromptEmbeddings(positive))
         return output_to_x0(out, x_t, self._sigma(t), self.prediction)
 
     # ---- one iteration -----------------------------------------------------------------------------------
@@ -215,7 +209,7 @@ class DMDTrainer:
         with torch.no_grad():
             x0 = self.generate(x0_data, positive, student_negative, alpha)
         x_t, t, noise = self._noise_for_score(x0)
-        out = self.fake(x_t, t, TextCache(self.fake, positive).layers)
+        out = self.fake(x_t, t, PromptEmbeddings(positive))
         critic = F.mse_loss(output_to_velocity(out, x_t, self._sigma(t), self.prediction), noise - x0)
         self.opt_f.zero_grad(set_to_none=True)
         critic.backward()

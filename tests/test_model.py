@@ -141,3 +141,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
         out.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_prompt_embeddings_inside_the_forward_equal_the_text_cache(tiny_model, text_cache, contexts):
+    """Training builds the text K/V inside the forward (FSDP needs it there); same output as the cached K/V,
+    with two weighted negatives under NASA."""
+    from nasa_video.model.cache import PromptEmbeddings
+
+    x, t = torch.randn(1, 4, 3, H, W), torch.full((1, 3), 600.0)
+    with torch.no_grad():
+        cached = tiny_model(x, t, text_cache.layers, NASA(), text_cache.alphas(0.8))
+        inside = tiny_model(x, t, PromptEmbeddings(contexts[0], contexts[1:]), NASA(), text_cache.alphas(0.8))
+        plain = tiny_model(x, t, PromptEmbeddings(contexts[0]))
+    torch.testing.assert_close(inside, cached, rtol=0, atol=0)
+    assert (plain - cached).abs().max() > 1e-3  # the negatives matter

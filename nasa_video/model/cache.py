@@ -1,10 +1,30 @@
 """Caches of the streaming generator: self-attention K/V of past frames, and text K/V of the prompts."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..errors import UserError
 from ..guidance import TextKV
+
+
+def merge_text_kv(positive: tuple[torch.Tensor, torch.Tensor], negatives: list[tuple[torch.Tensor, torch.Tensor]],
+                  heads: int, lengths: tuple[int, ...] | None = None) -> TextKV:
+    """One layer's TextKV: the positive's (K, V) and each negative's side by side as extra heads."""
+    k = torch.cat([positive[0]] + [neg[0] for neg in negatives], dim=2)
+    v = torch.cat([positive[1]] + [neg[1] for neg in negatives], dim=2)
+    return TextKV(k, v, heads, tuple(lengths) if lengths and negatives else None)
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text encoder outputs [B, L, text_dim] of the positive prompt and its negatives, handed to the generator's
+    forward instead of a TextCache: the K/V are then built inside the forward (training, FSDP)."""
+
+    positive: torch.Tensor
+    negatives: list[torch.Tensor] = field(default_factory=list)
+    lengths: tuple[int, ...] | None = None
 
 
 class SelfAttentionCache:
@@ -99,11 +119,8 @@ class TextCache:
             return
         negatives = [self.model.text_kv(e) for e in embeddings]
         self.negative_builds += 1
-        self.layers = []
-        for layer, (k_pos, v_pos) in enumerate(self.positive):
-            k = torch.cat([k_pos] + [neg[layer][0] for neg in negatives], dim=2)
-            v = torch.cat([v_pos] + [neg[layer][1] for neg in negatives], dim=2)
-            self.layers.append(TextKV(k, v, heads, tuple(lengths) if lengths else None))
+        self.layers = [merge_text_kv(positive, [neg[layer] for neg in negatives], heads, lengths)
+                       for layer, positive in enumerate(self.positive)]
 
     def alphas(self, scale: float) -> list[float]:
         return [scale * w for w in self.weights]

@@ -9,15 +9,17 @@ original-Wan key converter all apply); only the forward differs:
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 import torch.utils.checkpoint
 from diffusers import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
 from ..attention import attend
 from ..guidance import Guidance, NoGuidance, TextKV
-from .cache import SelfAttentionCache
+from .cache import PromptEmbeddings, SelfAttentionCache, merge_text_kv
 
 _PLAIN = NoGuidance()
 
@@ -100,9 +102,57 @@ def teacher_forcing_mask(num_frames: int, frames_per_block: int, tokens_per_fram
     return visible.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
+class CausalWanBlock(WanTransformerBlock):
+    """diffusers' Wan block (same parameters and keys) with the block-causal, guided forward. Each block's
+    compute is its own forward(), so FSDP's per-block hooks and activation checkpointing wrap it as usual."""
+
+    def text_kv(self, context: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's cross-attention (K, V) [B, L, H, D] of projected text [B, L, D]; norm_k applied."""
+        attn = self.attn2
+        return attn.norm_k(attn.to_k(context)).unflatten(2, (heads, -1)), attn.to_v(context).unflatten(2, (heads, -1))
+
+    def forward(self, x, modulation, cos, sin, text, guidance, alphas, heads, layer, kv_cache, attn_mask):
+        """text: this layer's TextKV, or the projected prompt contexts (positive first) when the K/V are built
+        inside the forward (training)."""
+        if not isinstance(text, TextKV):
+            contexts, lengths = text
+            kvs = [self.text_kv(c, heads) for c in contexts]
+            text = merge_text_kv(kvs[0], kvs[1:], heads, lengths)
+        # Per-frame modulation: each of the six is [B, F, 1, D] and broadcasts over the frame's tokens.
+        shift, scale, gate, c_shift, c_scale, c_gate = (
+            self.scale_shift_table.float().unsqueeze(0) + modulation).unsqueeze(2).unbind(3)
+        dtype, grid = x.dtype, x.shape[:3]
+
+        h = (self.norm1(x.float()) * (1 + scale) + shift).to(dtype)
+        attn = self.attn1
+        h = h.flatten(1, 2)
+        q = apply_rope(attn.norm_q(attn.to_q(h)).unflatten(2, (heads, -1)), cos, sin)
+        k = apply_rope(attn.norm_k(attn.to_k(h)).unflatten(2, (heads, -1)), cos, sin)
+        v = attn.to_v(h).unflatten(2, (heads, -1))
+        if kv_cache is not None:
+            k, v = kv_cache.write(layer, k, v)
+        y = attn.to_out[0](attend(q, k, v, attn_mask).flatten(2)).view(*grid, -1)
+        x = (x.float() + y.float() * gate).to(dtype)
+
+        attn = self.attn2
+        h = self.norm2(x.float()).to(dtype).flatten(1, 2)
+        q = attn.norm_q(attn.to_q(h)).unflatten(2, (heads, -1))
+        y = attn.to_out[0](guidance.cross_attention(q, text, alphas).flatten(2)).view(*grid, -1)
+        x = x + y
+
+        h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).to(dtype)
+        return (x.float() + self.ffn(h).float() * c_gate).to(dtype)
+
+
 class CausalWanTransformer(WanTransformer3DModel):
     """WanTransformer3DModel with a block-causal, cached, guided forward. Load any Wan2.1 layout with
     nasa_video.model.checkpoint.load_generator."""
+
+    @functools.wraps(WanTransformer3DModel.__init__)  # keeps the signature diffusers' config machinery reads
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for block in self.blocks:
+            block.__class__ = CausalWanBlock
 
     @property
     def heads(self) -> int:
@@ -122,17 +172,14 @@ class CausalWanTransformer(WanTransformer3DModel):
 
     def text_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (K, V) [B, L, H, D] of one prompt's encoder output [B, L, text_dim]; norm_k applied."""
-        param = self.patch_embedding.weight
-        ctx = self.condition_embedder.text_embedder(context.to(param.device, param.dtype))
-        out = []
-        for block in self.blocks:
-            attn = block.attn2
-            k = attn.norm_k(attn.to_k(ctx)).unflatten(2, (self.heads, -1))
-            v = attn.to_v(ctx).unflatten(2, (self.heads, -1))
-            out.append((k, v))
-        return out
+        ctx = self._project_text(context)
+        return [block.text_kv(ctx, self.heads) for block in self.blocks]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: Sequence[TextKV], guidance: Guidance | None = None,
+    def _project_text(self, context: torch.Tensor) -> torch.Tensor:
+        param = self.patch_embedding.weight
+        return self.condition_embedder.text_embedder(context.to(param.device, param.dtype))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: Sequence[TextKV] | PromptEmbeddings, guidance: Guidance | None = None,
                 alphas: Sequence[float] = (), start_frame: int = 0, kv_cache: SelfAttentionCache | None = None,
                 attn_mask: torch.Tensor | None = None, frame_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the flow v for latent frames x [B, C, F, H, W] at per-frame timesteps t [B, F].
@@ -141,6 +188,8 @@ class CausalWanTransformer(WanTransformer3DModel):
         attn_mask: the full (teacher-forcing) forward over all frames at once, no cache.
         frame_positions: temporal RoPE position of each frame (default start_frame, start_frame + 1, ...);
         training uses it to put a clean copy and a noisy copy of the same frames side by side.
+        text: per-layer TextKV (a TextCache's layers, built once per video), or PromptEmbeddings, whose K/V are
+        built inside this forward (training: under FSDP a block's weights exist only inside its forward).
         """
         guidance = guidance or _PLAIN
         batch, _, frames, height, width = x.shape
@@ -165,45 +214,21 @@ class CausalWanTransformer(WanTransformer3DModel):
         # Training at full size: recompute each layer in the backward pass instead of keeping its activations
         # (diffusers' enable_gradient_checkpointing() sets the flag).
         checkpointing = getattr(self, "gradient_checkpointing", False) and torch.is_grad_enabled() and kv_cache is None
+        if isinstance(text, PromptEmbeddings):
+            projected = ([self._project_text(c) for c in (text.positive, *text.negatives)], text.lengths)
         for layer, block in enumerate(self.blocks):
-            args = (block, layer, hidden, modulation, cos, sin, text[layer], guidance, alphas, kv_cache, attn_mask)
+            layer_text = projected if isinstance(text, PromptEmbeddings) else text[layer]
+            args = (hidden, modulation, cos, sin, layer_text, guidance, alphas, self.heads, layer, kv_cache, attn_mask)
             if checkpointing:
-                hidden = torch.utils.checkpoint.checkpoint(self._layer, *args, use_reentrant=False)
+                hidden = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
-                hidden = self._layer(*args)
+                hidden = block(*args)
 
         shift, scale = (self.scale_shift_table.float().unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(2).unbind(3)
         hidden = (self.norm_out(hidden.float()) * (1 + scale) + shift).to(dtype)
         out = self.proj_out(hidden)  # [B, F, HW, pt*ph*pw*C]
         out = out.reshape(batch, fp, hp, wp, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.flatten(6, 7).flatten(4, 5).flatten(2, 3)
-
-    def _layer(self, block, layer, x, modulation, cos, sin, text_kv, guidance, alphas, kv_cache, attn_mask):
-        # Per-frame modulation: each of the six is [B, F, 1, D] and broadcasts over the frame's tokens.
-        shift, scale, gate, c_shift, c_scale, c_gate = (
-            block.scale_shift_table.float().unsqueeze(0) + modulation).unsqueeze(2).unbind(3)
-        dtype, grid = x.dtype, x.shape[:3]
-
-        h = (block.norm1(x.float()) * (1 + scale) + shift).to(dtype)
-        attn = block.attn1
-        h = h.flatten(1, 2)
-        q = apply_rope(attn.norm_q(attn.to_q(h)).unflatten(2, (self.heads, -1)), cos, sin)
-        k = apply_rope(attn.norm_k(attn.to_k(h)).unflatten(2, (self.heads, -1)), cos, sin)
-        v = attn.to_v(h).unflatten(2, (self.heads, -1))
-        if kv_cache is not None:
-            k, v = kv_cache.write(layer, k, v)
-        y = attn.to_out[0](attend(q, k, v, attn_mask).flatten(2)).view(*grid, -1)
-        x = (x.float() + y.float() * gate).to(dtype)
-
-        attn = block.attn2
-        h = block.norm2(x.float()).to(dtype).flatten(1, 2)
-        q = attn.norm_q(attn.to_q(h)).unflatten(2, (self.heads, -1))
-        y = attn.to_out[0](guidance.cross_attention(q, text_kv, alphas).flatten(2)).view(*grid, -1)
-        x = x + y
-
-        h = (block.norm3(x.float()) * (1 + c_scale) + c_shift).to(dtype)
-        return (x.float() + block.ffn(h).float() * c_gate).to(dtype)
-
 
 def cast_generator(model: CausalWanTransformer, device, dtype: torch.dtype) -> CausalWanTransformer:
     """Move to device and dtype, keeping diffusers' fp32 modules (norms, modulation, time embedding) in fp32."""
