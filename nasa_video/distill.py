@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .distributed import Distributed, load_sharded, rank_seed, save_sharded, shard_transformer, sharded_checkpoint
 from .errors import UserError
 from .guidance import NASA, NoGuidance
 from .model.cache import PromptEmbeddings
@@ -80,13 +81,17 @@ class DMDTrainer:
     with encode_batch; latents [N, C, F, h, w] and captions: the data the generator input is noised from."""
 
     def __init__(self, generator, teacher, text, model_cfg, cfg: DMDConfig, latents: torch.Tensor,
-                 captions: list[str]):
+                 captions: list[str], dist: Distributed | None = None):
         cfg.check()
-        self.cfg, self.model_cfg = cfg, model_cfg
+        self.cfg, self.model_cfg, self.dist = cfg, model_cfg, dist
         self.generator = generator.train().requires_grad_(True)
         self.teacher = teacher.eval().requires_grad_(False)
         self.fake = copy.deepcopy(teacher).train().requires_grad_(True)
         self.ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.ema else None
+        if dist is not None:  # shard before the optimisers see the parameters
+            for net in (self.generator, self.teacher, self.fake, self.ema):
+                if net is not None:
+                    shard_transformer(net)
         self.text = text
         self.latents, self.captions = latents, captions
         self.flow = FlowSchedule(float(model_cfg.sampling.shift), int(model_cfg.sampling.num_train_timesteps))
@@ -99,8 +104,9 @@ class DMDTrainer:
         self.opt_f = torch.optim.AdamW(self.fake.parameters(), lr=cfg.lr_critic, betas=(0.9, 0.999),
                                        weight_decay=0.01)
         self.device = next(generator.parameters()).device
-        self.torch_rng = torch.Generator().manual_seed(cfg.seed)  # on the CPU: same draws on any device
-        self.np_rng = np.random.default_rng(cfg.seed)
+        seed = rank_seed(cfg.seed, dist.rank if dist else 0)
+        self.torch_rng = torch.Generator().manual_seed(seed)  # on the CPU: same draws on any device
+        self.np_rng = np.random.default_rng(seed)
         self.step = 0
         self.log: list[dict] = []
         _, frames, h, w = latents.shape[1:] if torch.is_tensor(latents) else latents.shape
@@ -236,13 +242,38 @@ class DMDTrainer:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
+        if self.dist is not None:
+            save_sharded(path, self.dist, self._networks(), self._optimizers(),
+                         {"torch_rng": self.torch_rng.get_state().tolist(), "np_rng": self.np_rng.bit_generator.state,
+                          "log": self.log},  # each rank's own losses and draws
+                         {"step": self.step})
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial")
         torch.save(self.state(), tmp)
         os.replace(tmp, path)
         return path
 
+    def _networks(self) -> dict:
+        nets = {"generator": self.generator, "fake": self.fake}
+        return {**nets, "ema": self.ema} if self.ema is not None else nets
+
+    def _optimizers(self) -> dict:
+        return {"opt_g": (self.generator, self.opt_g), "opt_f": (self.fake, self.opt_f)}
+
+    def checkpoint_exists(self, path: str | os.PathLike) -> bool:
+        return (sharded_checkpoint(Path(path)) is not None) if self.dist is not None else Path(path).exists()
+
     def load(self, path: str | os.PathLike) -> None:
+        if self.dist is not None:
+            mine, shared = load_sharded(sharded_checkpoint(Path(path)), self.dist, self._networks(), self._optimizers())
+            self.step, self.log = int(shared["step"]), list(mine["log"])
+            self.torch_rng.set_state(torch.tensor(mine["torch_rng"], dtype=torch.uint8))
+            self.np_rng.bit_generator.state = mine["np_rng"]
+            return
+        if Path(path).is_dir():
+            raise UserError(f"{path} is a sharded (torchrun) checkpoint; resume it under torchrun with the ranks "
+                            f"that wrote it (see its trainer.json)")
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.step = int(state["step"])
         self.generator.load_state_dict(state["generator"])
@@ -261,8 +292,9 @@ class DMDTrainer:
         checkpoint_every steps and at the end. stop_after: return after that many steps this call (tests)."""
         from tqdm import tqdm
 
-        if checkpoint is not None and Path(checkpoint).exists():
+        if checkpoint is not None and self.checkpoint_exists(checkpoint):
             self.load(checkpoint)
+        progress = progress and (self.dist is None or self.dist.is_main)
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="dmd", unit="step", disable=not progress)
         done = 0
         while self.step < self.cfg.steps and (stop_after is None or done < stop_after):
@@ -344,41 +376,52 @@ class LatentFolder:
 
 
 def train_from_config(config: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> dict:
-    """DMD / NASA-T from a training YAML on one device (CUDA: bf16 autocast over fp32 weights, gradient
-    checkpointing when asked). Keys: model, generator (student checkpoint), teacher (real-score weights: a
+    """DMD / NASA-T from a training YAML, on one device or under torchrun (FSDP2 per Wan block, one process per
+    GPU, each rank its own clips and noise). CUDA: bf16 autocast over fp32 weights, a bf16 text encoder, gradient
+    checkpointing when asked. Keys: model, generator (student checkpoint), teacher (real-score weights: a
     checkpoint or a diffusers transformer folder; default: the student's), wan (VAE/text folder for real
     models), data.latents (a LatentFolder), dmd (DMDConfig), gradient_checkpointing."""
     import json
 
     from omegaconf import OmegaConf
 
+    from .distributed import full_state_dict, init_from_env
     from .loading import build_generator, build_vae_and_text, load_config, resolve_device
     from .model.checkpoint import save_generator
 
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UserError("multi-GPU (FSDP) DMD is not in this version: run one process per node-free job "
-                        "(one GPU, gradient_checkpointing: true)")
     tc = OmegaConf.load(config)
     model_cfg = load_config(str(tc.model))
-    device = resolve_device(tc.get("device"))
+    ctx = init_from_env()
+    device = ctx.device if ctx is not None else resolve_device(tc.get("device"))
     data = LatentFolder(tc.data.latents)
     generator = build_generator(model_cfg, device, torch.float32, tc.get("generator"))
     teacher = build_generator(model_cfg, device, torch.float32, tc.get("teacher") or tc.get("generator"))
-    _, text = build_vae_and_text(model_cfg, device, torch.float32, tc.get("wan"))
+    # The text encoder is frozen: bf16 on GPUs (umT5-XXL is 11 GB in fp32, on every rank).
+    _, text = build_vae_and_text(model_cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                 tc.get("wan"))
     cfg = DMDConfig(**OmegaConf.to_container(tc.dmd))
-    trainer = DMDTrainer(generator, teacher, text, model_cfg, cfg, data, [])
+    trainer = DMDTrainer(generator, teacher, text, model_cfg, cfg, data, [], dist=ctx)
     if tc.get("gradient_checkpointing", False):
         trainer.generator.enable_gradient_checkpointing()
         trainer.fake.enable_gradient_checkpointing()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    other = out / ("dmd.ckpt" if ctx is None else "dmd.pt")
+    if other.exists():  # a run is resumed the way it was started: its random streams belong to its ranks
+        raise UserError(f"{out} holds a {'torchrun' if ctx is None else 'one-process'} run ({other.name}): resume it "
+                        f"{'under torchrun with the same --nproc_per_node' if ctx is None else 'without torchrun'}, "
+                        f"or choose another --out")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     with autocast:
-        log = trainer.run(out / "dmd.pt", progress=progress)
+        log = trainer.run(out / ("dmd.pt" if ctx is None else "dmd.ckpt"), progress=progress)
     final = trainer.ema if trainer.ema is not None else trainer.generator
-    save_generator(final.state_dict(), out / "generator.safetensors", "diffusers")
-    save_generator(final.state_dict(), out / "model.pt", "causvid")  # upstream CausVid's layout too
+    weights = full_state_dict(final) if ctx is not None else final.state_dict()  # a collective under torchrun
     summary = {"steps": trainer.step, "critic_loss_last": log[-1]["critic_loss"] if log else None,
-               "nasa_t": cfg.nasa_t, "config": OmegaConf.to_container(tc)}
-    (out / "dmd.json").write_text(json.dumps(summary, indent=2))
+               "nasa_t": cfg.nasa_t, "world_size": ctx.world_size if ctx else 1, "config": OmegaConf.to_container(tc)}
+    if ctx is None or ctx.is_main:
+        save_generator(weights, out / "generator.safetensors", "diffusers")
+        save_generator(weights, out / "model.pt", "causvid")  # upstream CausVid's layout too
+        (out / "dmd.json").write_text(json.dumps(summary, indent=2))
+    if ctx is not None:
+        ctx.barrier()
     return summary

@@ -228,7 +228,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         hidden = (self.norm_out(hidden.float()) * (1 + scale) + shift).to(dtype)
         out = self.proj_out(hidden)  # [B, F, HW, pt*ph*pw*C]
         out = out.reshape(batch, fp, hp, wp, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return out.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        return out.reshape(batch, -1, fp * pt, hp * ph, wp * pw)  # one copy, not a view (FSDP's hooks want that)
 
 def cast_generator(model: CausalWanTransformer, device, dtype: torch.dtype) -> CausalWanTransformer:
     """Move to device and dtype, keeping diffusers' fp32 modules (norms, modulation, time embedding) in fp32."""

@@ -1,0 +1,155 @@
+"""DMD / NASA-T under torchrun with FSDP2, run here as two CPU ranks over gloo on the tiny config."""
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import nasa_video.distill as distill
+
+CAPTIONS = ["a red circle and a blue square", "a green triangle moving left and a small yellow square"]
+CONFIG = dict(steps=4, batch=2, lr_generator=1e-3, lr_critic=1e-3, dfake_gen_update_ratio=2, seed=3, ema=0.9,
+              checkpoint_every=1, nasa_t=True, negatives=["blurry", "noise"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parts():
+    from nasa_video.pipeline import StreamingGenerator
+
+    gen = StreamingGenerator.from_config("tiny", device="cpu", dtype="fp32", attention_backend="sdpa")
+    g = torch.Generator().manual_seed(0)
+    return gen, torch.randn(6, 4, 6, 8, 8, generator=g), [CAPTIONS[i % 2] for i in range(6)]
+
+
+def _trainer(dist=None, checkpointing=False):
+    gen, latents, captions = _parts()
+    trainer = distill.DMDTrainer(copy.deepcopy(gen.model), copy.deepcopy(gen.model), gen.text, gen.cfg,
+                                 distill.DMDConfig(**CONFIG), latents, captions, dist=dist)
+    if checkpointing:
+        trainer.generator.enable_gradient_checkpointing()
+        trainer.fake.enable_gradient_checkpointing()
+    return trainer
+
+
+def _rank(rank, world, port, out, one_seed, checkpoint, stop_after, checkpointing):
+    """One torchrun-like rank: train, then write the gathered networks and this rank's log."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    if one_seed:  # every rank draws rank 0's clips and noise: the run must then equal one process
+        distill.rank_seed = lambda seed, rank: seed
+    from nasa_video.distributed import full_state_dict, init_from_env
+
+    ctx = init_from_env()
+    trainer = _trainer(ctx, checkpointing)
+    log = trainer.run(checkpoint, progress=False, stop_after=stop_after)
+    nets = {name: full_state_dict(getattr(trainer, name)) for name in ("generator", "fake", "ema")}
+    if rank == 0:
+        torch.save(nets, f"{out}/networks.pt")
+    with open(f"{out}/log{rank}.json", "w") as f:
+        json.dump(log, f)
+    torch.distributed.destroy_process_group()
+
+
+def _spawn(out, one_seed=False, checkpoint=None, stop_after=None, checkpointing=False):
+    out.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_rank, args=(2, _free_port(), str(out), one_seed, checkpoint, stop_after, checkpointing), nprocs=2)
+    logs = [json.loads((out / f"log{r}.json").read_text()) for r in range(2)]
+    return torch.load(out / "networks.pt", weights_only=True), logs
+
+
+def _assert_same(a: dict, b: dict, **tol):
+    for name in ("generator", "fake", "ema"):
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            torch.testing.assert_close(a[name][key], b[name][key], **tol, msg=f"{name}.{key}")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_two_fsdp_ranks_on_the_same_draws_equal_one_process(tmp_path):
+    """FSDP shards, all-gathers and averages gradients: two ranks fed the same clips and noise train exactly
+    what one process trains (generator and critic updates, EMA, NASA-T), with gradient checkpointing on."""
+    sharded, logs = _spawn(tmp_path, one_seed=True, checkpointing=True)
+    plain = _trainer()
+    plain_log = plain.run(progress=False)
+    reference = {name: getattr(plain, name).state_dict() for name in ("generator", "fake", "ema")}
+    _assert_same(sharded, reference, rtol=1e-4, atol=1e-4)
+    assert [r["critic_loss"] for r in logs[0]] == pytest.approx([r["critic_loss"] for r in plain_log], rel=1e-4)
+    moved = max((reference["generator"][k] - _trainer().generator.state_dict()[k]).abs().max() for k in reference["generator"])
+    assert moved > 1e-3  # the comparison is over trained weights, not the initial ones
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_ranks_draw_their_own_data_and_a_killed_sharded_run_resumes_exactly(tmp_path):
+    whole, logs = _spawn(tmp_path / "whole")
+    assert [r["alpha"] for r in logs[0]] != [r["alpha"] for r in logs[1]]  # per-rank draws
+    checkpoint = tmp_path / "cut" / "dmd.ckpt"
+    _spawn(tmp_path / "cut", checkpoint=str(checkpoint), stop_after=3)  # "killed" after 3 of 4 steps
+    assert json.loads((checkpoint / "trainer.json").read_text())["step"] == 3
+    resumed, resumed_logs = _spawn(tmp_path / "cut", checkpoint=str(checkpoint))
+    _assert_same(resumed, whole, rtol=0, atol=0)
+    assert resumed_logs == logs
+    assert sorted(p.name for p in checkpoint.parent.iterdir() if p.name.startswith("dmd")) == ["dmd.ckpt"]
+
+
+def test_a_sharded_checkpoint_is_not_resumed_by_one_process(tmp_path):
+    (tmp_path / "dmd.ckpt").mkdir()
+    with pytest.raises(distill.UserError, match="under torchrun"):
+        _trainer().load(tmp_path / "dmd.ckpt")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_torchrun_train_dmd_command_end_to_end(tmp_path):
+    """What a cluster user runs, on two CPU ranks: writes loadable student weights once, and resumes."""
+    from safetensors.torch import save_file
+
+    from nasa_video.loading import build_generator, load_config
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        save_file({"latents": torch.randn(4, 6, 8, 8, generator=g)}, str(clips / f"{i}.safetensors"),
+                  metadata={"caption": CAPTIONS[i % 2]})
+    config = tmp_path / "dmd.yaml"
+    config.write_text(f"""model: tiny
+data: {{latents: {clips}}}
+gradient_checkpointing: true
+dmd: {{steps: 2, batch: 1, lr_generator: 1.0e-3, lr_critic: 1.0e-3, dfake_gen_update_ratio: 2,
+      checkpoint_every: 1, nasa_t: true, negatives: [blurry, noise], ema: 0.9}}
+""")
+    run_dir = tmp_path / "run"
+
+    def torchrun():
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(_free_port()), "-m", "nasa_video.cli", "train", "dmd",
+                               "--config", str(config), "--out", str(run_dir)],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    result = torchrun()
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "dmd.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2 and np.isfinite(summary["critic_loss_last"])
+    for name in ("generator.safetensors", "model.pt"):
+        model = build_generator(load_config("tiny"), "cpu", torch.float32, str(run_dir / name))  # strict load
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    config.write_text(config.read_text().replace("steps: 2", "steps: 3"))
+    result = torchrun()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "dmd.json").read_text())["steps"] == 3
+    # the same folder without torchrun is refused with the way to resume it
+    from nasa_video.cli import main
+
+    assert main(["train", "dmd", "--config", str(config), "--out", str(run_dir)]) != 0
