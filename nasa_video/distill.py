@@ -308,6 +308,12 @@ class DMDTrainer:
         return self.log
 
 
+def training_state_gib(parameters: int, ema: bool, ranks: int) -> float:
+    """Per-GPU memory of the training state under FSDP: generator and fake score in fp32 with gradients and
+    AdamW's two moments (16 bytes a parameter), the frozen teacher and the EMA in fp32 (4 each), all sharded."""
+    return round((2 * 16 + 4 + (4 if ema else 0)) * parameters / ranks / 2**30, 1)
+
+
 def dry_run(train_config: str | os.PathLike, batch: int = 1) -> dict:
     """Build the real-size generator, teacher and fake score on the meta device (no weights, no memory) and
     run one generator forward, the DMD scores and the critic forward to check every shape."""
@@ -345,7 +351,12 @@ def dry_run(train_config: str | os.PathLike, batch: int = 1) -> dict:
     for name, shape in shapes.items():
         if name.endswith("x0") and shape != shapes["latents"]:
             raise UserError(f"dry run: {name} has shape {shape}, expected {shapes['latents']}")
-    return {"model": str(tc.model), "parameters_per_network": parameter_count(config), "shapes": shapes,
+    parameters = parameter_count(config)
+    state = {f"{n} GPU{'s' if n > 1 else ''}": training_state_gib(parameters, bool(cfg.ema), n) for n in (1, 8, 64)}
+    return {"model": str(tc.model), "parameters_per_network": parameters, "shapes": shapes,
+            "training_state_gib_per_gpu": state,
+            "not_counted": "activations (with gradient checkpointing: each layer's input and one layer's "
+                           "internals), the bf16 text encoder, one Wan block's all-gathered weights",
             "attention_mask": "flex-attention BlockMask on CUDA (dense on meta for this check)",
             "nasa_t": cfg.nasa_t}
 
@@ -396,7 +407,7 @@ def train_from_config(config: str | os.PathLike, out: str | os.PathLike, progres
     data = LatentFolder(tc.data.latents)
     generator = build_generator(model_cfg, device, torch.float32, tc.get("generator"))
     teacher = build_generator(model_cfg, device, torch.float32, tc.get("teacher") or tc.get("generator"))
-    # The text encoder is frozen: bf16 on GPUs (umT5-XXL is 11 GB in fp32, on every rank).
+    # The text encoder is frozen: bf16 on GPUs (umT5-XXL's encoder, 5.7 B parameters, is 23 GB in fp32; every rank holds one).
     _, text = build_vae_and_text(model_cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
                                  tc.get("wan"))
     cfg = DMDConfig(**OmegaConf.to_container(tc.dmd))

@@ -103,6 +103,10 @@ def test_real_model_nasa_t_config_dry_run_on_meta():
     assert report["shapes"]["generator_x0"] == [1, 16, 21, 60, 104] == report["shapes"]["real_x0"]
     assert report["shapes"]["teacher_forcing_tokens"] == 2 * 21 * 1560
     assert 1.2e9 < report["parameters_per_network"] < 1.5e9 and report["nasa_t"]
+    # 40 bytes a parameter (two trained networks with AdamW, teacher, EMA), sharded over the ranks
+    state = report["training_state_gib_per_gpu"]
+    assert state["1 GPU"] == pytest.approx(40 * report["parameters_per_network"] / 2**30, abs=0.1)
+    assert state["8 GPUs"] == pytest.approx(state["1 GPU"] / 8, abs=0.1)
 
 
 BUNDLED = __import__("pathlib").Path(__file__).parents[1] / "nasa_video" / "toy" / "weights" / "teacher.safetensors"
@@ -171,3 +175,15 @@ dmd: {{steps: 3, batch: 2, lr_generator: 1.0e-3, lr_critic: 1.0e-3, dfake_gen_up
     config.write_text(config.read_text().replace("steps: 3", "steps: 4"))
     assert main(["train", "dmd", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
     assert json.loads((tmp_path / "run" / "dmd.json").read_text())["steps"] == 4
+
+
+def test_gpu_check_script_runs_on_the_tiny_config():
+    """scripts/dmd_gpu_check.py (seconds and memory at full size on GPUs) runs its own CPU check here."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "scripts/dmd_gpu_check.py", "--model", "tiny", "--device", "cpu",
+                             "--iterations", "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout[result.stdout.index("{\n"):])
+    assert report["losses_finite"] and report["teacher_forcing_tokens"] == 2 * 6 * 16

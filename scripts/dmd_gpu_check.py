@@ -1,0 +1,95 @@
+"""DMD / NASA-T at full size on GPUs, without weights: seconds per iteration and peak memory.
+
+Random-initialised networks of the real config (the numbers depend on shapes, not on weight values), a stand-in
+text encoder with umT5's output shape, random latent clips of the real size; the trainer, masks, gradient
+checkpointing, autocast and (under torchrun) FSDP are the real ones.
+
+    python scripts/dmd_gpu_check.py                                          # one GPU
+    torchrun --nproc_per_node 8 scripts/dmd_gpu_check.py                     # FSDP over 8 GPUs
+    python scripts/dmd_gpu_check.py --model tiny --device cpu --iterations 2  # the CPU check the tests run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import zlib
+
+import torch
+from omegaconf import OmegaConf
+
+from nasa_video.distill import DMDConfig, DMDTrainer
+from nasa_video.distributed import init_from_env
+from nasa_video.loading import load_config
+from nasa_video.model.causal_wan import CausalWanTransformer
+
+
+class StandInText:
+    """umT5's output shape [B, text_len, text_dim]; a fixed random embedding per prompt."""
+
+    def __init__(self, length: int, dim: int, device):
+        self.length, self.dim, self.device = length, dim, device
+
+    def encode_batch(self, prompts):
+        rows = [torch.randn(self.length, self.dim, generator=torch.Generator().manual_seed(zlib.crc32(p.encode())))
+                for p in prompts]
+        return torch.stack(rows).to(self.device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-config", default="configs/causvid_nasa_t_train.yaml")
+    parser.add_argument("--model", help="override the training config's model (tiny: the CPU check)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--iterations", type=int, default=6, help="6 = five critic-only and one generator update")
+    args = parser.parse_args()
+
+    tc = OmegaConf.load(args.train_config)
+    model_cfg = load_config(args.model or str(tc.model))
+    ctx = init_from_env()
+    device = ctx.device if ctx is not None else torch.device(args.device)
+    config = OmegaConf.to_container(model_cfg.generator, resolve=True)
+    config["patch_size"] = tuple(config["patch_size"])
+    torch.manual_seed(0)
+    generator = CausalWanTransformer(**config).to(device)
+    teacher = CausalWanTransformer(**config).to(device)
+    stride = model_cfg.video.vae_stride
+    latents = torch.randn(4, config["in_channels"], int(model_cfg.video.latent_frames),
+                          int(model_cfg.video.height) // stride[1], int(model_cfg.video.width) // stride[2])
+    text = StandInText(int(model_cfg.weights.get("text_max_length", 512)), config["text_dim"], device)
+    cfg = DMDConfig(**{**OmegaConf.to_container(tc.dmd), "steps": args.iterations, "batch": 1})
+    trainer = DMDTrainer(generator, teacher, text, model_cfg, cfg, latents, ["a prompt"] * 4, dist=ctx)
+    trainer.generator.enable_gradient_checkpointing()
+    trainer.fake.enable_gradient_checkpointing()
+
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    seconds = []
+    with autocast:
+        for _ in range(args.iterations):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            record = trainer.train_step()
+            if cuda:
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+            if ctx is None or ctx.is_main:
+                print(json.dumps({**record, "seconds": round(seconds[-1], 3)}), flush=True)
+    report = {
+        "model": args.model or str(tc.model), "ranks": ctx.world_size if ctx else 1, "latents": list(latents.shape[1:]),
+        "teacher_forcing_tokens": trainer.mask_tokens, "flex_mask": not isinstance(trainer.mask, torch.Tensor),
+        "seconds_generator_iteration": round(seconds[0], 3),  # step 0 updates the generator (and compiles)
+        "seconds_critic_iteration": round(sum(seconds[1:]) / max(len(seconds) - 1, 1), 3),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "losses_finite": all(torch.isfinite(torch.tensor(v)).item() for r in trainer.log for k, v in r.items()
+                             if k.endswith("loss")),
+    }
+    if ctx is None or ctx.is_main:
+        print(json.dumps(report, indent=2))
+    if ctx is not None:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
