@@ -362,10 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     train = sub.add_parser("train", help="train a model")
-    train.add_argument("what", choices=["toy", "toy-nasa-t", "dmd"],
+    train.add_argument("what", choices=["toy", "toy-nasa-t", "ode-pairs", "ode", "dmd"],
                        help="toy: the bundled shapes-world model, on this CPU; toy-nasa-t: its NASA-T (DMD) variant; "
-                            "dmd: DMD / NASA-T from a training config (--config, --dry-run)")
-    train.add_argument("--config", default=None, help="dmd: a training YAML (e.g. configs/causvid_nasa_t_train.yaml)")
+                            "ode-pairs: teacher ODE trajectories for --prompts; ode: ODE-regression initialisation; "
+                            "dmd: DMD / NASA-T (each from a training --config; dmd also --dry-run)")
+    train.add_argument("--config", default=None, help="a training YAML (e.g. configs/causvid_nasa_t_train.yaml)")
+    train.add_argument("--prompts", default=None, help="ode-pairs: a prompt file (one per line, or a JSON list)")
     train.add_argument("--dry-run", action="store_true", help="dmd: build at full size on the meta device, check shapes")
     train.add_argument("--out", default="toy-training", help="training folder (stages resume from it)")
     train.add_argument("--seed", type=int, default=None)
@@ -412,16 +414,24 @@ def main(argv: list[str] | None = None) -> int:
             run_upstream(args.which, args.upstream_args, args.negative, args.scale, args.guidance, args.repo)
             return 0
         if args.command == "train":
-            if args.what == "dmd":
-                from .distill import dry_run
+            if args.what in ("ode-pairs", "ode", "dmd"):
+                from .distill import dry_run, make_ode_pairs, train_from_config
                 if not args.config:
-                    raise UserError("train dmd needs --config (e.g. configs/causvid_nasa_t_train.yaml)")
+                    raise UserError(f"train {args.what} needs --config (configs/causvid_ode_train.yaml for ode-pairs "
+                                    f"and ode, configs/causvid_nasa_t_train.yaml for dmd)")
+                out = args.out if args.out != "toy-training" else f"{args.what}-training"
+                if args.what == "ode-pairs":
+                    from .evaluate import read_prompts
+                    if not args.prompts:
+                        raise UserError("train ode-pairs needs --prompts FILE (one prompt per line)")
+                    print(f"wrote {make_ode_pairs(args.config, read_prompts(args.prompts), out)} trajectories to {out}")
+                    return 0
                 if args.dry_run:
+                    if args.what != "dmd":
+                        raise UserError("--dry-run is for train dmd")
                     print(json.dumps(dry_run(args.config), indent=2))
                     return 0
-                from .distill import train_from_config
-                out = args.out if args.out != "toy-training" else "dmd-training"
-                print(f"wrote {out}: {json.dumps(train_from_config(args.config, out))}")
+                print(f"wrote {out}: {json.dumps(train_from_config(args.config, out, stage=args.what))}")
                 return 0
             if args.what == "toy-nasa-t":
                 from .toy.nasa_t import export_nasa_t, train_toy_nasa_t

@@ -76,47 +76,153 @@ def dmd_gradient(x0: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor)
     return torch.nan_to_num((fake_x0 - real_x0) / normaliser)
 
 
-class DMDTrainer:
-    """generator: the block-causal student; teacher: the frozen real score (bidirectional); text: TextEncoder
-    with encode_batch; latents [N, C, F, h, w] and captions: the data the generator input is noised from."""
+class Trainer:
+    """What DMD and ODE regression share: random streams seeded per rank, FSDP sharding under torchrun, the
+    teacher-forcing mask, atomic resumable checkpoints (sharded under torchrun) and the run loop. A subclass
+    sets its networks and optimisers and defines train_step."""
 
-    def __init__(self, generator, teacher, text, model_cfg, cfg: DMDConfig, latents: torch.Tensor,
-                 captions: list[str], dist: Distributed | None = None):
-        cfg.check()
-        self.cfg, self.model_cfg, self.dist = cfg, model_cfg, dist
-        self.generator = generator.train().requires_grad_(True)
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.fake = copy.deepcopy(teacher).train().requires_grad_(True)
-        self.ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.ema else None
-        if dist is not None:  # shard before the optimisers see the parameters
-            for net in (self.generator, self.teacher, self.fake, self.ema):
-                if net is not None:
-                    shard_transformer(net)
-        self.text = text
-        self.latents, self.captions = latents, captions
+    desc = "train"
+
+    def _setup(self, cfg, model_cfg, dist, device, frames: int, tokens_per_frame: int) -> None:
+        self.cfg, self.model_cfg, self.dist, self.device = cfg, model_cfg, dist, device
         self.flow = FlowSchedule(float(model_cfg.sampling.shift), int(model_cfg.sampling.num_train_timesteps))
         self.prediction = prediction_of(model_cfg)
         self.steps = torch.tensor(self.flow.step_list(list(model_cfg.sampling.steps), bool(model_cfg.sampling.warp)),
                                   dtype=torch.float32)
         self.fpb = int(model_cfg.video.frames_per_block)
-        self.opt_g = torch.optim.AdamW(self.generator.parameters(), lr=cfg.lr_generator, betas=(0.9, 0.999),
-                                       weight_decay=0.01)
-        self.opt_f = torch.optim.AdamW(self.fake.parameters(), lr=cfg.lr_critic, betas=(0.9, 0.999),
-                                       weight_decay=0.01)
-        self.device = next(generator.parameters()).device
         seed = rank_seed(cfg.seed, dist.rank if dist else 0)
         self.torch_rng = torch.Generator().manual_seed(seed)  # on the CPU: same draws on any device
         self.np_rng = np.random.default_rng(seed)
         self.step = 0
         self.log: list[dict] = []
-        _, frames, h, w = latents.shape[1:] if torch.is_tensor(latents) else latents.shape
         self.frames = frames
-        tpf = generator.tokens_per_frame(h, w)
-        flex = cfg.flex_mask if cfg.flex_mask is not None else (self.device.type == "cuda" and 2 * frames * tpf > 16384)
-        self.mask_tokens = 2 * frames * tpf
-        self.mask = (teacher_forcing_block_mask(frames, self.fpb, tpf, self.device, compile=self.device.type == "cuda")
-                     if flex else teacher_forcing_mask(frames, self.fpb, tpf, device=self.device))
+        flex = cfg.flex_mask if cfg.flex_mask is not None else (device.type == "cuda" and 2 * frames * tokens_per_frame > 16384)
+        self.mask_tokens = 2 * frames * tokens_per_frame
+        self.mask = (teacher_forcing_block_mask(frames, self.fpb, tokens_per_frame, device, compile=device.type == "cuda")
+                     if flex else teacher_forcing_mask(frames, self.fpb, tokens_per_frame, device=device))
         self.positions = torch.cat([torch.arange(frames), torch.arange(frames)])
+
+    def _shard(self, *networks) -> None:
+        if self.dist is not None:  # before the optimisers see the parameters
+            for net in networks:
+                if net is not None:
+                    shard_transformer(net)
+
+    def _networks(self) -> dict:
+        raise NotImplementedError
+
+    def _optimizers(self) -> dict:
+        """{name: (network, optimiser)}"""
+        raise NotImplementedError
+
+    def train_step(self) -> dict:
+        raise NotImplementedError
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        state = {name: net.state_dict() for name, net in self._networks().items()}
+        state.update({name: opt.state_dict() for name, (_, opt) in self._optimizers().items()})
+        return {**state, "step": self.step, "torch_rng": self.torch_rng.get_state(),
+                "np_rng": self.np_rng.bit_generator.state, "log": self.log}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        if self.dist is not None:
+            save_sharded(path, self.dist, self._networks(), self._optimizers(),
+                         {"torch_rng": self.torch_rng.get_state().tolist(), "np_rng": self.np_rng.bit_generator.state,
+                          "log": self.log},  # each rank's own losses and draws
+                         {"step": self.step})
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def checkpoint_exists(self, path: str | os.PathLike) -> bool:
+        return (sharded_checkpoint(Path(path)) is not None) if self.dist is not None else Path(path).exists()
+
+    def load(self, path: str | os.PathLike) -> None:
+        if self.dist is not None:
+            mine, shared = load_sharded(sharded_checkpoint(Path(path)), self.dist, self._networks(), self._optimizers())
+            self.step, self.log = int(shared["step"]), list(mine["log"])
+            self.torch_rng.set_state(torch.tensor(mine["torch_rng"], dtype=torch.uint8))
+            self.np_rng.bit_generator.state = mine["np_rng"]
+            return
+        if Path(path).is_dir():
+            raise UserError(f"{path} is a sharded (torchrun) checkpoint; resume it under torchrun with the ranks "
+                            f"that wrote it (see its trainer.json)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for name, net in self._networks().items():
+            net.load_state_dict(state[name])
+        for name, (_, opt) in self._optimizers().items():
+            opt.load_state_dict(state[name])
+        self.step = int(state["step"])
+        self.torch_rng.set_state(state["torch_rng"])
+        self.np_rng.bit_generator.state = state["np_rng"]
+        self.log = list(state["log"])
+
+    def run(self, checkpoint: str | os.PathLike | None = None, progress: bool = True,
+            stop_after: int | None = None) -> list[dict]:
+        """Train to cfg.steps, resuming from `checkpoint` if it exists and saving to it every
+        checkpoint_every steps and at the end. stop_after: return after that many steps this call (tests)."""
+        from tqdm import tqdm
+
+        if checkpoint is not None and self.checkpoint_exists(checkpoint):
+            self.load(checkpoint)
+        progress = progress and (self.dist is None or self.dist.is_main)
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.desc, unit="step", disable=not progress)
+        done = 0
+        while self.step < self.cfg.steps and (stop_after is None or done < stop_after):
+            record = self.train_step()
+            done += 1
+            bar.update(1)
+            bar.set_postfix({k: round(v, 4) for k, v in record.items() if k.endswith("loss")})
+            if checkpoint is not None and (self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps):
+                self.save(checkpoint)
+        bar.close()
+        return self.log
+
+    # ---- data --------------------------------------------------------------------------------------------
+    def _batch(self):
+        """cfg.batch clips (and their captions), drawn with this rank's random stream."""
+        idx = torch.randint(len(self.data), (self.cfg.batch,), generator=self.torch_rng).tolist()
+        if hasattr(self.data, "batch"):  # a clip folder: read from disk, captions with the clips
+            tensors, captions = self.data.batch(idx)
+        else:
+            tensors, captions = self.data[torch.tensor(idx)], [self.captions[i] for i in idx]
+        return tensors.to(self.device), captions
+
+
+class DMDTrainer(Trainer):
+    """generator: the block-causal student; teacher: the frozen real score (bidirectional); text: TextEncoder
+    with encode_batch; latents [N, C, F, h, w] and captions: the data the generator input is noised from."""
+
+    desc = "dmd"
+
+    def __init__(self, generator, teacher, text, model_cfg, cfg: DMDConfig, latents: torch.Tensor,
+                 captions: list[str], dist: Distributed | None = None):
+        cfg.check()
+        self.generator = generator.train().requires_grad_(True)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.fake = copy.deepcopy(teacher).train().requires_grad_(True)
+        self.ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.ema else None
+        _, frames, h, w = latents.shape[1:] if torch.is_tensor(latents) else latents.shape
+        self._setup(cfg, model_cfg, dist, next(generator.parameters()).device, frames, generator.tokens_per_frame(h, w))
+        self._shard(self.generator, self.teacher, self.fake, self.ema)
+        self.text = text
+        self.data, self.captions = latents, captions
+        self.opt_g = torch.optim.AdamW(self.generator.parameters(), lr=cfg.lr_generator, betas=(0.9, 0.999),
+                                       weight_decay=0.01)
+        self.opt_f = torch.optim.AdamW(self.fake.parameters(), lr=cfg.lr_critic, betas=(0.9, 0.999),
+                                       weight_decay=0.01)
+
+    def _networks(self) -> dict:
+        nets = {"generator": self.generator, "fake": self.fake}
+        return {**nets, "ema": self.ema} if self.ema is not None else nets
+
+    def _optimizers(self) -> dict:
+        return {"opt_g": (self.generator, self.opt_g), "opt_f": (self.fake, self.opt_f)}
 
     # ---- pieces ------------------------------------------------------------------------------------------
     def _randn(self, shape) -> torch.Tensor:
@@ -172,14 +278,6 @@ class DMDTrainer:
         return output_to_x0(out, x_t, self._sigma(t), self.prediction)
 
     # ---- one iteration -----------------------------------------------------------------------------------
-    def _batch(self):
-        idx = torch.randint(len(self.latents), (self.cfg.batch,), generator=self.torch_rng)
-        if hasattr(self.latents, "batch"):  # a LatentFolder: read from disk, captions with the clips
-            latents, captions = self.latents.batch(idx.tolist())
-            return latents.to(self.device), captions
-        captions = [self.captions[i] for i in idx.tolist()]
-        return self.latents[idx].to(self.device), captions
-
     def train_step(self) -> dict:
         cfg = self.cfg
         x0_data, captions = self._batch()
@@ -226,86 +324,102 @@ class DMDTrainer:
         self.log.append(record)
         return record
 
-    # ---- checkpoints -------------------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {
-            "step": self.step,
-            "generator": self.generator.state_dict(),
-            "fake": self.fake.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else {},
-            "opt_g": self.opt_g.state_dict(),
-            "opt_f": self.opt_f.state_dict(),
-            "torch_rng": self.torch_rng.get_state(),
-            "np_rng": self.np_rng.bit_generator.state,
-            "log": self.log,
-        }
+# ---- ODE regression: CausVid's first stage -----------------------------------------------------------------
+@dataclass
+class ODEConfig:
+    steps: int = 3000
+    batch: int = 1
+    lr: float = 2e-6                  # AdamW, as the DMD stage
+    grad_clip: float = 10.0
+    checkpoint_every: int = 100
+    seed: int = 0
+    flex_mask: bool | None = None     # as DMDConfig.flex_mask
 
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        if self.dist is not None:
-            save_sharded(path, self.dist, self._networks(), self._optimizers(),
-                         {"torch_rng": self.torch_rng.get_state().tolist(), "np_rng": self.np_rng.bit_generator.state,
-                          "log": self.log},  # each rank's own losses and draws
-                         {"step": self.step})
-            return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        torch.save(self.state(), tmp)
-        os.replace(tmp, path)
-        return path
+
+def sigma_path(flow: FlowSchedule, student_steps, steps_per_segment) -> tuple[list[float], list[int]]:
+    """Euler sigmas from the first student step to 0 that pass through every student sigma; returns
+    (path, index of each student sigma in it)."""
+    anchors = [float(flow.sigma(torch.tensor([float(t)]))) for t in student_steps] + [0.0]
+    path, marks = [], []
+    for (a, b), n in zip(zip(anchors[:-1], anchors[1:]), steps_per_segment):
+        marks.append(len(path))
+        path += list(np.linspace(a, b, n + 1)[:-1])
+    return path + [0.0], marks
+
+
+@torch.no_grad()
+def teacher_ode_trajectory(teacher, positive, unconditional, noise, flow: FlowSchedule, student_steps,
+                           steps_per_segment, guidance_scale: float, prediction: str) -> torch.Tensor:
+    """The teacher's probability-flow ODE with CFG (Euler), from noise [B, C, F, h, w] at the first student
+    step to x0: the states at every student step and the end, [B, S + 1, C, F, h, w]."""
+    path, marks = sigma_path(flow, student_steps, steps_per_segment)
+    text = PromptEmbeddings(torch.cat([positive, unconditional]))
+    x, recorded, b = noise, [], noise.shape[0]
+    for i, (s, s_next) in enumerate(zip(path[:-1], path[1:])):
+        if i in marks:
+            recorded.append(x.clone())
+        t = torch.full((2 * b, x.shape[2]), s * flow.num_train_timesteps, device=x.device)
+        both = torch.cat([x, x])
+        cond, uncond = output_to_velocity(teacher(both, t, text), both, torch.tensor(s), prediction).float().chunk(2)
+        x = x + (s_next - s) * (uncond + guidance_scale * (cond - uncond))
+    return torch.stack(recorded + [x], 1)
+
+
+def ode_regression_loss(student, text, trajectory, k, student_steps, flow: FlowSchedule, prediction: str,
+                        mask, positions, frames_per_block: int) -> torch.Tensor:
+    """MSE between the student's x0 and the trajectory's end, every block at its own student step k [B, blocks]
+    (its state on the teacher's trajectory), the clean end frames beside it as context (teacher forcing)."""
+    states, x0 = trajectory[:, :-1], trajectory[:, -1]
+    _, _, c, f, h, w = states.shape
+    k_frames = k.repeat_interleave(frames_per_block, 1).to(states.device)
+    x_t = torch.gather(states, 1, k_frames[:, None, None, :, None, None].expand(-1, 1, c, -1, h, w)).squeeze(1)
+    t = student_steps.to(states.device)[k_frames]
+    out = student(torch.cat([x0, x_t], 2), torch.cat([torch.zeros_like(t), t], 1), text, attn_mask=mask,
+                  frame_positions=positions)[:, :, f:]
+    return F.mse_loss(output_to_x0(out, x_t, flow.sigma(t).float()[:, None, :, None, None], prediction), x0)
+
+
+class ODETrainer(Trainer):
+    """Regress the block-causal student onto teacher ODE trajectories (CausVid starts it from the bidirectional
+    teacher's weights). trajectories: a ClipFolder of "trajectory" tensors [S + 1, C, F, h, w] (the states at the
+    student steps, then x0) with captions, or a tensor [N, S + 1, C, F, h, w] beside a caption list."""
+
+    desc = "ode"
+
+    def __init__(self, student, text, model_cfg, cfg: ODEConfig, trajectories, captions: list[str] | None = None,
+                 dist: Distributed | None = None):
+        self.generator = student.train().requires_grad_(True)
+        shape = trajectories.shape[1:] if torch.is_tensor(trajectories) else trajectories.shape
+        steps, _, frames, h, w = shape
+        self._setup(cfg, model_cfg, dist, next(student.parameters()).device, frames, student.tokens_per_frame(h, w))
+        if steps != len(self.steps) + 1:
+            raise UserError(f"the trajectories hold {steps} states; {model_cfg.description!r} needs "
+                            f"{len(self.steps) + 1} (one per student step, then x0)")
+        self._shard(self.generator)
+        self.text, self.data, self.captions = text, trajectories, captions or []
+        self.opt_g = torch.optim.AdamW(self.generator.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.01)
 
     def _networks(self) -> dict:
-        nets = {"generator": self.generator, "fake": self.fake}
-        return {**nets, "ema": self.ema} if self.ema is not None else nets
+        return {"generator": self.generator}
 
     def _optimizers(self) -> dict:
-        return {"opt_g": (self.generator, self.opt_g), "opt_f": (self.fake, self.opt_f)}
+        return {"opt_g": (self.generator, self.opt_g)}
 
-    def checkpoint_exists(self, path: str | os.PathLike) -> bool:
-        return (sharded_checkpoint(Path(path)) is not None) if self.dist is not None else Path(path).exists()
-
-    def load(self, path: str | os.PathLike) -> None:
-        if self.dist is not None:
-            mine, shared = load_sharded(sharded_checkpoint(Path(path)), self.dist, self._networks(), self._optimizers())
-            self.step, self.log = int(shared["step"]), list(mine["log"])
-            self.torch_rng.set_state(torch.tensor(mine["torch_rng"], dtype=torch.uint8))
-            self.np_rng.bit_generator.state = mine["np_rng"]
-            return
-        if Path(path).is_dir():
-            raise UserError(f"{path} is a sharded (torchrun) checkpoint; resume it under torchrun with the ranks "
-                            f"that wrote it (see its trainer.json)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.step = int(state["step"])
-        self.generator.load_state_dict(state["generator"])
-        self.fake.load_state_dict(state["fake"])
-        if self.ema is not None and state["ema"]:
-            self.ema.load_state_dict(state["ema"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_f.load_state_dict(state["opt_f"])
-        self.torch_rng.set_state(state["torch_rng"])
-        self.np_rng.bit_generator.state = state["np_rng"]
-        self.log = list(state["log"])
-
-    def run(self, checkpoint: str | os.PathLike | None = None, progress: bool = True,
-            stop_after: int | None = None) -> list[dict]:
-        """Train to cfg.steps, resuming from `checkpoint` if it exists and saving to it every
-        checkpoint_every steps and at the end. stop_after: return after that many steps this call (tests)."""
-        from tqdm import tqdm
-
-        if checkpoint is not None and self.checkpoint_exists(checkpoint):
-            self.load(checkpoint)
-        progress = progress and (self.dist is None or self.dist.is_main)
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="dmd", unit="step", disable=not progress)
-        done = 0
-        while self.step < self.cfg.steps and (stop_after is None or done < stop_after):
-            record = self.train_step()
-            done += 1
-            bar.update(1)
-            bar.set_postfix({k: round(v, 4) for k, v in record.items() if k.endswith("loss")})
-            if checkpoint is not None and (self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps):
-                self.save(checkpoint)
-        bar.close()
-        return self.log
+    def train_step(self) -> dict:
+        trajectory, captions = self._batch()
+        k = torch.randint(len(self.steps), (trajectory.shape[0], self.frames // self.fpb), generator=self.torch_rng)
+        with torch.no_grad():
+            text = PromptEmbeddings(self.text.encode_batch(captions))
+        loss = ode_regression_loss(self.generator, text, trajectory, k, self.steps, self.flow, self.prediction,
+                                   self.mask, self.positions, self.fpb)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.cfg.grad_clip)
+        self.opt_g.step()
+        record = {"step": self.step, "ode_loss": float(loss.detach())}
+        self.step += 1
+        self.log.append(record)
+        return record
 
 
 def training_state_gib(parameters: int, ema: bool, ranks: int) -> float:
@@ -361,22 +475,24 @@ def dry_run(train_config: str | os.PathLike, batch: int = 1) -> dict:
             "nasa_t": cfg.nasa_t}
 
 
-class LatentFolder:
-    """Training clips as one safetensors file each: tensor "latents" [C, F, h, w] (the generator's standardised
-    latents) and the caption in the file's metadata {"caption": ...}. Read lazily, a batch at a time."""
+class ClipFolder:
+    """Training clips as one safetensors file each: one tensor (DMD: "latents" [C, F, h, w], the generator's
+    standardised latents; ODE: "trajectory" [S + 1, C, F, h, w]) and the caption in the file's metadata
+    {"caption": ...}. Read lazily, a batch at a time."""
 
-    def __init__(self, folder: str | os.PathLike):
-        self.files = sorted(Path(folder).glob("*.safetensors"))
+    def __init__(self, folder: str | os.PathLike, tensor: str = "latents"):
+        self.files, self.tensor = sorted(Path(folder).glob("*.safetensors")), tensor
         if not self.files:
-            raise UserError(f"no *.safetensors clips in {folder} (each: tensor 'latents' [C, F, h, w], "
-                            f"metadata {{'caption': ...}})")
+            raise UserError(f"no *.safetensors clips in {folder} (each: tensor {tensor!r}, metadata {{'caption': ...}})")
         self.shape = self._read(0)[0].shape
 
     def _read(self, i: int):
         from safetensors import safe_open
 
         with safe_open(str(self.files[i]), "pt") as f:
-            return f.get_tensor("latents").float(), (f.metadata() or {}).get("caption", "")
+            if self.tensor not in f.keys():
+                raise UserError(f"{self.files[i]} has no tensor {self.tensor!r} (has {sorted(f.keys())})")
+            return f.get_tensor(self.tensor).float(), (f.metadata() or {}).get("caption", "")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -386,53 +502,135 @@ class LatentFolder:
         return torch.stack([x for x, _ in items]), [c for _, c in items]
 
 
-def train_from_config(config: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> dict:
-    """DMD / NASA-T from a training YAML, on one device or under torchrun (FSDP2 per Wan block, one process per
-    GPU, each rank its own clips and noise). CUDA: bf16 autocast over fp32 weights, a bf16 text encoder, gradient
-    checkpointing when asked. Keys: model, generator (student checkpoint), teacher (real-score weights: a
-    checkpoint or a diffusers transformer folder; default: the student's), wan (VAE/text folder for real
-    models), data.latents (a LatentFolder), dmd (DMDConfig), gradient_checkpointing."""
-    import json
-
+def _training_setup(config):
+    """(training config, model config, torchrun context or None, device)."""
     from omegaconf import OmegaConf
 
-    from .distributed import full_state_dict, init_from_env
-    from .loading import build_generator, build_vae_and_text, load_config, resolve_device
-    from .model.checkpoint import save_generator
+    from .distributed import init_from_env
+    from .loading import load_config, resolve_device
 
     tc = OmegaConf.load(config)
     model_cfg = load_config(str(tc.model))
     ctx = init_from_env()
-    device = ctx.device if ctx is not None else resolve_device(tc.get("device"))
-    data = LatentFolder(tc.data.latents)
+    return tc, model_cfg, ctx, ctx.device if ctx is not None else resolve_device(tc.get("device"))
+
+
+def _frozen_text(model_cfg, device, wan):
+    from .loading import build_vae_and_text
+
+    # Frozen: bf16 on GPUs (umT5-XXL's encoder, 5.7 B parameters, is 23 GB in fp32; every rank holds one).
+    return build_vae_and_text(model_cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32, wan)[1]
+
+
+def _autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def train_from_config(config: str | os.PathLike, out: str | os.PathLike, progress: bool = True,
+                      stage: str = "dmd") -> dict:
+    """A training stage from a YAML, on one device or under torchrun (FSDP2 per Wan block, one process per
+    GPU, each rank its own clips and noise). CUDA: bf16 autocast over fp32 weights, a bf16 text encoder, gradient
+    checkpointing when asked. stage: dmd or ode. Keys: model, generator (student checkpoint, or for the ODE
+    stage the teacher's weights it starts from), teacher (real-score weights: a checkpoint or a
+    diffusers transformer folder; default: the student's), wan (VAE/text folder for real models), data.latents
+    (DMD: a ClipFolder of latents) or data.trajectories (ODE: a ClipFolder written by `train ode-pairs`),
+    dmd (DMDConfig) or ode (ODEConfig), gradient_checkpointing."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from .distributed import full_state_dict
+    from .loading import build_generator
+    from .model.checkpoint import save_generator
+
+    if stage not in ("dmd", "ode"):
+        raise UserError(f"stage must be dmd or ode, not {stage!r}")
+    tc, model_cfg, ctx, device = _training_setup(config)
+    if stage not in tc:
+        raise UserError(f"{config} has no {stage}: section; is it the other stage's config?")
     generator = build_generator(model_cfg, device, torch.float32, tc.get("generator"))
-    teacher = build_generator(model_cfg, device, torch.float32, tc.get("teacher") or tc.get("generator"))
-    # The text encoder is frozen: bf16 on GPUs (umT5-XXL's encoder, 5.7 B parameters, is 23 GB in fp32; every rank holds one).
-    _, text = build_vae_and_text(model_cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                 tc.get("wan"))
-    cfg = DMDConfig(**OmegaConf.to_container(tc.dmd))
-    trainer = DMDTrainer(generator, teacher, text, model_cfg, cfg, data, [], dist=ctx)
+    text = _frozen_text(model_cfg, device, tc.get("wan"))
+    if stage == "dmd":
+        teacher = build_generator(model_cfg, device, torch.float32, tc.get("teacher") or tc.get("generator"))
+        trainer = DMDTrainer(generator, teacher, text, model_cfg, DMDConfig(**OmegaConf.to_container(tc.dmd)),
+                             ClipFolder(tc.data.latents), [], dist=ctx)
+    else:
+        trainer = ODETrainer(generator, text, model_cfg, ODEConfig(**OmegaConf.to_container(tc.ode)),
+                             ClipFolder(tc.data.trajectories, "trajectory"), dist=ctx)
     if tc.get("gradient_checkpointing", False):
-        trainer.generator.enable_gradient_checkpointing()
-        trainer.fake.enable_gradient_checkpointing()
+        for net in (trainer.generator, getattr(trainer, "fake", None)):
+            if net is not None:
+                net.enable_gradient_checkpointing()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    other = out / ("dmd.ckpt" if ctx is None else "dmd.pt")
-    if other.exists():  # a run is resumed the way it was started: its random streams belong to its ranks
-        raise UserError(f"{out} holds a {'torchrun' if ctx is None else 'one-process'} run ({other.name}): resume it "
+    mine, other = (f"{stage}.pt", f"{stage}.ckpt") if ctx is None else (f"{stage}.ckpt", f"{stage}.pt")
+    if (out / other).exists():  # a run is resumed the way it was started: its random streams belong to its ranks
+        raise UserError(f"{out} holds a {'torchrun' if ctx is None else 'one-process'} run ({other}): resume it "
                         f"{'under torchrun with the same --nproc_per_node' if ctx is None else 'without torchrun'}, "
                         f"or choose another --out")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    with autocast:
-        log = trainer.run(out / ("dmd.pt" if ctx is None else "dmd.ckpt"), progress=progress)
-    final = trainer.ema if trainer.ema is not None else trainer.generator
+    with _autocast(device):
+        log = trainer.run(out / mine, progress=progress)
+    final = trainer.ema if getattr(trainer, "ema", None) is not None else trainer.generator
     weights = full_state_dict(final) if ctx is not None else final.state_dict()  # a collective under torchrun
-    summary = {"steps": trainer.step, "critic_loss_last": log[-1]["critic_loss"] if log else None,
-               "nasa_t": cfg.nasa_t, "world_size": ctx.world_size if ctx else 1, "config": OmegaConf.to_container(tc)}
+    last = {k: v for k, v in (log[-1] if log else {}).items() if k.endswith("loss")}
+    summary = {"stage": stage, "steps": trainer.step, **{f"{k}_last": v for k, v in last.items()},
+               "nasa_t": bool(getattr(trainer.cfg, "nasa_t", False)), "world_size": ctx.world_size if ctx else 1,
+               "config": OmegaConf.to_container(tc)}
     if ctx is None or ctx.is_main:
         save_generator(weights, out / "generator.safetensors", "diffusers")
         save_generator(weights, out / "model.pt", "causvid")  # upstream CausVid's layout too
-        (out / "dmd.json").write_text(json.dumps(summary, indent=2))
+        (out / f"{stage}.json").write_text(json.dumps(summary, indent=2))
     if ctx is not None:
         ctx.barrier()
     return summary
+
+
+def make_ode_pairs(config: str | os.PathLike, prompts: list[str], out: str | os.PathLike,
+                   progress: bool = True) -> int:
+    """Teacher ODE trajectories for the ODE stage, one file per prompt (<index>.safetensors: "trajectory"
+    [S + 1, C, F, h, w], the caption in its metadata). The noise of prompt i is seeded by (seed, i), so the
+    files do not depend on how the work is split: under torchrun each rank takes every world_size-th prompt
+    (no process group needed). Written atomically; existing files are kept, so a killed run resumes.
+    Keys of the YAML: model, teacher, wan, device, ode_pairs {steps_per_segment, guidance_scale, seed,
+    unconditional}. Returns how many files this rank wrote."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from .evaluate import rank_and_world
+    from .loading import build_generator, load_config, resolve_device
+
+    tc = OmegaConf.load(config)
+    model_cfg = load_config(str(tc.model))
+    rank, world = rank_and_world()
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
+              else resolve_device(tc.get("device")))
+    spec = tc.ode_pairs
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(len(prompts)) if i % world == rank and not (out / f"{i:06d}.safetensors").exists()]
+    if not todo:
+        return 0
+    teacher = build_generator(model_cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                              tc.get("teacher"))
+    text = _frozen_text(model_cfg, device, tc.get("wan"))
+    flow = FlowSchedule(float(model_cfg.sampling.shift), int(model_cfg.sampling.num_train_timesteps))
+    student_steps = flow.step_list(list(model_cfg.sampling.steps), bool(model_cfg.sampling.warp))
+    if len(spec.steps_per_segment) != len(student_steps):
+        raise UserError(f"ode_pairs.steps_per_segment needs one count per student step ({len(student_steps)})")
+    stride = model_cfg.video.vae_stride
+    shape = (1, teacher.config.in_channels, int(model_cfg.video.latent_frames),
+             int(model_cfg.video.height) // stride[1], int(model_cfg.video.width) // stride[2])
+    with torch.no_grad():
+        unconditional = text.encode_batch([str(spec.get("unconditional", ""))])
+    for i in tqdm(todo, desc=f"ode pairs (rank {rank})", unit="clip", disable=not progress):
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(int(spec.get("seed", 0)) * 1_000_003 + i))
+        with torch.no_grad(), _autocast(device):
+            trajectory = teacher_ode_trajectory(teacher, text.encode_batch([prompts[i]]), unconditional,
+                                                noise.to(device), flow, student_steps, list(spec.steps_per_segment),
+                                                float(spec.guidance_scale), prediction_of(model_cfg))
+        path = out / f"{i:06d}.safetensors"
+        tmp = path.with_name(f".{path.name}.partial")
+        save_file({"trajectory": trajectory[0].float().cpu().contiguous()}, str(tmp), metadata={"caption": prompts[i]})
+        os.replace(tmp, path)
+    return len(todo)

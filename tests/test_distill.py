@@ -187,3 +187,100 @@ def test_gpu_check_script_runs_on_the_tiny_config():
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout[result.stdout.index("{\n"):])
     assert report["losses_finite"] and report["teacher_forcing_tokens"] == 2 * 6 * 16
+
+
+# ---- ODE regression (CausVid's first stage) ------------------------------------------------------------------
+def _ode_config(tmp_path, steps=3):
+    config = tmp_path / "ode.yaml"
+    config.write_text(f"""model: tiny
+device: cpu
+data: {{trajectories: {tmp_path / 'pairs'}}}
+ode_pairs: {{steps_per_segment: [2, 2, 2], guidance_scale: 3.0, seed: 0}}
+ode: {{steps: {steps}, batch: 2, lr: 1.0e-3, checkpoint_every: 1}}
+""")
+    return config
+
+
+def test_teacher_trajectory_starts_at_the_noise_and_passes_every_student_step(parts):
+    from nasa_video.distill import sigma_path, teacher_ode_trajectory
+    from nasa_video.schedule import FlowSchedule
+
+    gen = parts[0]
+    flow = FlowSchedule(8.0)
+    path, marks = sigma_path(flow, [1000, 757, 522], [3, 2, 2])
+    assert len(path) == 8 and marks == [0, 3, 5] and path[-1] == 0.0
+    assert [path[m] for m in marks] == pytest.approx([float(flow.sigma(torch.tensor([t]))) for t in (1000, 757, 522)])
+    noise = torch.randn(2, 4, 6, 8, 8, generator=torch.Generator().manual_seed(1))
+    ctx = gen.text.encode_batch(CAPTIONS)
+    trajectory = teacher_ode_trajectory(gen.model, ctx, gen.text.encode_batch(["", ""]), noise, flow,
+                                        [1000, 757, 522], [3, 2, 2], 3.0, "flow")
+    assert trajectory.shape == (2, 4, 4, 6, 8, 8)
+    torch.testing.assert_close(trajectory[:, 0], noise)  # sigma(1000) = 1: the first state is the noise
+    assert all((trajectory[:, i + 1] - trajectory[:, i]).abs().mean() > 1e-3 for i in range(3))
+
+
+def test_ode_regression_fits_teacher_trajectories(parts):
+    """A few steps on four trajectories lower the regression loss (the student learns the teacher's ODE map)."""
+    from nasa_video.distill import ODEConfig, ODETrainer, teacher_ode_trajectory
+    from nasa_video.schedule import FlowSchedule
+
+    gen = parts[0]
+    noise = torch.randn(4, 4, 6, 8, 8, generator=torch.Generator().manual_seed(2))
+    captions = [CAPTIONS[i % 2] for i in range(4)]
+    trajectories = teacher_ode_trajectory(gen.model, gen.text.encode_batch(captions), gen.text.encode_batch([""] * 4),
+                                          noise, FlowSchedule(8.0), [1000, 757, 522], [2, 2, 2], 3.0, "flow")
+    trainer = ODETrainer(copy.deepcopy(gen.model), gen.text, gen.cfg,
+                         ODEConfig(steps=40, batch=4, lr=2e-3, seed=0), trajectories, captions)
+    log = trainer.run(progress=False)
+    first, last = np.mean([r["ode_loss"] for r in log[:5]]), np.mean([r["ode_loss"] for r in log[-5:]])
+    assert last < 0.7 * first, (first, last)
+    with pytest.raises(UserError, match="needs 4"):
+        ODETrainer(copy.deepcopy(gen.model), gen.text, gen.cfg, ODEConfig(), trajectories[:, 1:], captions)
+
+
+def test_ode_pairs_then_ode_stage_from_the_command_line(tmp_path, monkeypatch):
+    """`train ode-pairs` split over two ranks writes the same files as one rank and resumes; `train ode` trains on
+    them and writes a student that loads strictly; a DMD config is refused by the ODE command."""
+    from safetensors.torch import load_file
+
+    from nasa_video.cli import main
+    from nasa_video.loading import build_generator, load_config
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(CAPTIONS + ["a blue circle", "a red triangle moving right"]) + "\n")
+    config = _ode_config(tmp_path)
+    for rank in (0, 1):  # what torchrun's environment gives each rank (no process group needed)
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(["train", "ode-pairs", "--config", str(config), "--prompts", str(prompts),
+                     "--out", str(tmp_path / "pairs")]) == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    files = sorted((tmp_path / "pairs").glob("*.safetensors"))
+    assert [f.name for f in files] == [f"{i:06d}.safetensors" for i in range(4)]
+    assert main(["train", "ode-pairs", "--config", str(config), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "one")]) == 0
+    for f in files:  # the noise of a prompt depends on its index only
+        torch.testing.assert_close(load_file(str(f))["trajectory"], load_file(str(tmp_path / "one" / f.name))["trajectory"])
+    assert load_file(str(files[0]))["trajectory"].shape == (4, 4, 6, 8, 8)
+
+    assert main(["train", "ode", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "ode.json").read_text())
+    assert summary["steps"] == 3 and np.isfinite(summary["ode_loss_last"])
+    build_generator(load_config("tiny"), "cpu", torch.float32, str(tmp_path / "run" / "model.pt"))  # strict
+    config.write_text(config.read_text().replace("steps: 3", "steps: 4"))
+    assert main(["train", "ode", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "ode.json").read_text())["steps"] == 4
+    assert main(["train", "dmd", "--config", str(config), "--out", str(tmp_path / "run")]) != 0  # no dmd: section
+
+
+def test_real_model_ode_config_fits_the_causvid_student():
+    from omegaconf import OmegaConf
+
+    from nasa_video.distill import ODEConfig
+    from nasa_video.loading import load_config
+
+    tc = OmegaConf.load("configs/causvid_ode_train.yaml")
+    assert ODEConfig(**OmegaConf.to_container(tc.ode)).lr == 2e-6
+    student_steps = list(load_config(str(tc.model)).sampling.steps)
+    assert len(tc.ode_pairs.steps_per_segment) == len(student_steps) == 3

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from ..distill import ode_regression_loss, teacher_ode_trajectory
 from ..loading import load_config
-from ..model.cache import TextCache
+from ..model.cache import PromptEmbeddings, TextCache
 from ..model.causal_wan import CausalWanTransformer, teacher_forcing_mask
-from ..schedule import FlowSchedule, output_to_velocity, output_to_x0, prediction_of
+from ..schedule import FlowSchedule, output_to_velocity, prediction_of
 from .detect import agreement, detect
 from .text import load_toy_text_encoder, new_toy_text_encoder, save_toy_text_encoder
 from .world import render, sample_scene, visibility
@@ -131,58 +132,34 @@ def train_teacher(model_cfg, tc, latents, captions, text, rng, log):
     return ema
 
 
-def sigma_path(flow: FlowSchedule, student_steps, steps_per_segment) -> tuple[list[float], list[int]]:
-    """Euler sigmas from 1 to 0 that pass through every student sigma; returns (path, index of each)."""
-    anchors = [float(flow.sigma(torch.tensor([t]))) for t in student_steps] + [0.0]
-    path, marks = [], []
-    for (a, b), n in zip(zip(anchors[:-1], anchors[1:]), steps_per_segment):
-        marks.append(len(path))
-        path += list(np.linspace(a, b, n + 1)[:-1])
-    return path + [0.0], marks
-
-
 @torch.no_grad()
 def teacher_trajectories(teacher, text, model_cfg, tc, rng, frames: int, hw: tuple[int, int]):
     """x at each student timestep and the final x0, sampled by the teacher with CFG (Euler)."""
     flow = FlowSchedule(float(model_cfg.sampling.shift))
-    path, marks = sigma_path(flow, list(model_cfg.sampling.steps), list(tc.ode.steps_per_segment))
     gen = torch.Generator().manual_seed(tc.seed + 5)
     empty = text.encode_batch([""])
-    states, finals, captions = [], [], []
-    prediction = prediction_of(model_cfg)
-    channels = teacher.config.in_channels
+    trajectories, captions = [], []
     for start in tqdm(range(0, tc.ode.trajectories, tc.ode.batch), desc="trajectories", unit="batch"):
         n = min(tc.ode.batch, tc.ode.trajectories - start)
         prompts = [sample_scene(rng, tc.clip_frames).caption for _ in range(n)]
-        ctx = torch.cat([text.encode_batch(prompts), empty.expand(n, -1, -1)])
-        layers = TextCache(teacher, ctx).layers
-        x = torch.randn(n, channels, frames, *hw, generator=gen)
-        recorded = []
-        for i, (s, s_next) in enumerate(zip(path[:-1], path[1:])):
-            if i in marks:
-                recorded.append(x.clone())
-            t = torch.full((2 * n, frames), s * flow.num_train_timesteps)
-            both = torch.cat([x, x])
-            v_cond, v_uncond = output_to_velocity(teacher(both, t, layers), both, torch.tensor(s), prediction).chunk(2)
-            v = v_uncond + tc.ode.cfg * (v_cond - v_uncond)
-            x = x + (s_next - s) * v
-        states.append(torch.stack(recorded, 1))
-        finals.append(x)
+        noise = torch.randn(n, teacher.config.in_channels, frames, *hw, generator=gen)
+        trajectories.append(teacher_ode_trajectory(
+            teacher, text.encode_batch(prompts), empty.expand(n, -1, -1), noise, flow, list(model_cfg.sampling.steps),
+            list(tc.ode.steps_per_segment), float(tc.ode.cfg), prediction_of(model_cfg)))
         captions += prompts
-    return torch.cat(states), torch.cat(finals), captions
+    trajectories = torch.cat(trajectories)
+    return trajectories[:, :-1], trajectories[:, -1], captions
 
 
 def train_student(teacher, text, model_cfg, tc, states, finals, captions, log):
-    """ODE regression: each block at a random student step, the clean context beside it (teacher forcing)."""
+    """ODE regression (nasa_video.distill.ode_regression_loss) with this world's warm-up schedule."""
     flow = FlowSchedule(float(model_cfg.sampling.shift))
     steps = torch.tensor(list(model_cfg.sampling.steps), dtype=torch.float32)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=tc.student.lr, weight_decay=0.01)
     fpb = int(model_cfg.video.frames_per_block)
     _, _, _, frames, h, w = states.shape
-    blocks = frames // fpb
-    tpf = student.tokens_per_frame(h, w)
-    mask = teacher_forcing_mask(frames, fpb, tpf)
+    mask = teacher_forcing_mask(frames, fpb, student.tokens_per_frame(h, w))
     positions = torch.cat([torch.arange(frames), torch.arange(frames)])
     gen = torch.Generator().manual_seed(tc.seed + 7)
     losses = []
@@ -191,19 +168,10 @@ def train_student(teacher, text, model_cfg, tc, states, finals, captions, log):
     for step in tqdm(range(tc.student.steps), desc="student", unit="step"):
         set_lr(opt, lr_at(step, tc.student.steps, tc.student.lr, tc.student.warmup))
         idx = torch.randint(len(states), (tc.student.batch,), generator=gen)
-        k = torch.randint(len(steps), (len(idx), blocks), generator=gen)
-        k_frames = k.repeat_interleave(fpb, 1)  # [B, F]
-        x_noisy = torch.gather(states[idx], 1, k_frames[:, None, None, :, None, None].expand(
-            -1, 1, states.shape[2], -1, h, w)).squeeze(1)
-        x0 = finals[idx]
-        t_noisy = steps[k_frames]
-        x_in = torch.cat([x0, x_noisy], 2)
-        t_in = torch.cat([torch.zeros_like(t_noisy), t_noisy], 1)
-        layers = TextCache(student, contexts[idx]).layers
-        v = student(x_in, t_in, layers, attn_mask=mask, frame_positions=positions)[:, :, frames:]
-        x0_pred = output_to_x0(v, x_noisy, flow.sigma(t_noisy).float()[:, None, :, None, None],
-                               prediction_of(model_cfg))
-        loss = F.mse_loss(x0_pred, x0)
+        k = torch.randint(len(steps), (len(idx), frames // fpb), generator=gen)
+        trajectory = torch.cat([states[idx], finals[idx][:, None]], 1)
+        loss = ode_regression_loss(student, PromptEmbeddings(contexts[idx]), trajectory, k, steps, flow,
+                                   prediction_of(model_cfg), mask, positions, fpb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
