@@ -1,6 +1,10 @@
-"""DMD distillation for block-causal few-step students, with NASA-T (arXiv 2412.02687) as a switch.
+"""Distillation of block-causal few-step students, CausVid's two stages, with NASA-T (arXiv 2412.02687).
 
-One iteration (CausVid's recipe, arXiv 2412.07772, on a flow-matching teacher):
+ODE regression (the first stage): the teacher's CFG ODE trajectories through the student's steps
+(teacher_ode_trajectory); the student, started from the teacher's weights, regresses every block at a random
+student step onto the trajectory's end (ode_regression_loss, ODETrainer).
+
+DMD (the second stage, DMDTrainer), one iteration in CausVid's recipe (arXiv 2412.07772), flow-matching teacher:
   generator input  each block of a data clip noised to a random student timestep (CausVid trains without
                    backward simulation); the student predicts every block's x0 in one teacher-forcing
                    forward (clean context beside the noisy blocks, the same mask the ODE stage uses).
@@ -13,8 +17,9 @@ NASA-T: the real score's CFG uses a sampled negative prompt as its unconditional
 and the student runs NASA with the same negative and alpha ~ U(0, alpha_max) per iteration. Without
 NASA-T the unconditional branch is the empty prompt and kappa the fixed real_guidance_scale.
 
-Checkpoints hold both networks, both optimisers, the EMA, the step and every random state, written
-atomically; a killed run resumes to the same parameters as an uninterrupted one.
+Checkpoints hold the networks, their optimisers, the EMA, the step and every random state, written
+atomically; a killed run resumes to the same parameters as an uninterrupted one. Under torchrun the networks
+are sharded with FSDP2 and the checkpoints with torch.distributed.checkpoint (nasa_video.distributed).
 """
 from __future__ import annotations
 
