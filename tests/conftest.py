@@ -37,3 +37,15 @@ def text_cache(tiny_model, contexts):
 def tiny_generator():
     from nasa_video.pipeline import StreamingGenerator
     return StreamingGenerator.from_config("tiny", device="cpu", dtype="fp32", attention_backend="sdpa")
+
+
+def write_latent_clips(folder, captions, count=4, shape=(4, 6, 8, 8)):
+    """A ClipFolder for the DMD command on the tiny config: random latents, captions in the metadata."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(count):
+        save_file({"latents": torch.randn(*shape, generator=g)}, str(folder / f"{i}.safetensors"),
+                  metadata={"caption": captions[i % len(captions)]})
+    return folder

@@ -9,6 +9,8 @@ import torch
 from nasa_video.distill import DMDConfig, DMDTrainer, dmd_gradient, sample_nasa_t
 from nasa_video.errors import UserError
 
+from .conftest import write_latent_clips
+
 CAPTIONS = ["a red circle and a blue square", "a green triangle moving left and a small yellow square"]
 
 
@@ -145,17 +147,10 @@ def test_flex_block_mask_training_forward_equals_the_dense_mask(parts):
 def test_train_dmd_from_a_config_on_a_latent_folder(tmp_path):
     """The real-model command path (`nasa-video train dmd --config`) on the tiny config: clips from a latent
     folder, NASA-T, gradient checkpointing, checkpoints; writes diffusers and CausVid layouts that load back."""
-    from safetensors.torch import save_file
-
     from nasa_video.cli import main
     from nasa_video.loading import build_generator, load_config
 
-    clips = tmp_path / "clips"
-    clips.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(4):
-        save_file({"latents": torch.randn(4, 6, 8, 8, generator=g)}, str(clips / f"{i}.safetensors"),
-                  metadata={"caption": CAPTIONS[i % 2]})
+    clips = write_latent_clips(tmp_path / "clips", CAPTIONS)
     config = tmp_path / "dmd.yaml"
     config.write_text(f"""model: tiny
 device: cpu

@@ -13,6 +13,8 @@ import torch.multiprocessing as mp
 
 import nasa_video.distill as distill
 
+from .conftest import write_latent_clips
+
 CAPTIONS = ["a red circle and a blue square", "a green triangle moving left and a small yellow square"]
 CONFIG = dict(steps=4, batch=2, lr_generator=1e-3, lr_critic=1e-3, dfake_gen_update_ratio=2, seed=3, ema=0.9,
               checkpoint_every=1, nasa_t=True, negatives=["blurry", "noise"])
@@ -112,16 +114,9 @@ def test_a_sharded_checkpoint_is_not_resumed_by_one_process(tmp_path):
 @pytest.mark.filterwarnings("ignore")
 def test_torchrun_train_dmd_command_end_to_end(tmp_path):
     """What a cluster user runs, on two CPU ranks: writes loadable student weights once, and resumes."""
-    from safetensors.torch import save_file
-
     from nasa_video.loading import build_generator, load_config
 
-    clips = tmp_path / "clips"
-    clips.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(4):
-        save_file({"latents": torch.randn(4, 6, 8, 8, generator=g)}, str(clips / f"{i}.safetensors"),
-                  metadata={"caption": CAPTIONS[i % 2]})
+    clips = write_latent_clips(tmp_path / "clips", CAPTIONS)
     config = tmp_path / "dmd.yaml"
     config.write_text(f"""model: tiny
 data: {{latents: {clips}}}
