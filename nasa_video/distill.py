@@ -68,6 +68,24 @@ class DMDConfig:
             raise UserError("need 0 <= kappa_min <= kappa_max and alpha_max >= 0")
         if self.dfake_gen_update_ratio < 1:
             raise UserError("dfake_gen_update_ratio must be at least 1")
+        _check_run_lengths(self)
+
+
+def _check_run_lengths(cfg) -> None:
+    if cfg.batch < 1 or cfg.checkpoint_every < 1 or cfg.steps < 0:
+        raise UserError(f"need batch >= 1, checkpoint_every >= 1 and steps >= 0 (got {cfg.batch}, "
+                        f"{cfg.checkpoint_every}, {cfg.steps})")
+
+
+def settings_from(cls, values, section: str):
+    """A DMDConfig / ODEConfig from a YAML section, unknown keys named."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values or {}) - known)
+    if unknown:
+        raise UserError(f"unknown key(s) {unknown} in {section}:; known: {sorted(known)}")
+    return cls(**(values or {}))
 
 
 def sample_nasa_t(rng: np.random.Generator, cfg: DMDConfig) -> tuple[float, float]:
@@ -95,6 +113,8 @@ class Trainer:
         self.steps = torch.tensor(self.flow.step_list(list(model_cfg.sampling.steps), bool(model_cfg.sampling.warp)),
                                   dtype=torch.float32)
         self.fpb = int(model_cfg.video.frames_per_block)
+        if frames % self.fpb:
+            raise UserError(f"the clips have {frames} latent frames, not a whole number of {self.fpb}-frame blocks")
         seed = rank_seed(cfg.seed, dist.rank if dist else 0)
         self.torch_rng = torch.Generator().manual_seed(seed)  # on the CPU: same draws on any device
         self.np_rng = np.random.default_rng(seed)
@@ -145,11 +165,16 @@ class Trainer:
         return path
 
     def checkpoint_exists(self, path: str | os.PathLike) -> bool:
-        return (sharded_checkpoint(Path(path)) is not None) if self.dist is not None else Path(path).exists()
+        if self.dist is None:
+            return Path(path).exists()
+        return self.dist.from_main(sharded_checkpoint(Path(path)) is not None)
 
     def load(self, path: str | os.PathLike) -> None:
         if self.dist is not None:
-            mine, shared = load_sharded(sharded_checkpoint(Path(path)), self.dist, self._networks(), self._optimizers())
+            found = self.dist.from_main(str(sharded_checkpoint(Path(path)) or ""))
+            if not found:
+                raise UserError(f"no complete sharded checkpoint at {path}")
+            mine, shared = load_sharded(Path(found), self.dist, self._networks(), self._optimizers())
             self.step, self.log = int(shared["step"]), list(mine["log"])
             self.torch_rng.set_state(torch.tensor(mine["torch_rng"], dtype=torch.uint8))
             self.np_rng.bit_generator.state = mine["np_rng"]
@@ -340,26 +365,49 @@ class ODEConfig:
     seed: int = 0
     flex_mask: bool | None = None     # as DMDConfig.flex_mask
 
+    def check(self) -> None:
+        _check_run_lengths(self)
+        if self.lr <= 0 or self.grad_clip <= 0:
+            raise UserError("ode: lr and grad_clip must be positive")
 
-def sigma_path(flow: FlowSchedule, student_steps, steps_per_segment) -> tuple[list[float], list[int]]:
+
+def sigma_path(flow: FlowSchedule, student_steps, steps_per_segment, spacing: str = "sigma") -> tuple[list[float], list[int]]:
     """Euler sigmas from the first student step to 0 that pass through every student sigma; returns
-    (path, index of each student sigma in it)."""
+    (path, index of each student sigma in it). Within a segment the steps are even in sigma, or with
+    spacing="shifted" even before the shift, as the teacher's own shifted sampler spaces them (with the counts
+    that sampler spends per segment, the path is its grid through the student's sigmas)."""
+    counts = list(steps_per_segment)
+    if len(counts) != len(student_steps) or any(int(n) != n or n < 1 for n in counts):
+        raise UserError(f"steps_per_segment needs one whole number >= 1 per student step ({len(student_steps)}), "
+                        f"got {counts}")
+    if spacing not in ("sigma", "shifted"):
+        raise UserError(f"spacing must be sigma or shifted, not {spacing!r}")
     anchors = [float(flow.sigma(torch.tensor([float(t)]))) for t in student_steps] + [0.0]
+    if any(a <= b for a, b in zip(anchors[:-1], anchors[1:])):
+        raise UserError(f"the student steps {list(student_steps)} must have decreasing sigmas above 0")
+    shift = flow.shift
+    unshift = lambda sigma: sigma / (shift - (shift - 1) * sigma)  # noqa: E731  (inverse of the shift)
+    reshift = lambda u: shift * u / (1 + (shift - 1) * u)  # noqa: E731
     path, marks = [], []
-    for (a, b), n in zip(zip(anchors[:-1], anchors[1:]), steps_per_segment):
+    for (a, b), n in zip(zip(anchors[:-1], anchors[1:]), counts):
         marks.append(len(path))
-        path += list(np.linspace(a, b, n + 1)[:-1])
-    return path + [0.0], marks
+        if spacing == "sigma":
+            path += list(np.linspace(a, b, int(n) + 1)[:-1])
+        else:
+            path += [a] + [reshift(u) for u in np.linspace(unshift(a), unshift(b), int(n) + 1)[1:-1]]
+    return [float(x) for x in path] + [0.0], marks
 
 
 @torch.no_grad()
 def teacher_ode_trajectory(teacher, positive, unconditional, noise, flow: FlowSchedule, student_steps,
-                           steps_per_segment, guidance_scale: float, prediction: str) -> torch.Tensor:
+                           steps_per_segment, guidance_scale: float, prediction: str,
+                           spacing: str = "sigma") -> torch.Tensor:
     """The teacher's probability-flow ODE with CFG (Euler), from noise [B, C, F, h, w] at the first student
-    step to x0: the states at every student step and the end, [B, S + 1, C, F, h, w]."""
-    path, marks = sigma_path(flow, student_steps, steps_per_segment)
-    text = PromptEmbeddings(torch.cat([positive, unconditional]))
+    step to x0: the states at every student step and the end, [B, S + 1, C, F, h, w]. positive [B, L, D];
+    unconditional [B or 1, L, D]."""
+    path, marks = sigma_path(flow, student_steps, steps_per_segment, spacing)
     x, recorded, b = noise, [], noise.shape[0]
+    text = PromptEmbeddings(torch.cat([positive, unconditional.expand(b, -1, -1)]))
     for i, (s, s_next) in enumerate(zip(path[:-1], path[1:])):
         if i in marks:
             recorded.append(x.clone())
@@ -373,7 +421,9 @@ def teacher_ode_trajectory(teacher, positive, unconditional, noise, flow: FlowSc
 def ode_regression_loss(student, text, trajectory, k, student_steps, flow: FlowSchedule, prediction: str,
                         mask, positions, frames_per_block: int) -> torch.Tensor:
     """MSE between the student's x0 and the trajectory's end, every block at its own student step k [B, blocks]
-    (its state on the teacher's trajectory), the clean end frames beside it as context (teacher forcing)."""
+    (its state on the teacher's trajectory), the clean end frames beside it as context (teacher forcing).
+    CausVid's own ODE stage gives each block its noisy predecessors as context instead; the clean context is
+    what the student sees at inference (the KV cache holds clean frames) and what the DMD stage trains with."""
     states, x0 = trajectory[:, :-1], trajectory[:, -1]
     _, _, c, f, h, w = states.shape
     k_frames = k.repeat_interleave(frames_per_block, 1).to(states.device)
@@ -393,6 +443,7 @@ class ODETrainer(Trainer):
 
     def __init__(self, student, text, model_cfg, cfg: ODEConfig, trajectories, captions: list[str] | None = None,
                  dist: Distributed | None = None):
+        cfg.check()
         self.generator = student.train().requires_grad_(True)
         shape = trajectories.shape[1:] if torch.is_tensor(trajectories) else trajectories.shape
         steps, _, frames, h, w = shape
@@ -486,6 +537,8 @@ class ClipFolder:
     {"caption": ...}. Read lazily, a batch at a time."""
 
     def __init__(self, folder: str | os.PathLike, tensor: str = "latents"):
+        if not folder or not Path(folder).is_dir():
+            raise UserError(f"clip folder {folder!r} does not exist: set it in the training YAML's data: section")
         self.files, self.tensor = sorted(Path(folder).glob("*.safetensors")), tensor
         if not self.files:
             raise UserError(f"no *.safetensors clips in {folder} (each: tensor {tensor!r}, metadata {{'caption': ...}})")
@@ -502,6 +555,17 @@ class ClipFolder:
     def __len__(self) -> int:
         return len(self.files)
 
+    def check_captions(self, text) -> None:
+        """Every caption within the text encoder's limit, found before training rather than on one rank mid-run."""
+        from safetensors import safe_open
+
+        for file in self.files:
+            with safe_open(str(file), "pt") as f:
+                caption = (f.metadata() or {}).get("caption", "")
+            if text.token_count(caption) > text.max_length:
+                raise UserError(f"{file}: its caption is {text.token_count(caption)} tokens, over the text encoder's "
+                                f"{text.max_length}; shorten it")
+
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, list[str]]:
         items = [self._read(i) for i in indices]
         return torch.stack([x for x, _ in items]), [c for _, c in items]
@@ -514,10 +578,29 @@ def _training_setup(config):
     from .distributed import init_from_env
     from .loading import load_config, resolve_device
 
+    if not Path(config).is_file():
+        raise UserError(f"no training config at {config}")
     tc = OmegaConf.load(config)
+    if not tc.get("model"):
+        raise UserError(f"{config}: set model (a model config name or YAML, e.g. causvid)")
     model_cfg = load_config(str(tc.model))
     ctx = init_from_env()
     return tc, model_cfg, ctx, ctx.device if ctx is not None else resolve_device(tc.get("device"))
+
+
+def _require_weights(tc, model_cfg, config, key: str, what: str) -> None:
+    """Real models need their weights named in the YAML (random and bundled models carry their own)."""
+    if not tc.get(key) and str(model_cfg.weights.source) not in ("random", "bundled"):
+        raise UserError(f"{config}: set {key}: ({what})")
+
+
+def _section(tc, key: str, config) -> dict:
+    from omegaconf import OmegaConf
+
+    if tc.get(key) is None:
+        raise UserError(f"{config} has no {key}: section (configs/causvid_ode_train.yaml has ode_pairs: and ode:, "
+                        f"configs/causvid_nasa_t_train.yaml has dmd:)")
+    return OmegaConf.to_container(tc[key], resolve=True)
 
 
 def _frozen_text(model_cfg, device, wan):
@@ -544,24 +627,31 @@ def train_from_config(config: str | os.PathLike, out: str | os.PathLike, progres
 
     from omegaconf import OmegaConf
 
-    from .distributed import full_state_dict
+    from .distributed import finish, full_state_dict
     from .loading import build_generator
     from .model.checkpoint import save_generator
 
     if stage not in ("dmd", "ode"):
         raise UserError(f"stage must be dmd or ode, not {stage!r}")
     tc, model_cfg, ctx, device = _training_setup(config)
-    if stage not in tc:
-        raise UserError(f"{config} has no {stage}: section; is it the other stage's config?")
-    generator = build_generator(model_cfg, device, torch.float32, tc.get("generator"))
+    settings = settings_from(DMDConfig if stage == "dmd" else ODEConfig, _section(tc, stage, config), stage)
+    settings.check()
+    data = ClipFolder(OmegaConf.select(tc, "data.latents" if stage == "dmd" else "data.trajectories"),
+                      "latents" if stage == "dmd" else "trajectory")
+    # The ODE stage starts the student from the teacher's weights unless given a generator.
+    start = tc.get("generator") or (tc.get("teacher") if stage == "ode" else None)
+    if stage == "dmd":
+        _require_weights(tc, model_cfg, config, "generator", "the ODE-initialised student's checkpoint")
+    else:
+        _require_weights(tc, model_cfg, config, "teacher", "the bidirectional teacher's weights, the student's start")
+    generator = build_generator(model_cfg, device, torch.float32, start)
     text = _frozen_text(model_cfg, device, tc.get("wan"))
+    data.check_captions(text)
     if stage == "dmd":
         teacher = build_generator(model_cfg, device, torch.float32, tc.get("teacher") or tc.get("generator"))
-        trainer = DMDTrainer(generator, teacher, text, model_cfg, DMDConfig(**OmegaConf.to_container(tc.dmd)),
-                             ClipFolder(tc.data.latents), [], dist=ctx)
+        trainer = DMDTrainer(generator, teacher, text, model_cfg, settings, data, [], dist=ctx)
     else:
-        trainer = ODETrainer(generator, text, model_cfg, ODEConfig(**OmegaConf.to_container(tc.ode)),
-                             ClipFolder(tc.data.trajectories, "trajectory"), dist=ctx)
+        trainer = ODETrainer(generator, text, model_cfg, settings, data, dist=ctx)
     if tc.get("gradient_checkpointing", False):
         for net in (trainer.generator, getattr(trainer, "fake", None)):
             if net is not None:
@@ -569,7 +659,11 @@ def train_from_config(config: str | os.PathLike, out: str | os.PathLike, progres
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mine, other = (f"{stage}.pt", f"{stage}.ckpt") if ctx is None else (f"{stage}.ckpt", f"{stage}.pt")
-    if (out / other).exists():  # a run is resumed the way it was started: its random streams belong to its ranks
+    if ctx is None:
+        mixed = sharded_checkpoint(out / other) is not None
+    else:
+        mixed = ctx.from_main((out / other).exists())
+    if mixed:  # a run is resumed the way it was started: its random streams belong to its ranks
         raise UserError(f"{out} holds a {'torchrun' if ctx is None else 'one-process'} run ({other}): resume it "
                         f"{'under torchrun with the same --nproc_per_node' if ctx is None else 'without torchrun'}, "
                         f"or choose another --out")
@@ -585,8 +679,7 @@ def train_from_config(config: str | os.PathLike, out: str | os.PathLike, progres
         save_generator(weights, out / "generator.safetensors", "diffusers")
         save_generator(weights, out / "model.pt", "causvid")  # upstream CausVid's layout too
         (out / f"{stage}.json").write_text(json.dumps(summary, indent=2))
-    if ctx is not None:
-        ctx.barrier()
+    finish(ctx)
     return summary
 
 
@@ -596,7 +689,7 @@ def make_ode_pairs(config: str | os.PathLike, prompts: list[str], out: str | os.
     [S + 1, C, F, h, w], the caption in its metadata). The noise of prompt i is seeded by (seed, i), so the
     files do not depend on how the work is split: under torchrun each rank takes every world_size-th prompt
     (no process group needed). Written atomically; existing files are kept, so a killed run resumes.
-    Keys of the YAML: model, teacher, wan, device, ode_pairs {steps_per_segment, guidance_scale, seed,
+    Keys of the YAML: model, teacher, wan, device, ode_pairs {steps_per_segment, spacing, guidance_scale, seed,
     unconditional}. Returns how many files this rank wrote."""
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
@@ -605,24 +698,36 @@ def make_ode_pairs(config: str | os.PathLike, prompts: list[str], out: str | os.
     from .evaluate import rank_and_world
     from .loading import build_generator, load_config, resolve_device
 
-    tc = OmegaConf.load(config)
+    tc, model_cfg = OmegaConf.load(config), None
+    if not tc.get("model"):
+        raise UserError(f"{config}: set model (a model config name or YAML, e.g. causvid)")
     model_cfg = load_config(str(tc.model))
+    spec = _section(tc, "ode_pairs", config)
+    if "guidance_scale" not in spec or "steps_per_segment" not in spec:
+        raise UserError(f"{config}: ode_pairs needs steps_per_segment and guidance_scale")
+    _require_weights(tc, model_cfg, config, "teacher", "the bidirectional teacher's weights")
+    flow = FlowSchedule(float(model_cfg.sampling.shift), int(model_cfg.sampling.num_train_timesteps))
+    student_steps = flow.step_list(list(model_cfg.sampling.steps), bool(model_cfg.sampling.warp))
+    spacing = str(spec.get("spacing", "sigma"))
+    sigma_path(flow, student_steps, spec["steps_per_segment"], spacing)  # checked before loading anything
     rank, world = rank_and_world()
-    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
-              else resolve_device(tc.get("device")))
-    spec = tc.ode_pairs
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)  # every rank on its own GPU, not all on cuda:0
+    else:
+        device = resolve_device(tc.get("device"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(len(prompts)) if i % world == rank and not (out / f"{i:06d}.safetensors").exists()]
     if not todo:
         return 0
+    text = _frozen_text(model_cfg, device, tc.get("wan"))
+    for i in todo:
+        if text.token_count(prompts[i]) > text.max_length:
+            raise UserError(f"prompt {i} is {text.token_count(prompts[i])} tokens, over the text encoder's "
+                            f"{text.max_length}; shorten it: {prompts[i][:60]!r}")
     teacher = build_generator(model_cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
                               tc.get("teacher"))
-    text = _frozen_text(model_cfg, device, tc.get("wan"))
-    flow = FlowSchedule(float(model_cfg.sampling.shift), int(model_cfg.sampling.num_train_timesteps))
-    student_steps = flow.step_list(list(model_cfg.sampling.steps), bool(model_cfg.sampling.warp))
-    if len(spec.steps_per_segment) != len(student_steps):
-        raise UserError(f"ode_pairs.steps_per_segment needs one count per student step ({len(student_steps)})")
     stride = model_cfg.video.vae_stride
     shape = (1, teacher.config.in_channels, int(model_cfg.video.latent_frames),
              int(model_cfg.video.height) // stride[1], int(model_cfg.video.width) // stride[2])
@@ -632,8 +737,8 @@ def make_ode_pairs(config: str | os.PathLike, prompts: list[str], out: str | os.
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(int(spec.get("seed", 0)) * 1_000_003 + i))
         with torch.no_grad(), _autocast(device):
             trajectory = teacher_ode_trajectory(teacher, text.encode_batch([prompts[i]]), unconditional,
-                                                noise.to(device), flow, student_steps, list(spec.steps_per_segment),
-                                                float(spec.guidance_scale), prediction_of(model_cfg))
+                                                noise.to(device), flow, student_steps, spec["steps_per_segment"],
+                                                float(spec["guidance_scale"]), prediction_of(model_cfg), spacing)
         path = out / f"{i:06d}.safetensors"
         tmp = path.with_name(f".{path.name}.partial")
         save_file({"trajectory": trajectory[0].float().cpu().contiguous()}, str(tmp), metadata={"caption": prompts[i]})

@@ -1,4 +1,6 @@
-"""Data-parallel DMD under torchrun: FSDP2 per transformer block, per-rank data and noise, sharded checkpoints.
+"""Data-parallel training under torchrun (ODE regression, DMD): FSDP2 per transformer block, per-rank data and
+noise, sharded checkpoints. Ranks must share the output folder (a shared filesystem across nodes); rank 0
+decides whether there is a checkpoint to resume and tells the others.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `init_from_env` joins the process group (NCCL on GPUs, gloo on
 CPUs, which is how the tests run two ranks). Each network is sharded per Wan block and then at the root, with
@@ -31,6 +33,19 @@ class Distributed:
     def barrier(self) -> None:
         dist.barrier()
 
+    def from_main(self, value):
+        """Rank 0's value on every rank (a decision all ranks must take alike)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def finish(ctx: Distributed | None) -> None:
+    """Leave the process group (NCCL warns, or hangs, at exit otherwise)."""
+    if ctx is not None and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
 
 def init_from_env() -> Distributed | None:
     """The process group torchrun describes, or None for a plain one-process run."""
@@ -38,8 +53,11 @@ def init_from_env() -> Distributed | None:
         return None
     if not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return Distributed(dist.get_rank(), dist.get_world_size(), device)
 
@@ -80,7 +98,8 @@ def save_sharded(path: Path, ctx: Distributed, networks: dict, optimizers: dict,
         (partial / "trainer.json").write_text(json.dumps({**shared_state, "world_size": ctx.world_size}))
     ctx.barrier()
     if ctx.is_main:
-        if path.exists():
+        if path.exists():  # the new one is complete: the previous may go (a leftover .old first)
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(partial, path)
         shutil.rmtree(old, ignore_errors=True)

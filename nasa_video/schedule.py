@@ -29,12 +29,20 @@ def prediction_of(cfg) -> str:
 
 def output_to_x0(output: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, prediction: str) -> torch.Tensor:
     """A network's output (v or x0, per its config) -> x0; sigma broadcastable to x_t."""
-    return output if prediction == "x0" else x_t - sigma * output
+    if prediction == "x0":
+        return output
+    if prediction == "velocity":
+        return x_t - sigma * output
+    raise ValueError(f"prediction must be 'velocity' or 'x0', not {prediction!r}")
 
 
 def output_to_velocity(output: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, prediction: str) -> torch.Tensor:
     """A network's output -> v (for v-space losses and ODE steps)."""
-    return output if prediction == "velocity" else (x_t - output) / sigma.clamp(min=MIN_SIGMA)
+    if prediction == "velocity":
+        return output
+    if prediction == "x0":
+        return (x_t - output) / sigma.clamp(min=MIN_SIGMA)
+    raise ValueError(f"prediction must be 'velocity' or 'x0', not {prediction!r}")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ checkpointing, autocast and (under torchrun) FSDP are the real ones.
 
     python scripts/dmd_gpu_check.py                                          # one GPU
     torchrun --nproc_per_node 8 scripts/dmd_gpu_check.py                     # FSDP over 8 GPUs
-    python scripts/dmd_gpu_check.py --model tiny --device cpu --iterations 2  # the CPU check the tests run
+    python scripts/dmd_gpu_check.py --model tiny --device cpu                # the CPU check the tests run
 """
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ def main() -> None:
     parser.add_argument("--train-config", default="configs/causvid_nasa_t_train.yaml")
     parser.add_argument("--model", help="override the training config's model (tiny: the CPU check)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--iterations", type=int, default=6, help="6 = five critic-only and one generator update")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="timed iterations after a warm-up cycle (default: one generator update and the critic-only "
+                             "iterations up to the next)")
     args = parser.parse_args()
 
     tc = OmegaConf.load(args.train_config)
@@ -57,30 +59,35 @@ def main() -> None:
     latents = torch.randn(4, config["in_channels"], int(model_cfg.video.latent_frames),
                           int(model_cfg.video.height) // stride[1], int(model_cfg.video.width) // stride[2])
     text = StandInText(int(model_cfg.weights.get("text_max_length", 512)), config["text_dim"], device)
-    cfg = DMDConfig(**{**OmegaConf.to_container(tc.dmd), "steps": args.iterations, "batch": 1})
+    ratio = int(tc.dmd.get("dfake_gen_update_ratio", 5))
+    warmup = ratio  # one whole cycle (compilation, FSDP's lazy set-up, CUDA warm-up) before timing
+    timed = args.iterations or ratio
+    cfg = DMDConfig(**{**OmegaConf.to_container(tc.dmd), "steps": warmup + timed, "batch": 1})
     trainer = DMDTrainer(generator, teacher, text, model_cfg, cfg, latents, ["a prompt"] * 4, dist=ctx)
     trainer.generator.enable_gradient_checkpointing()
     trainer.fake.enable_gradient_checkpointing()
 
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    seconds = []
+    seconds = {"generator": [], "critic": []}
     with autocast:
-        for _ in range(args.iterations):
+        for step in range(warmup + timed):
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             record = trainer.train_step()
             if cuda:
                 torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - start)
+            took = time.perf_counter() - start
+            if step >= warmup:
+                seconds["generator" if "generator_loss" in record else "critic"].append(took)
             if ctx is None or ctx.is_main:
-                print(json.dumps({**record, "seconds": round(seconds[-1], 3)}), flush=True)
+                print(json.dumps({**record, "seconds": round(took, 3), "timed": step >= warmup}), flush=True)
     report = {
         "model": args.model or str(tc.model), "ranks": ctx.world_size if ctx else 1, "latents": list(latents.shape[1:]),
         "teacher_forcing_tokens": trainer.mask_tokens, "flex_mask": not isinstance(trainer.mask, torch.Tensor),
-        "seconds_generator_iteration": round(seconds[0], 3),  # step 0 updates the generator (and compiles)
-        "seconds_critic_iteration": round(sum(seconds[1:]) / max(len(seconds) - 1, 1), 3),
+        "warmup_iterations": warmup,
+        **{f"seconds_{kind}_iteration": round(sum(v) / len(v), 3) if v else None for kind, v in seconds.items()},
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "losses_finite": all(torch.isfinite(torch.tensor(v)).item() for r in trainer.log for k, v in r.items()
                              if k.endswith("loss")),

@@ -8,6 +8,7 @@ import torch
 
 from nasa_video.distill import DMDConfig, DMDTrainer, dmd_gradient, sample_nasa_t
 from nasa_video.errors import UserError
+from nasa_video.schedule import prediction_of
 
 from .conftest import write_latent_clips
 
@@ -177,11 +178,12 @@ def test_gpu_check_script_runs_on_the_tiny_config():
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "scripts/dmd_gpu_check.py", "--model", "tiny", "--device", "cpu",
-                             "--iterations", "2"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "scripts/dmd_gpu_check.py", "--model", "tiny", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout[result.stdout.index("{\n"):])
     assert report["losses_finite"] and report["teacher_forcing_tokens"] == 2 * 6 * 16
+    assert report["warmup_iterations"] == 5 and report["seconds_generator_iteration"] > 0
 
 
 # ---- ODE regression (CausVid's first stage) ------------------------------------------------------------------
@@ -207,8 +209,8 @@ def test_teacher_trajectory_starts_at_the_noise_and_passes_every_student_step(pa
     assert [path[m] for m in marks] == pytest.approx([float(flow.sigma(torch.tensor([t]))) for t in (1000, 757, 522)])
     noise = torch.randn(2, 4, 6, 8, 8, generator=torch.Generator().manual_seed(1))
     ctx = gen.text.encode_batch(CAPTIONS)
-    trajectory = teacher_ode_trajectory(gen.model, ctx, gen.text.encode_batch(["", ""]), noise, flow,
-                                        [1000, 757, 522], [3, 2, 2], 3.0, "flow")
+    trajectory = teacher_ode_trajectory(gen.model, ctx, gen.text.encode_batch([""]), noise, flow,
+                                        [1000, 757, 522], [3, 2, 2], 3.0, prediction_of(gen.cfg))
     assert trajectory.shape == (2, 4, 4, 6, 8, 8)
     torch.testing.assert_close(trajectory[:, 0], noise)  # sigma(1000) = 1: the first state is the noise
     assert all((trajectory[:, i + 1] - trajectory[:, i]).abs().mean() > 1e-3 for i in range(3))
@@ -223,7 +225,7 @@ def test_ode_regression_fits_teacher_trajectories(parts):
     noise = torch.randn(4, 4, 6, 8, 8, generator=torch.Generator().manual_seed(2))
     captions = [CAPTIONS[i % 2] for i in range(4)]
     trajectories = teacher_ode_trajectory(gen.model, gen.text.encode_batch(captions), gen.text.encode_batch([""] * 4),
-                                          noise, FlowSchedule(8.0), [1000, 757, 522], [2, 2, 2], 3.0, "flow")
+                                          noise, FlowSchedule(8.0), [1000, 757, 522], [2, 2, 2], 3.0, prediction_of(gen.cfg))
     trainer = ODETrainer(copy.deepcopy(gen.model), gen.text, gen.cfg,
                          ODEConfig(steps=40, batch=4, lr=2e-3, seed=0), trajectories, captions)
     log = trainer.run(progress=False)
@@ -279,3 +281,26 @@ def test_real_model_ode_config_fits_the_causvid_student():
     assert ODEConfig(**OmegaConf.to_container(tc.ode)).lr == 2e-6
     student_steps = list(load_config(str(tc.model)).sampling.steps)
     assert len(tc.ode_pairs.steps_per_segment) == len(student_steps) == 3
+
+
+def test_shifted_sigma_path_is_the_teachers_50_step_sampler_through_the_student_steps():
+    """configs/causvid_ode_train.yaml: [36, 8, 6] shifted steps are CausVid's 50-step shift-8 Euler grid, and the
+    path lands exactly on the student's sigmas; bad counts are refused before any weights load."""
+    from omegaconf import OmegaConf
+
+    from nasa_video.distill import sigma_path
+    from nasa_video.loading import load_config
+    from nasa_video.schedule import FlowSchedule
+
+    tc = OmegaConf.load("configs/causvid_ode_train.yaml")
+    cfg = load_config(str(tc.model))
+    flow = FlowSchedule(float(cfg.sampling.shift))
+    path, marks = sigma_path(flow, list(cfg.sampling.steps), list(tc.ode_pairs.steps_per_segment), tc.ode_pairs.spacing)
+    u = np.linspace(1, 0, 51)
+    np.testing.assert_allclose(path, 8 * u / (1 + 7 * u), atol=1e-12)
+    assert [path[m] for m in marks] == [float(flow.sigma(torch.tensor([float(t)]))) for t in cfg.sampling.steps]
+    for bad in ([36, 0, 6], [36, 8], [36, 8.5, 6]):
+        with pytest.raises(UserError, match="steps_per_segment"):
+            sigma_path(flow, [1000, 757, 522], bad)
+    with pytest.raises(UserError, match="decreasing"):
+        sigma_path(flow, [757, 1000, 522], [1, 1, 1])

@@ -99,6 +99,8 @@ def test_ranks_draw_their_own_data_and_a_killed_sharded_run_resumes_exactly(tmp_
     checkpoint = tmp_path / "cut" / "dmd.ckpt"
     _spawn(tmp_path / "cut", checkpoint=str(checkpoint), stop_after=3)  # "killed" after 3 of 4 steps
     assert json.loads((checkpoint / "trainer.json").read_text())["step"] == 3
+    # a kill inside the swap (old moved aside, new not yet in place) leaves the previous checkpoint as .old
+    checkpoint.rename(checkpoint.with_name("dmd.ckpt.old"))
     resumed, resumed_logs = _spawn(tmp_path / "cut", checkpoint=str(checkpoint))
     _assert_same(resumed, whole, rtol=0, atol=0)
     assert resumed_logs == logs
