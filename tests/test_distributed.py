@@ -113,6 +113,41 @@ def test_a_sharded_checkpoint_is_not_resumed_by_one_process(tmp_path):
         _trainer().load(tmp_path / "dmd.ckpt")
 
 
+def _torchrun(*cli_args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()), "-m", "nasa_video.cli", *cli_args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_torchrun_ode_pairs_and_ode_stage(tmp_path):
+    """The ODE stage's two commands under torchrun on two CPU ranks: pairs split over the ranks, then FSDP
+    regression writing a strictly loadable student and a sharded checkpoint."""
+    from nasa_video.loading import build_generator, load_config
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(CAPTIONS + ["a blue circle", "a red triangle moving right"]) + "\n")
+    config = tmp_path / "ode.yaml"
+    config.write_text(f"""model: tiny
+data: {{trajectories: {tmp_path / 'pairs'}}}
+gradient_checkpointing: true
+ode_pairs: {{steps_per_segment: [2, 2, 2], guidance_scale: 3.0}}
+ode: {{steps: 2, batch: 1, lr: 1.0e-3, checkpoint_every: 1}}
+""")
+    result = _torchrun("train", "ode-pairs", "--config", str(config), "--prompts", str(prompts),
+                       "--out", str(tmp_path / "pairs"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "pairs").glob("*.safetensors"))) == 4
+    result = _torchrun("train", "ode", "--config", str(config), "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote") == 1  # the summary once, from rank 0
+    summary = json.loads((tmp_path / "run" / "ode.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2 and np.isfinite(summary["ode_loss_last"])
+    assert (tmp_path / "run" / "ode.ckpt" / "trainer.json").exists()
+    build_generator(load_config("tiny"), "cpu", torch.float32, str(tmp_path / "run" / "model.pt"))  # strict
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_torchrun_train_dmd_command_end_to_end(tmp_path):
     """What a cluster user runs, on two CPU ranks: writes loadable student weights once, and resumes."""
@@ -129,11 +164,7 @@ dmd: {{steps: 2, batch: 1, lr_generator: 1.0e-3, lr_critic: 1.0e-3, dfake_gen_up
     run_dir = tmp_path / "run"
 
     def torchrun():
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", str(_free_port()), "-m", "nasa_video.cli", "train", "dmd",
-                               "--config", str(config), "--out", str(run_dir)],
-                              capture_output=True, text=True, env=env, timeout=300)
+        return _torchrun("train", "dmd", "--config", str(config), "--out", str(run_dir))
 
     result = torchrun()
     assert result.returncode == 0, result.stderr[-3000:]
