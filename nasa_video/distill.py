@@ -15,7 +15,13 @@ DMD (the second stage, DMDTrainer), one iteration in CausVid's recipe (arXiv 241
 NASA-T: the real score's CFG uses a sampled negative prompt as its unconditional branch,
     real = real(y-) + kappa (real(y+) - real(y-)),  kappa ~ U(kappa_min, kappa_max) per iteration,
 and the student runs NASA with the same negative and alpha ~ U(0, alpha_max) per iteration. Without
-NASA-T the unconditional branch is the empty prompt and kappa the fixed real_guidance_scale.
+NASA-T the unconditional branch is cfg.unconditional and kappa the fixed real_guidance_scale.
+
+Where this departs from upstream CausVid, on purpose: the student's context is the clean frames (teacher
+forcing: a clean copy of the clip beside the noisy blocks), as the KV cache holds clean frames at inference,
+where CausVid shows each block its noisy predecessors (diffusion forcing) and samples t = 0 blocks among
+them; and an EMA of the generator is optional (CausVid has none). So start DMD from this module's ODE stage
+(trained the same way) rather than from CausVid's ODE checkpoint if the two should match.
 
 Checkpoints hold the networks, their optimisers, the EMA, the step and every random state, written
 atomically; a killed run resumes to the same parameters as an uninterrupted one. Under torchrun the networks
@@ -46,7 +52,9 @@ class DMDConfig:
     lr_generator: float = 2e-6        # CausVid's lr (both networks), AdamW betas (0.9, 0.999)
     lr_critic: float = 2e-6
     dfake_gen_update_ratio: int = 5   # a generator update every 5 critic updates (CausVid)
-    real_guidance_scale: float = 3.5  # CausVid's teacher CFG
+    real_guidance_scale: float = 4.5  # weight w in uncond + w (cond - uncond): CausVid's 3.5 in its
+                                      # cond + s (cond - uncond) form; NASA-T's kappa is a w too
+    unconditional: str = ""           # the teacher's unconditional prompt without NASA-T (CausVid: Wan's negative)
     min_step: float = 0.02            # DMD noise levels, as fractions of the 1000 train timesteps
     max_step: float = 0.98
     ema: float | None = None          # EMA decay of the generator, or None
@@ -315,7 +323,7 @@ class DMDTrainer(Trainer):
             alpha, kappa = sample_nasa_t(self.np_rng, cfg)
             negatives = self._negatives(captions)
         else:
-            alpha, kappa, negatives = 0.0, cfg.real_guidance_scale, [""] * len(captions)
+            alpha, kappa, negatives = 0.0, cfg.real_guidance_scale, [cfg.unconditional] * len(captions)
         with torch.no_grad():
             positive = self.text.encode_batch(captions)
             unconditional = self.text.encode_batch(negatives)

@@ -59,12 +59,30 @@ def test_alpha_and_kappa_stay_in_bounds():
 
 def test_nasa_t_with_alpha_zero_and_the_plain_teacher_is_plain_dmd(parts):
     """alpha = 0 in the student (and kappa fixed, empty negative in the teacher) is DMD exactly."""
-    plain = trainer(parts)
-    nasa_t = trainer(parts, nasa_t=True, negatives=[""], alpha_max=0.0, kappa_min=3.5, kappa_max=3.5)
+    plain = trainer(parts, real_guidance_scale=4.5, unconditional="")
+    nasa_t = trainer(parts, nasa_t=True, negatives=[""], alpha_max=0.0, kappa_min=4.5, kappa_max=4.5)
     plain.run(progress=False)
     nasa_t.run(progress=False)
     assert torch.equal(params(plain.generator), params(nasa_t.generator))
     assert torch.equal(params(plain.fake), params(nasa_t.fake))
+
+
+def test_teacher_cfg_weight_and_unconditional_prompt_reach_the_real_score(parts):
+    """real = uncond + w (cond - uncond) with the configured w (CausVid's 3.5 in its own form is w = 4.5) and the
+    configured unconditional prompt."""
+    t = trainer(parts)
+    x_t, time = torch.randn(1, 4, 6, 8, 8), torch.full((1, 6), 700.0)
+    with torch.no_grad():
+        cond, empty = t.text.encode_batch(CAPTIONS[:1]), t.text.encode_batch([""])
+        x0_cond = t.real_x0(x_t, time, cond, empty, 1.0)
+        x0_uncond = t.real_x0(x_t, time, cond, empty, 0.0)
+        x0_w = t.real_x0(x_t, time, cond, empty, 4.5)
+    torch.testing.assert_close(x0_w, x0_uncond + 4.5 * (x0_cond - x0_uncond), rtol=1e-4, atol=1e-4)
+    assert DMDConfig().real_guidance_scale == 4.5
+    a, b = trainer(parts, unconditional=""), trainer(parts, unconditional="blurry")
+    a.run(progress=False, stop_after=1)
+    b.run(progress=False, stop_after=1)
+    assert not torch.equal(params(a.generator), params(b.generator))
 
 
 def test_nasa_t_changes_the_student_update(parts):
