@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -432,8 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                         raise UserError("--dry-run is for train dmd")
                     print(json.dumps(dry_run(args.config), indent=2))
                     return 0
+                from .evaluate import rank_and_world
                 summary = train_from_config(args.config, out, stage=args.what)
-                if int(os.environ.get("RANK", 0)) == 0:  # under torchrun: once, with rank 0's figures
+                if rank_and_world()[0] == 0:  # under torchrun: once, with rank 0's figures
                     print(f"wrote {out}: {json.dumps(summary)}")
                 return 0
             if args.what == "toy-nasa-t":

@@ -129,8 +129,8 @@ class Trainer:
         self.step = 0
         self.log: list[dict] = []
         self.frames = frames
-        flex = cfg.flex_mask if cfg.flex_mask is not None else (device.type == "cuda" and 2 * frames * tokens_per_frame > 16384)
         self.mask_tokens = 2 * frames * tokens_per_frame
+        flex = cfg.flex_mask if cfg.flex_mask is not None else (device.type == "cuda" and self.mask_tokens > 16384)
         self.mask = (teacher_forcing_block_mask(frames, self.fpb, tokens_per_frame, device, compile=device.type == "cuda")
                      if flex else teacher_forcing_mask(frames, self.fpb, tokens_per_frame, device=device))
         self.positions = torch.cat([torch.arange(frames), torch.arange(frames)])
@@ -277,7 +277,7 @@ class DMDTrainer(Trainer):
         return out
 
     def _sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return self.flow.sigma(t).float()[:, None, :, None, None]
+        return self.flow.frame_sigma(t).float()
 
     def generate(self, x0_data, positive, negative, alpha: float) -> torch.Tensor:
         """The student's x0 for every block, each block noised to a random student timestep."""
@@ -299,8 +299,7 @@ class DMDTrainer(Trainer):
         b = x0.shape[0]
         n = self.flow.num_train_timesteps
         u = torch.randint(0, n, (b,), generator=self.torch_rng).float() / n
-        s = self.flow.shift * u / (1 + (self.flow.shift - 1) * u)
-        t = (s * n).clamp(self.cfg.min_step * n, self.cfg.max_step * n)[:, None].expand(-1, self.frames).to(self.device)
+        t = (self.flow.shifted(u) * n).clamp(self.cfg.min_step * n, self.cfg.max_step * n)[:, None].expand(-1, self.frames).to(self.device)
         noise = self._randn(x0.shape)
         return self.flow.add_noise(x0, noise, t), t, noise
 
@@ -393,16 +392,14 @@ def sigma_path(flow: FlowSchedule, student_steps, steps_per_segment, spacing: st
     anchors = [float(flow.sigma(torch.tensor([float(t)]))) for t in student_steps] + [0.0]
     if any(a <= b for a, b in zip(anchors[:-1], anchors[1:])):
         raise UserError(f"the student steps {list(student_steps)} must have decreasing sigmas above 0")
-    shift = flow.shift
-    unshift = lambda sigma: sigma / (shift - (shift - 1) * sigma)  # noqa: E731  (inverse of the shift)
-    reshift = lambda u: shift * u / (1 + (shift - 1) * u)  # noqa: E731
     path, marks = [], []
     for (a, b), n in zip(zip(anchors[:-1], anchors[1:]), counts):
         marks.append(len(path))
         if spacing == "sigma":
             path += list(np.linspace(a, b, int(n) + 1)[:-1])
         else:
-            path += [a] + [reshift(u) for u in np.linspace(unshift(a), unshift(b), int(n) + 1)[1:-1]]
+            inner = np.linspace(flow.unshifted(a), flow.unshifted(b), int(n) + 1)[1:-1]
+            path += [a] + [flow.shifted(u) for u in inner]
     return [float(x) for x in path] + [0.0], marks
 
 
@@ -439,7 +436,7 @@ def ode_regression_loss(student, text, trajectory, k, student_steps, flow: FlowS
     t = student_steps.to(states.device)[k_frames]
     out = student(torch.cat([x0, x_t], 2), torch.cat([torch.zeros_like(t), t], 1), text, attn_mask=mask,
                   frame_positions=positions)[:, :, f:]
-    return F.mse_loss(output_to_x0(out, x_t, flow.sigma(t).float()[:, None, :, None, None], prediction), x0)
+    return F.mse_loss(output_to_x0(out, x_t, flow.frame_sigma(t).float(), prediction), x0)
 
 
 class ODETrainer(Trainer):
@@ -703,7 +700,7 @@ def make_ode_pairs(config: str | os.PathLike, prompts: list[str], out: str | os.
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from .evaluate import rank_and_world
+    from .evaluate import generation_device, rank_and_world
     from .loading import build_generator, load_config, resolve_device
 
     tc, model_cfg = OmegaConf.load(config), None
@@ -720,7 +717,7 @@ def make_ode_pairs(config: str | os.PathLike, prompts: list[str], out: str | os.
     sigma_path(flow, student_steps, spec["steps_per_segment"], spacing)  # checked before loading anything
     rank, world = rank_and_world()
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device(generation_device())
         torch.cuda.set_device(device)  # every rank on its own GPU, not all on cuda:0
     else:
         device = resolve_device(tc.get("device"))

@@ -37,6 +37,14 @@ class TextKV:
         return self.k[:, :, h], self.v[:, :, h]
 
 
+def merge_text_kv(positive: tuple[torch.Tensor, torch.Tensor], negatives: list[tuple[torch.Tensor, torch.Tensor]],
+                  heads: int, lengths: tuple[int, ...] | None = None) -> TextKV:
+    """One layer's TextKV: the positive's (K, V) and each negative's side by side as extra heads."""
+    k = torch.cat([positive[0]] + [neg[0] for neg in negatives], dim=2)
+    v = torch.cat([positive[1]] + [neg[1] for neg in negatives], dim=2)
+    return TextKV(k, v, heads, tuple(lengths) if lengths and negatives else None)
+
+
 def attend_all_prompts(q: torch.Tensor, kv: TextKV) -> torch.Tensor:
     """Z for every cached prompt in one attention call: the prompts ride as extra heads.
 

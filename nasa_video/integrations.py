@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import UserError
-from .guidance import METHODS, ScaleSchedule, TextKV, make_guidance, parse_negatives
+from .guidance import METHODS, ScaleSchedule, make_guidance, merge_text_kv, parse_negatives
 
 
 def find_generator(pipeline) -> torch.nn.Module:
@@ -173,8 +173,8 @@ class UpstreamGuidance:
                     crossattn_cache["is_init"] = True
                     crossattn_cache["k"], crossattn_cache["v"] = k, v
             k_neg, v_neg = hook._negative_kv[index]
-            kv = TextKV(torch.cat([k, k_neg.to(k.dtype).expand(b, -1, -1, -1)], 2),
-                        torch.cat([v, v_neg.to(v.dtype).expand(b, -1, -1, -1)], 2), n, hook.negative_lengths)
+            negatives = (k_neg.to(k.dtype).expand(b, -1, -1, -1), v_neg.to(v.dtype).expand(b, -1, -1, -1))
+            kv = merge_text_kv((k, v), [negatives], n, hook.negative_lengths)
             out = hook.guidance.cross_attention(q, kv, hook._alphas(scale))
             return module.o(out.flatten(2).to(x.dtype))
 

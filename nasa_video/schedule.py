@@ -50,9 +50,16 @@ class FlowSchedule:
     shift: float
     num_train_timesteps: int = 1000
 
+    def shifted(self, u):
+        """The time shift: an unshifted fraction u in [0, 1] (tensor or float) -> sigma."""
+        return self.shift * u / (1 + (self.shift - 1) * u)
+
+    def unshifted(self, sigma):
+        """The shift's inverse: sigma -> the unshifted fraction."""
+        return sigma / (self.shift - (self.shift - 1) * sigma)
+
     def sigmas(self) -> torch.Tensor:
-        s = torch.linspace(1.0, 0.0, self.num_train_timesteps + 1, dtype=torch.float64)[:-1]
-        return self.shift * s / (1 + (self.shift - 1) * s)
+        return self.shifted(torch.linspace(1.0, 0.0, self.num_train_timesteps + 1, dtype=torch.float64)[:-1])
 
     def timesteps(self) -> torch.Tensor:
         return self.sigmas() * self.num_train_timesteps
@@ -63,6 +70,10 @@ class FlowSchedule:
         index = (grid.view(*([1] * t.ndim), -1) - t.double().unsqueeze(-1)).abs().argmin(-1)
         return self.sigmas().to(t.device)[index]
 
+    def frame_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma of per-frame timesteps t [B, F], shaped [B, 1, F, 1, 1] to broadcast over latents [B, C, F, H, W]."""
+        return self.sigma(t)[:, None, :, None, None]
+
     def step_list(self, steps: list[float], warp: bool) -> list[float]:
         """The denoising timesteps. warp=True maps 1000, 750, ... through the shifted grid (Self-Forcing)."""
         if not warp:
@@ -72,11 +83,11 @@ class FlowSchedule:
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x0, noise [B, C, F, H, W]; t [B, F] per latent frame."""
-        sigma = self.sigma(t).to(torch.float32)[:, None, :, None, None]
+        sigma = self.frame_sigma(t).to(torch.float32)
         return ((1 - sigma) * x0.float() + sigma * noise.float()).to(noise.dtype)
 
     def velocity_to_x0(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sigma = self.sigma(t)[:, None, :, None, None]
+        sigma = self.frame_sigma(t)
         return (x_t.double() - sigma * v.double()).to(v.dtype)
 
     def prediction_to_x0(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
@@ -85,5 +96,5 @@ class FlowSchedule:
         return output if prediction == "x0" else self.velocity_to_x0(output, x_t, t)
 
     def x0_to_velocity(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sigma = self.sigma(t)[:, None, :, None, None]
+        sigma = self.frame_sigma(t)
         return ((x_t.double() - x0.double()) / sigma).to(x0.dtype)

@@ -6,15 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from ..guidance import TextKV
-
-
-def merge_text_kv(positive: tuple[torch.Tensor, torch.Tensor], negatives: list[tuple[torch.Tensor, torch.Tensor]],
-                  heads: int, lengths: tuple[int, ...] | None = None) -> TextKV:
-    """One layer's TextKV: the positive's (K, V) and each negative's side by side as extra heads."""
-    k = torch.cat([positive[0]] + [neg[0] for neg in negatives], dim=2)
-    v = torch.cat([positive[1]] + [neg[1] for neg in negatives], dim=2)
-    return TextKV(k, v, heads, tuple(lengths) if lengths and negatives else None)
+from ..guidance import TextKV, merge_text_kv
 
 
 @dataclass

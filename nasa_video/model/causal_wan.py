@@ -18,8 +18,8 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
 from ..attention import attend
-from ..guidance import Guidance, NoGuidance, TextKV
-from .cache import PromptEmbeddings, SelfAttentionCache, merge_text_kv
+from ..guidance import Guidance, NoGuidance, TextKV, merge_text_kv
+from .cache import PromptEmbeddings, SelfAttentionCache
 
 _PLAIN = NoGuidance()
 
@@ -214,11 +214,11 @@ class CausalWanTransformer(WanTransformer3DModel):
         # Training at full size: recompute each layer in the backward pass instead of keeping its activations
         # (diffusers' enable_gradient_checkpointing() sets the flag).
         checkpointing = getattr(self, "gradient_checkpointing", False) and torch.is_grad_enabled() and kv_cache is None
-        if isinstance(text, PromptEmbeddings):
+        if isinstance(text, PromptEmbeddings):  # every block builds its own K/V from the projected contexts
             projected = ([self._project_text(c) for c in (text.positive, *text.negatives)], text.lengths)
+            text = [projected] * len(self.blocks)
         for layer, block in enumerate(self.blocks):
-            layer_text = projected if isinstance(text, PromptEmbeddings) else text[layer]
-            args = (hidden, modulation, cos, sin, layer_text, guidance, alphas, self.heads, layer, kv_cache, attn_mask)
+            args = (hidden, modulation, cos, sin, text[layer], guidance, alphas, self.heads, layer, kv_cache, attn_mask)
             if checkpointing:
                 hidden = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:

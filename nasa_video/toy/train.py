@@ -110,7 +110,7 @@ def train_teacher(model_cfg, tc, latents, captions, text, rng, log):
         x0 = latents[idx]
         prompts = [captions[i] if rng.random() >= tc.teacher.caption_dropout else "" for i in idx.tolist()]
         u = torch.rand(len(idx), generator=gen)
-        sigma = flow.shift * u / (1 + (flow.shift - 1) * u)
+        sigma = flow.shifted(u)
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma[:, None, None, None, None]
         x_t = (1 - s) * x0 + s * noise
