@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .guidance import make_guidance
 from .loading import load_config
 from .model.cache import TextCache
-from .model.causal_wan import CausalWanTransformer
+from .model.interface import build_from_config, generator_section
 
 
 # A scale at which each method is switched on (NAG guides only for nag_scale > 1).
@@ -25,15 +25,14 @@ def video_flops(cfg, method: str, negatives: int = 1) -> int:
     """FLOPs of the generator for one video of cfg.video.latent_frames frames with the given guidance."""
     if not make_guidance(method).in_attention:  # CFG: a plain pass for each of its two contexts
         return 2 * video_flops(cfg, "none")
-    g = dict(cfg.generator)
-    g["patch_size"] = tuple(g["patch_size"])
+    g = generator_section(cfg)[1]
     stride = cfg.video.vae_stride[1]
     h, w = cfg.video.height // stride, cfg.video.width // stride
     fpb, blocks = int(cfg.video.frames_per_block), int(cfg.video.latent_frames) // int(cfg.video.frames_per_block)
     passes_per_block = len(cfg.sampling.steps) + 1  # the denoising steps and the cache pass: same shapes
     guidance = make_guidance(method)
     with torch.device("meta"):
-        model = CausalWanTransformer(**g)
+        model = build_from_config(cfg)
         text = TextCache(model, torch.zeros(1, cfg.weights.text_max_length, g["text_dim"]))
         if method != "none":
             text.set_negatives(["negative"] * negatives, [1.0] * negatives,
@@ -44,14 +43,15 @@ def video_flops(cfg, method: str, negatives: int = 1) -> int:
             x = torch.zeros(1, g["in_channels"], fpb, h, w)
             t = torch.full((1, fpb), 500.0)
             with FlopCounterMode(display=False) as counter, torch.no_grad():
-                model(x, t, text.layers, guidance, text.alphas(ACTIVE_SCALE.get(method, 1.0)), block * fpb, cache)
+                model.set_text(text.guide(guidance, ACTIVE_SCALE.get(method, 1.0)))
+                model(x, t, block * fpb, cache)
             total += counter.get_total_flops() * passes_per_block
     return int(total)
 
 
 def memory_bytes(cfg, method: str, dtype=torch.bfloat16, negatives: int = 1) -> int:
     """Weights + self-attention KV cache(s) + text K/V (CFG keeps a second KV cache)."""
-    from .pipeline import memory_estimate
+    from .memory import memory_estimate
 
     estimate = memory_estimate(cfg, dtype, negatives if method != "none" else 0,
                                kv_caches=1 if make_guidance(method).in_attention else 2)

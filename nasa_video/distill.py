@@ -288,10 +288,9 @@ class DMDTrainer(Trainer):
         x_t = self.flow.add_noise(x0_data, self._randn(x0_data.shape), t)
         use_nasa = negative is not None and alpha > 0
         text = PromptEmbeddings(positive, [negative] if use_nasa else [])
-        guidance = NASA() if use_nasa else NoGuidance()
-        out = self.generator(torch.cat([x0_data, x_t], 2), torch.cat([torch.zeros_like(t), t], 1), text,
-                             guidance, [alpha] if use_nasa else (), attn_mask=self.mask,
-                             frame_positions=self.positions)[:, :, self.frames:]
+        self.generator.set_guidance(NASA() if use_nasa else NoGuidance(), [alpha] if use_nasa else ())
+        out = self.generator(torch.cat([x0_data, x_t], 2), torch.cat([torch.zeros_like(t), t], 1), attn_mask=self.mask,
+                             frame_positions=self.positions, prompts=text)[:, :, self.frames:]
         return output_to_x0(out, x_t, self._sigma(t), self.prediction)
 
     def _noise_for_score(self, x0):
@@ -306,12 +305,12 @@ class DMDTrainer(Trainer):
     def real_x0(self, x_t, t, positive, unconditional, kappa: float) -> torch.Tensor:
         """Teacher with CFG, in x0 space (CFG mixes outputs affinely, so x0 or v gives the same)."""
         text = PromptEmbeddings(torch.cat([positive, unconditional]))
-        out = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), text)
+        out = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), prompts=text)
         cond, uncond = output_to_x0(out, torch.cat([x_t, x_t]), self._sigma(torch.cat([t, t])), self.prediction).chunk(2)
         return uncond + kappa * (cond - uncond)
 
     def fake_x0(self, x_t, t, positive) -> torch.Tensor:
-        out = self.fake(x_t, t, PromptEmbeddings(positive))
+        out = self.fake(x_t, t, prompts=PromptEmbeddings(positive))
         return output_to_x0(out, x_t, self._sigma(t), self.prediction)
 
     # ---- one iteration -----------------------------------------------------------------------------------
@@ -350,7 +349,7 @@ class DMDTrainer(Trainer):
         with torch.no_grad():
             x0 = self.generate(x0_data, positive, student_negative, alpha)
         x_t, t, noise = self._noise_for_score(x0)
-        out = self.fake(x_t, t, PromptEmbeddings(positive))
+        out = self.fake(x_t, t, prompts=PromptEmbeddings(positive))
         critic = F.mse_loss(output_to_velocity(out, x_t, self._sigma(t), self.prediction), noise - x0)
         self.opt_f.zero_grad(set_to_none=True)
         critic.backward()
@@ -418,7 +417,7 @@ def teacher_ode_trajectory(teacher, positive, unconditional, noise, flow: FlowSc
             recorded.append(x.clone())
         t = torch.full((2 * b, x.shape[2]), s * flow.num_train_timesteps, device=x.device)
         both = torch.cat([x, x])
-        cond, uncond = output_to_velocity(teacher(both, t, text), both, torch.tensor(s), prediction).float().chunk(2)
+        cond, uncond = output_to_velocity(teacher(both, t, prompts=text), both, torch.tensor(s), prediction).float().chunk(2)
         x = x + (s_next - s) * (uncond + guidance_scale * (cond - uncond))
     return torch.stack(recorded + [x], 1)
 
@@ -434,8 +433,8 @@ def ode_regression_loss(student, text, trajectory, k, student_steps, flow: FlowS
     k_frames = k.repeat_interleave(frames_per_block, 1).to(states.device)
     x_t = torch.gather(states, 1, k_frames[:, None, None, :, None, None].expand(-1, 1, c, -1, h, w)).squeeze(1)
     t = student_steps.to(states.device)[k_frames]
-    out = student(torch.cat([x0, x_t], 2), torch.cat([torch.zeros_like(t), t], 1), text, attn_mask=mask,
-                  frame_positions=positions)[:, :, f:]
+    out = student(torch.cat([x0, x_t], 2), torch.cat([torch.zeros_like(t), t], 1), attn_mask=mask,
+                  frame_positions=positions, prompts=text)[:, :, f:]
     return F.mse_loss(output_to_x0(out, x_t, flow.frame_sigma(t).float(), prediction), x0)
 
 
@@ -495,14 +494,13 @@ def dry_run(train_config: str | os.PathLike, batch: int = 1) -> dict:
     from omegaconf import OmegaConf
 
     from .loading import load_config
-    from .model.causal_wan import CausalWanTransformer, parameter_count
+    from .model.interface import build_from_config, generator_section, parameter_count
 
     tc = OmegaConf.load(train_config)
     model_cfg = load_config(str(tc.model))
-    config = OmegaConf.to_container(model_cfg.generator, resolve=True)
-    config["patch_size"] = tuple(config["patch_size"])
+    config = generator_section(model_cfg)[1]
     with torch.device("meta"):
-        generator, teacher = CausalWanTransformer(**config), CausalWanTransformer(**config)
+        generator, teacher = build_from_config(model_cfg), build_from_config(model_cfg)
     latent_hw = (int(model_cfg.video.height) // 8, int(model_cfg.video.width) // 8)
     frames = int(model_cfg.video.latent_frames)
     latents = torch.empty(batch, config["in_channels"], frames, *latent_hw, device="meta")

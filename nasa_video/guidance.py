@@ -7,6 +7,7 @@ the model's prediction instead and ask the pipeline for a second pass with its o
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
@@ -99,6 +100,15 @@ class Guidance:
 
     def cross_attention(self, q: torch.Tensor, kv: TextKV, alphas: Sequence[float]) -> torch.Tensor:
         raise NotImplementedError
+
+    @classmethod
+    def settings(cls) -> dict[str, object]:
+        """The method's own knobs and their defaults (its __init__'s keyword parameters), which the config's
+        guidance.settings and the CLI's --guidance-setting set."""
+        if cls.__init__ is object.__init__:
+            return {}
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
     def scale_at(self, scale: float, sigma: float) -> float:
         """The scale actually used at noise level sigma (NAG switches off below sigma_end)."""
@@ -194,13 +204,85 @@ class CFG(Guidance):
         return v_neg + scale * (v_pos - v_neg)
 
 
-METHODS: dict[str, type[Guidance]] = {"none": NoGuidance, "nasa": NASA, "nag": NAG, "vsf": VSF, "cfg": CFG}
+METHODS: dict[str, type[Guidance]] = {}
 
 
-def make_guidance(name: str) -> Guidance:
+def register_method(cls: type[Guidance]) -> type[Guidance]:
+    """Make a Guidance subclass known by its name to the CLI, the pipeline, the server and the benchmark."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+for _cls in (NoGuidance, NASA, NAG, VSF, CFG):
+    register_method(_cls)
+
+
+def make_guidance(name: str, **settings) -> Guidance:
+    """A method by name; settings are its own knobs (NAG's tau, blend, sigma_end; VSF's bias), None = default."""
     if name not in METHODS:
         raise UserError(f"unknown guidance {name!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[name]()
+    cls = METHODS[name]
+    known = cls.settings()
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise UserError(f"{name} has no setting {', '.join(unknown)}; its settings: {', '.join(known) or 'none'}")
+    return cls(**{k: v for k, v in settings.items() if v is not None})
+
+
+# ---- the cross-attention processor ------------------------------------------------------------------------
+@dataclass
+class GuidanceSetting:
+    """The method and its per-negative alphas for the current pass; shared by every layer's processor."""
+
+    method: Guidance
+    alphas: tuple[float, ...] = ()
+
+
+class CrossAttentionProcessor:
+    """The processor installed on each block's cross-attention (attn2), as diffusers installs its attention
+    processors: it holds that layer's text K/V (positive + weighted negatives) and the guidance setting, and
+    computes the guided attention. A TextCache owns one per layer (generator.set_text installs them); the
+    cache pass, CFG's two passes and the upstream hook all go through these objects.
+
+    text None: the K/V are built inside the block's forward from the projected prompt contexts it is handed
+    (training under FSDP, where a block's weights exist only inside its forward)."""
+
+    def __init__(self, text: TextKV | None, setting: GuidanceSetting):
+        self.text, self.setting = text, setting
+
+    def __deepcopy__(self, memo):
+        # A copied network (EMA, critic) gets no text: the K/V belong to a TextCache, and may hold a graph.
+        return CrossAttentionProcessor(None, GuidanceSetting(self.setting.method, self.setting.alphas))
+
+    def attend(self, q: torch.Tensor, text: TextKV | None = None) -> torch.Tensor:
+        """The guided attention output [B, S, H, D] of query q [B, S, H, D] (before the output projection)."""
+        return self.setting.method.cross_attention(q, self.text if text is None else text, self.setting.alphas)
+
+    def __call__(self, attn, hidden: torch.Tensor, contexts=None) -> torch.Tensor:
+        """attn: diffusers' attention module (to_q, to_k, to_v, norm_q, norm_k, to_out, heads);
+        hidden [B, S, dim] -> [B, S, dim]. contexts: (projected prompt contexts, positive first; lengths)."""
+        heads = attn.heads
+        text = self.text
+        if contexts is not None:
+            projected, lengths = contexts
+            kvs = [text_kv(attn, c) for c in projected]
+            text = merge_text_kv(kvs[0], kvs[1:], heads, lengths)
+        if text is None:
+            raise RuntimeError("no text K/V: install a TextCache with generator.set_text(), or pass prompts=")
+        q = attn.norm_q(attn.to_q(hidden)).unflatten(2, (heads, -1))
+        return attn.to_out[0](self.attend(q, text).flatten(2))
+
+
+def text_kv(attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cross-attention layer's (K, V) [B, L, H, D] of projected text [B, L, dim]; norm_k applied."""
+    heads = attn.heads
+    return attn.norm_k(attn.to_k(context)).unflatten(2, (heads, -1)), attn.to_v(context).unflatten(2, (heads, -1))
+
+
+def plain_processors(count: int, method: Guidance | None = None, alphas=()) -> list[CrossAttentionProcessor]:
+    """Text-less processors sharing one setting (for a forward handed prompt embeddings)."""
+    setting = GuidanceSetting(method or NoGuidance(), tuple(alphas))
+    return [CrossAttentionProcessor(None, setting) for _ in range(count)]
 
 
 ScaleSpec = Union[float, Sequence[float], Sequence[Sequence[float]], Callable[[int, int], float]]

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import torch
 
 from .errors import UserError
-from .guidance import METHODS, ScaleSchedule, make_guidance, merge_text_kv, parse_negatives
+from .guidance import (METHODS, CrossAttentionProcessor, GuidanceSetting, ScaleSchedule, make_guidance, merge_text_kv,
+                       parse_negatives)
 
 
 def find_generator(pipeline) -> torch.nn.Module:
@@ -67,6 +68,10 @@ class UpstreamGuidance:
             self.guidance.check_scale(value)
         self._pre_hook = None
         self._negative_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # nasa-video's own cross-attention processors, one per layer, sharing the method and the current alphas;
+        # each call hands them upstream's positive K/V merged with the cached negatives.
+        self.setting = GuidanceSetting(self.guidance)
+        self.processors = [CrossAttentionProcessor(None, self.setting) for _ in self.modules]
         self._call = {"t": None, "start": 0}
         self.steps = self._upstream_steps()
         self.set_negative(negative, negative_embeddings, weights)
@@ -174,8 +179,8 @@ class UpstreamGuidance:
                     crossattn_cache["k"], crossattn_cache["v"] = k, v
             k_neg, v_neg = hook._negative_kv[index]
             negatives = (k_neg.to(k.dtype).expand(b, -1, -1, -1), v_neg.to(v.dtype).expand(b, -1, -1, -1))
-            kv = merge_text_kv((k, v), [negatives], n, hook.negative_lengths)
-            out = hook.guidance.cross_attention(q, kv, hook._alphas(scale))
+            hook.setting.alphas = tuple(hook._alphas(scale))
+            out = hook.processors[index].attend(q, merge_text_kv((k, v), [negatives], n, hook.negative_lengths))
             return module.o(out.flatten(2).to(x.dtype))
 
         return forward

@@ -2,8 +2,10 @@
 the real and the small ones differ only by config and weights."""
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -12,28 +14,24 @@ from .errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODEL_ALIASES = {"self-forcing": "self_forcing", "self_forcing": "self_forcing"}
-# A variant is a config plus overrides: the NASA-T student ships beside the NASA-I one in the same folder.
-VARIANTS = {"toy-nasa-t": ("toy", {"name": "toy-nasa-t", "weights": {"generator": "generator_nasa_t.safetensors"},
-                                   "description": "bundled shapes-world student distilled with NASA-T (DMD)"})}
 
 
 def available_models() -> list[str]:
-    names = [p.stem.replace("_", "-") for p in CONFIG_DIR.glob("*.yaml") if not p.stem.endswith("_train")]
-    return sorted(names + list(VARIANTS))
+    return sorted(p.stem.replace("_", "-") for p in CONFIG_DIR.glob("*.yaml") if not p.stem.endswith("_train"))
 
 
 def load_config(model: str = "toy", overrides: dict | None = None) -> DictConfig:
-    """A bundled config by name (tiny, causvid, self-forcing, ...) or a YAML path, with overrides merged."""
-    if model in VARIANTS:
-        base, variant = VARIANTS[model]
-        return load_config(base, OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(variant),
-                                                                           OmegaConf.create(overrides or {}))))
+    """A bundled config by name (tiny, causvid, self-forcing, ...) or a YAML path, with overrides merged.
+    A config with `base: NAME` is that config with its own keys merged over it (a variant)."""
     path = Path(model)
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
         path = CONFIG_DIR / f"{MODEL_ALIASES.get(model, model.replace('-', '_'))}.yaml"
     if not path.exists():
         raise UserError(f"unknown model {model!r}; choose one of {', '.join(available_models())} or give a YAML path")
     cfg = OmegaConf.load(path)
+    if "base" in cfg:
+        base = cfg.pop("base")
+        cfg = OmegaConf.merge(load_config(str(base)), cfg)
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
     return cfg
@@ -59,38 +57,35 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def build_generator(cfg: DictConfig, device, dtype, checkpoint: str | None = None):
-    from .model.causal_wan import CausalWanTransformer, cast_generator
+    """The config's generator (its generator.arch, Wan by default): random, bundled or checkpoint weights."""
     from .model.checkpoint import load_generator_weights
+    from .model.interface import architecture, build_from_config, empty_from_config, generator_section
 
-    config = OmegaConf.to_container(cfg.generator, resolve=True)
-    config["patch_size"] = tuple(config["patch_size"])
+    arch = architecture(generator_section(cfg)[0])
     source = cfg.weights.source
     checkpoint = checkpoint or cfg.weights.get("checkpoint")
     if checkpoint is None and source == "random":
         torch.manual_seed(int(cfg.weights.seed))
-        model = CausalWanTransformer(**config)
+        model = build_from_config(cfg)
     elif checkpoint is None and source == "bundled":
-        model = CausalWanTransformer(**config)
-        load_generator_weights(model, bundled_path(cfg, cfg.weights.generator))
+        model = build_from_config(cfg)
+        load_generator_weights(model, bundled_path(cfg, cfg.weights.generator), arch=arch.name)
     else:
         if checkpoint is None:
             raise UserError(f"model {cfg.name} needs its generator weights: pass --checkpoint PATH "
                             f"(e.g. the {cfg.name} model.pt / .pt / .safetensors)")
-        with torch.device("meta"):
-            model = CausalWanTransformer(**config)
-        model = model.to_empty(device="cpu")
-        # to_empty leaves non-persistent buffers uninitialised: rebuild the RoPE tables on the CPU.
-        model.rope = type(model.rope)(config["attention_head_dim"], config["patch_size"], config["rope_max_seq_len"])
-        load_generator_weights(model, checkpoint)
-    return cast_generator(model, device, dtype).eval().requires_grad_(False)
+        model = empty_from_config(cfg)
+        load_generator_weights(model, checkpoint, arch=arch.name)
+    return arch.cast(model, device, dtype).eval().requires_grad_(False)
 
 
 def bundled_path(cfg: DictConfig, name: str) -> Path:
-    path = Path(__file__).parent / cfg.weights.get("folder", "toy/weights") / name
+    """A file of a model shipped in the package (weights.folder, relative to nasa_video/ or absolute)."""
+    path = Path(__file__).parent / cfg.weights.get("folder", "weights") / name
     if not path.exists():
-        command = "train toy-nasa-t" if "nasa_t" in name else "train toy"
-        raise UserError(f"bundled weights {path} are missing: train them with "
-                        f"`nasa-video {command} --export {path.parent}` (CPU, under an hour)")
+        hint = cfg.weights.get("train_command")
+        raise UserError(f"bundled weights {path} are missing"
+                        + (f": train them with `{hint} --export {path.parent}`" if hint else ""))
     return path
 
 
@@ -107,38 +102,79 @@ def _wan_folder(wan: str) -> str:
                         f"on disk and pass --wan /path/to/Wan2.1-T2V-1.3B-Diffusers") from None
 
 
-def build_vae_and_text(cfg: DictConfig, device, dtype, wan: str | None = None):
-    """(AutoencoderKLWan, TextEncoder) for a config."""
-    from diffusers import AutoencoderKLWan
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from .text import TextEncoder
-
-    source = cfg.weights.source
-    if source == "random":
-        from transformers import ByT5Tokenizer
-
-        torch.manual_seed(int(cfg.weights.seed) + 1)
-        vae = AutoencoderKLWan(**OmegaConf.to_container(cfg.weights.vae, resolve=True))
-        encoder = UMT5EncoderModel(UMT5Config(**OmegaConf.to_container(cfg.weights.text_encoder, resolve=True)))
-        text = TextEncoder(ByT5Tokenizer(), encoder.to(device), int(cfg.weights.text_max_length))
-        return vae.to(device).eval(), text
-    if source == "bundled":
-        from .toy.text import load_toy_text_encoder
-
-        from .toy.codec import ShuffleCodec
-
-        codec = bundled_path(cfg, "codec")
-        vae = ShuffleCodec.load(codec) if (codec / "codec.json").exists() else AutoencoderKLWan.from_pretrained(str(codec))
-        return vae.to(device).eval(), load_toy_text_encoder(bundled_path(cfg, "text"), device)
+def _checked_wan_folder(cfg: DictConfig, wan: str | None) -> str:
     folder = _wan_folder(wan or cfg.weights.wan)
     for sub in ("vae", "text_encoder", "tokenizer"):
         if not os.path.isdir(os.path.join(folder, sub)):
             raise UserError(f"{folder} has no {sub}/ folder; --wan must point at a Diffusers-format Wan2.1-T2V-1.3B "
                             f"folder holding vae/, text_encoder/ and tokenizer/")
+    return folder
+
+
+# ---- the codec and the text encoder a config names (components.codec, components.text_encoder) ------------
+# A builder takes (cfg, device, dtype, wan folder or None). A model outside the core (the bundled toy) registers
+# its own from a module the config lists under components.plugins, so the core never imports it.
+CODECS: dict[str, Callable] = {}
+TEXT_ENCODERS: dict[str, Callable] = {}
+
+
+def register_codec(name: str, builder: Callable) -> None:
+    CODECS[name] = builder
+
+
+def register_text_encoder(name: str, builder: Callable) -> None:
+    TEXT_ENCODERS[name] = builder
+
+
+def _wan_vae(cfg: DictConfig, device, dtype, wan: str | None):
+    """Wan's AutoencoderKLWan: random weights from weights.vae (source random), else the Wan folder's (fp32)."""
+    from diffusers import AutoencoderKLWan
+
+    if cfg.weights.source == "random":
+        torch.manual_seed(int(cfg.weights.seed) + 1)
+        return AutoencoderKLWan(**OmegaConf.to_container(cfg.weights.vae, resolve=True))
+    return AutoencoderKLWan.from_pretrained(_checked_wan_folder(cfg, wan), subfolder="vae", torch_dtype=torch.float32)
+
+
+def _umt5(cfg: DictConfig, device, dtype, wan: str | None):
+    """Wan's umT5 encoder: random weights from weights.text_encoder with the byte-level ByT5 tokenizer (source
+    random), else the Wan folder's encoder and tokenizer."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .text import TextEncoder
+
+    if cfg.weights.source == "random":
+        from transformers import ByT5Tokenizer
+
+        encoder = UMT5EncoderModel(UMT5Config(**OmegaConf.to_container(cfg.weights.text_encoder, resolve=True)))
+        return TextEncoder(ByT5Tokenizer(), encoder.to(device), int(cfg.weights.text_max_length))
     from transformers import AutoTokenizer
 
-    vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
+    folder = _checked_wan_folder(cfg, wan)
     encoder = UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    return vae.to(device).eval(), TextEncoder(tokenizer, encoder.to(device), int(cfg.weights.text_max_length))
+    return TextEncoder(tokenizer, encoder.to(device), int(cfg.weights.text_max_length))
+
+
+register_codec("wan-vae", _wan_vae)
+register_text_encoder("umt5", _umt5)
+
+
+def _component(cfg: DictConfig, key: str, default: str, registry: dict, what: str) -> Callable:
+    components = cfg.get("components") or {}
+    for module in components.get("plugins") or []:
+        importlib.import_module(module)
+    name = components.get(key, default)
+    if name not in registry:
+        raise UserError(f"unknown {what} {name!r} (components.{key}); known: {', '.join(sorted(registry))}; "
+                        f"a plugin module listed under components.plugins can register more")
+    return registry[name]
+
+
+def build_vae_and_text(cfg: DictConfig, device, dtype, wan: str | None = None):
+    """(codec, TextEncoder) for a config: the builders its components section names (Wan's VAE and umT5 by
+    default). The codec is the raw module (AutoencoderKLWan or a VideoCodec); nasa_video.vae adapts it."""
+    codec = _component(cfg, "codec", "wan-vae", CODECS, "codec")
+    text = _component(cfg, "text_encoder", "umt5", TEXT_ENCODERS, "text encoder")
+    vae = codec(cfg, device, dtype, wan)
+    return vae.to(device).eval(), text(cfg, device, dtype, wan)

@@ -22,9 +22,11 @@ from . import attention
 from .errors import UserError
 from .guidance import Guidance, NoGuidance, ScaleSchedule, ScaleSpec, make_guidance, parse_negatives
 from .loading import build_generator, build_vae_and_text, load_config, resolve_device, resolve_dtype
-from .model.cache import SelfAttentionCache, TextCache
+from .config import model_spec
+from .memory import check_fits
+from .model.cache import TextCache
 from .schedule import FlowSchedule, prediction_of
-from .vae import StreamingDecoder, codec_strides, to_uint8
+from .vae import as_codec, to_uint8
 
 
 @dataclass
@@ -55,6 +57,17 @@ class GenerationResult:
 _PLAIN = NoGuidance()
 
 
+def method_from_config(cfg: DictConfig, name: str | None = None, **settings) -> Guidance:
+    """The guidance method a config asks for (or `name`), with its own settings from the config's
+    guidance.settings.<method> (NAG's tau, blend, sigma_end; VSF's bias), overridden by `settings`."""
+    from omegaconf import OmegaConf
+
+    name = str(cfg.guidance.method if name is None else name)
+    section = (cfg.guidance.get("settings") or {}).get(name) or {}
+    configured = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else dict(section)
+    return make_guidance(name, **{**configured, **{k: v for k, v in settings.items() if v is not None}})
+
+
 def pixel_frames(latent_frames: int, temporal_stride: int = 4) -> int:
     return 1 + temporal_stride * (latent_frames - 1)
 
@@ -81,12 +94,16 @@ class StreamingGenerator:
 
     def __init__(self, cfg: DictConfig, model, vae, text_encoder, device, dtype):
         self.cfg, self.model, self.vae, self.text = cfg, model, vae, text_encoder
+        self.spec = model_spec(cfg)  # the config's sections, typed and read once
         self.device, self.dtype = torch.device(device), dtype
-        self.flow = FlowSchedule(float(cfg.sampling.shift), int(cfg.sampling.num_train_timesteps))
-        self.steps = self.flow.step_list(list(cfg.sampling.steps), bool(cfg.sampling.warp))
+        sampling = self.spec.sampling
+        self.flow = FlowSchedule(sampling.shift, sampling.num_train_timesteps)
+        self.steps = self.flow.step_list(list(sampling.steps), sampling.warp)
         self.prediction = prediction_of(cfg)  # what the network outputs
-        self.decoder = StreamingDecoder(vae)
-        self.temporal_stride, self.spatial_stride, z_dim = codec_strides(vae)
+        self.codec = as_codec(vae)
+        self.decoder = self.codec.streaming_decoder()
+        self.temporal_stride, self.spatial_stride, z_dim = (self.codec.temporal_stride, self.codec.spatial_stride,
+                                                            self.codec.z_dim)
         if z_dim != model.config.in_channels:
             raise UserError(f"VAE has {z_dim} latent channels but the generator takes {model.config.in_channels}")
 
@@ -123,8 +140,8 @@ class StreamingGenerator:
 
         from .video_io import Mp4Writer
 
-        writer = Mp4Writer(out, fps=int(self.cfg.video.fps))
-        zoom = int(self.cfg.video.get("display_scale", 1))  # small models' frames, enlarged for viewing
+        writer = Mp4Writer(out, fps=self.spec.video.fps)
+        zoom = self.spec.video.display_scale  # small models' frames, enlarged for viewing
         stream = self.stream(prompt, negative, scale, guidance, frames, seed, rolling)
         bar = tqdm(total=getattr(stream, "num_blocks", None), unit="block", disable=not progress, desc="generating")
         start, first, written, blocks = time.perf_counter(), 0.0, 0, 0
@@ -155,28 +172,27 @@ class Stream:
     negative text K/V are rebuilt, the self-attention cache (the video so far) is kept."""
 
     def __init__(self, gen: StreamingGenerator, prompt, negative, scale, guidance, frames, seed, rolling, decode):
-        cfg = gen.cfg
+        cfg, spec = gen.cfg, gen.spec
         self.gen, self.decode = gen, decode
-        self.fpb = int(cfg.video.frames_per_block)
-        self.rolling = bool(cfg.cache.rolling) if rolling is None else rolling
+        self.fpb = spec.video.frames_per_block
+        self.rolling = spec.cache.rolling if rolling is None else rolling
         if frames is None:
-            self.latent_total = None if self.rolling else int(cfg.video.latent_frames)
+            self.latent_total = None if self.rolling else spec.video.latent_frames
         else:
             self.latent_total = latent_frames_for(int(frames), self.fpb, gen.temporal_stride)
-        self.guidance = make_guidance(cfg.guidance.method if guidance is None else guidance) \
-            if not isinstance(guidance, Guidance) else guidance
+        self.guidance = guidance if isinstance(guidance, Guidance) else method_from_config(cfg, guidance)
         self.uncond_cache: TextCache | None = None  # CFG: the negative (or empty) prompt as its own context
         # CFG always refreshes both caches with their own contexts; attention methods follow the config.
-        in_cache = bool(cfg.guidance.in_cache_pass) or not self.guidance.in_attention
+        in_cache = spec.guidance.in_cache_pass or not self.guidance.in_attention
         self.cache_pass_guidance = self.guidance if in_cache else _PLAIN
         self.seed = seed
-        self.latent_hw = (int(cfg.video.height) // gen.spatial_stride, int(cfg.video.width) // gen.spatial_stride)
+        self.latent_hw = (spec.video.height // gen.spatial_stride, spec.video.width // gen.spatial_stride)
         with torch.no_grad():
             self.text_cache = TextCache(gen.model, gen.text.encode(prompt))
         self._pending: tuple | None = None
         self.negatives: list[tuple[str, float]] = []
-        self.schedule = ScaleSchedule(float(cfg.guidance.scale))
-        self.set_negative(negative, cfg.guidance.scale if scale is None else scale)
+        self.schedule = ScaleSchedule(spec.guidance.scale)
+        self.set_negative(negative, spec.guidance.scale if scale is None else scale)
         self._apply_pending()
 
     @property
@@ -220,15 +236,15 @@ class Stream:
 
     @torch.no_grad()
     def _run(self) -> Iterator[FrameChunk]:
-        gen, cfg = self.gen, self.gen.cfg
+        gen, spec = self.gen, self.gen.spec
         model, device = gen.model, gen.device
         h, w = self.latent_hw
-        capacity = int(cfg.cache.capacity_frames)
+        capacity = spec.cache.capacity_frames
         if self.latent_total is not None and not self.rolling and self.latent_total > capacity:
             raise UserError(f"{pixel_frames(self.latent_total, gen.temporal_stride)} frames need {self.latent_total} "
                             f"latent frames but the cache holds {capacity}; use --rolling or fewer frames")
         # CFG's unconditional pass needs its own self-attention cache, refreshed with its own context.
-        kv_cache = tuple(model.new_kv_cache(1, capacity, h, w, self.rolling, int(cfg.cache.sink_frames), gen.dtype,
+        kv_cache = tuple(model.new_kv_cache(1, capacity, h, w, self.rolling, spec.cache.sink_frames, gen.dtype,
                                             device) for _ in range(1 if self.guidance.in_attention else 2))
         rng = torch.Generator(device=device).manual_seed(int(self.seed))
         channels = model.config.in_channels
@@ -256,9 +272,12 @@ class Stream:
         model, text = self.gen.model, self.text_cache
         scale = guidance.scale_at(scale, float(self.gen.flow.sigma(t[:, :1].cpu()).max()))
         if guidance.in_attention:
-            return model(x, t, text.layers, guidance, text.alphas(scale), start, kv_cache[0])
-        v_pos = model(x, t, text.layers, _PLAIN, (), start, kv_cache[0])
-        v_neg = model(x, t, self.uncond_cache.layers, _PLAIN, (), start, kv_cache[1])
+            model.set_text(text.guide(guidance, scale))
+            return model(x, t, start, kv_cache[0])
+        model.set_text(text.guide(_PLAIN))
+        v_pos = model(x, t, start, kv_cache[0])
+        model.set_text(self.uncond_cache.guide(_PLAIN))
+        v_neg = model(x, t, start, kv_cache[1])
         return guidance.combine(v_pos, v_neg, scale)
 
     def _denoise_block(self, kv_cache: tuple, rng: torch.Generator, start: int, shape) -> torch.Tensor:
@@ -279,7 +298,7 @@ class Stream:
                 noise = torch.randn(shape, generator=rng, device=device, dtype=torch.float32)
                 x = flow.add_noise(x0, noise, t_of(gen.steps[step + 1]))
         # Cache pass: rewrite this block's K/V from the clean prediction so later blocks see clean context.
-        context_t = float(gen.cfg.sampling.context_noise)
+        context_t = gen.spec.sampling.context_noise
         context = x0
         if context_t > 0:
             noise = torch.randn(shape, generator=rng, device=device, dtype=torch.float32)
@@ -287,49 +306,3 @@ class Stream:
         self._predict(context, t_of(context_t), self.schedule(block, len(gen.steps) - 1), start, kv_cache,
                        self.cache_pass_guidance)
         return x0
-
-
-# ---- memory -----------------------------------------------------------------------------------------------
-def memory_estimate(cfg: DictConfig, dtype: torch.dtype, negatives: int = 1, kv_caches: int = 1) -> dict[str, int]:
-    """Bytes the generator needs: weights, self-attention cache(s), text cache and the largest activations."""
-    from .model.causal_wan import parameter_count
-
-    g = cfg.generator
-    dim = g.num_attention_heads * g.attention_head_dim
-    stride = cfg.video.vae_stride[1]
-    tokens_per_frame = (cfg.video.height // stride // g.patch_size[1]) * (cfg.video.width // stride // g.patch_size[2])
-    block_tokens = tokens_per_frame * cfg.video.frames_per_block
-    text_tokens = cfg.weights.text_max_length
-    generator = {k: tuple(v) if k == "patch_size" else v for k, v in dict(g).items()}
-    return {
-        "weights": parameter_count(generator) * dtype.itemsize,
-        "kv_cache": kv_caches * SelfAttentionCache.nbytes_for(g.num_layers, 1, cfg.cache.capacity_frames,
-                                                              tokens_per_frame, g.num_attention_heads,
-                                                              g.attention_head_dim, dtype),
-        "text_cache": 2 * g.num_layers * (1 + negatives) * text_tokens * dim * dtype.itemsize,
-        "activations": 6 * block_tokens * max(g.ffn_dim, 4 * dim) * 4,
-    }
-
-
-def available_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def check_fits(cfg: DictConfig, device: torch.device, dtype: torch.dtype, negatives: int = 1) -> dict[str, int]:
-    estimate = memory_estimate(cfg, dtype, negatives)
-    free = available_memory(device)
-    total = sum(estimate.values())
-    if free is not None and total > free:
-        parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in estimate.items())
-        raise UserError(f"{cfg.name} needs about {total / 2**30:.1f} GiB on {device} ({parts}) but "
-                        f"{free / 2**30:.1f} GiB is free; use --dtype bf16, fewer frames, or a larger device")
-    return estimate

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from nasa_video.distill import DMDConfig, DMDTrainer
 from nasa_video.distributed import init_from_env
 from nasa_video.loading import load_config
-from nasa_video.model.causal_wan import CausalWanTransformer
+from nasa_video.model.interface import build_from_config, generator_section
 
 
 class StandInText:
@@ -50,11 +50,10 @@ def main() -> None:
     model_cfg = load_config(args.model or str(tc.model))
     ctx = init_from_env()
     device = ctx.device if ctx is not None else torch.device(args.device)
-    config = OmegaConf.to_container(model_cfg.generator, resolve=True)
-    config["patch_size"] = tuple(config["patch_size"])
+    config = generator_section(model_cfg)[1]
     torch.manual_seed(0)
-    generator = CausalWanTransformer(**config).to(device)
-    teacher = CausalWanTransformer(**config).to(device)
+    generator = build_from_config(model_cfg).to(device)
+    teacher = build_from_config(model_cfg).to(device)
     stride = model_cfg.video.vae_stride
     latents = torch.randn(4, config["in_channels"], int(model_cfg.video.latent_frames),
                           int(model_cfg.video.height) // stride[1], int(model_cfg.video.width) // stride[2])

@@ -33,6 +33,13 @@ def text_cache(tiny_model, contexts):
     return cache
 
 
+def guided(model, text_cache, method=None, scale: float = 0.0):
+    """The model with this text cache's processors installed, guided by method at scale (none by default)."""
+    from nasa_video.guidance import NoGuidance
+    model.set_text(text_cache.guide(method or NoGuidance(), scale))
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_generator():
     from nasa_video.pipeline import StreamingGenerator

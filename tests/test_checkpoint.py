@@ -20,7 +20,8 @@ def output(model, text_cache_ctx):
     torch.manual_seed(5)
     x, t = torch.randn(1, 4, 3, 8, 8), torch.full((1, 3), 600.0)
     with torch.no_grad():
-        return model(x, t, TextCache(model, text_cache_ctx).layers)
+        model.set_text(TextCache(model, text_cache_ctx))
+        return model(x, t)
 
 
 @pytest.mark.parametrize("layout,suffix", [("causvid", ".pt"), ("self-forcing", ".pt"), ("original-wan", ".pt"),

@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from .conftest import guided as guided_model
+
 from nasa_video.errors import UserError
 from nasa_video.guidance import (NASA, NoGuidance, ScaleSchedule, TextKV, attend_all_prompts, make_guidance,
                                  nasa, parse_negatives)
@@ -63,9 +65,9 @@ def test_nasa_function_is_linear_in_alpha(qkv):
 def test_model_alpha_zero_equals_none(tiny_model, text_cache):
     x, t = torch.randn(1, 4, 3, 8, 8), torch.full((1, 3), 700.0)
     with torch.no_grad():
-        none = tiny_model(x, t, text_cache.layers, NoGuidance())
-        zero = tiny_model(x, t, text_cache.layers, NASA(), text_cache.alphas(0.0))
-        guided = tiny_model(x, t, text_cache.layers, NASA(), text_cache.alphas(1.0))
+        none = guided_model(tiny_model, text_cache, NoGuidance())(x, t)
+        zero = guided_model(tiny_model, text_cache, NASA(), 0.0)(x, t)
+        guided = guided_model(tiny_model, text_cache, NASA(), 1.0)(x, t)
     torch.testing.assert_close(zero, none, rtol=0, atol=0)
     assert (guided - none).abs().max() > 1e-3
 

@@ -2,10 +2,10 @@
 import torch
 from diffusers import WanTransformer3DModel
 
-from nasa_video.guidance import NASA
+from nasa_video.guidance import NASA, NoGuidance
 from nasa_video.model.causal_wan import block_causal_mask, rope_frequencies
 
-from .conftest import TINY
+from .conftest import TINY, guided
 
 FPB, H, W = 3, 8, 8
 TPF = (H // 2) * (W // 2)
@@ -21,7 +21,7 @@ def test_forward_matches_diffusers_wan(tiny_model, text_cache):
     cache = TextCache(tiny_model, positive)
     with torch.no_grad():
         expected = reference(x, torch.tensor([400.0]), positive, return_dict=False)[0]
-        got = tiny_model(x, torch.full((1, 3), 400.0), cache.layers)
+        got = guided(tiny_model, cache)(x, torch.full((1, 3), 400.0))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -46,27 +46,26 @@ def test_streaming_equals_full_block_causal_forward(tiny_model, text_cache):
     blocks = 4
     noisy, t_noisy = _inputs(blocks, seed=0)
     clean, t_clean = _inputs(blocks, seed=1)
-    guidance, alphas = NASA(), text_cache.alphas(0.7)
+    model = guided(tiny_model, text_cache, NASA(), 0.7)
     cache = tiny_model.new_kv_cache(1, blocks * FPB, H, W)
     mask = block_causal_mask(blocks * FPB, FPB, TPF)
     with torch.no_grad():
-        full_clean = tiny_model(torch.cat(clean, 2), torch.cat(t_clean, 1), text_cache.layers, guidance, alphas,
-                                attn_mask=mask)
+        full_clean = model(torch.cat(clean, 2), torch.cat(t_clean, 1), attn_mask=mask)
         for b in range(blocks):
             s = slice(b * FPB, (b + 1) * FPB)
-            out_noisy = tiny_model(noisy[b], t_noisy[b], text_cache.layers, guidance, alphas, b * FPB, cache)
-            out_clean = tiny_model(clean[b], t_clean[b], text_cache.layers, guidance, alphas, b * FPB, cache)
+            out_noisy = model(noisy[b], t_noisy[b], b * FPB, cache)
+            out_clean = model(clean[b], t_clean[b], b * FPB, cache)
             mixed = torch.cat(clean[:b] + [noisy[b]], 2)
             t_mixed = torch.cat(t_clean[:b] + [t_noisy[b]], 1)
-            full_noisy = tiny_model(mixed, t_mixed, text_cache.layers, guidance, alphas,
-                                    attn_mask=block_causal_mask((b + 1) * FPB, FPB, TPF))
+            full_noisy = model(mixed, t_mixed, attn_mask=block_causal_mask((b + 1) * FPB, FPB, TPF))
             torch.testing.assert_close(out_noisy, full_noisy[:, :, s], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(out_clean, full_clean[:, :, s], rtol=1e-4, atol=1e-5)
 
 
 def _stream(model, cache, xs, ts, text):
+    guided(model, text)
     with torch.no_grad():
-        return torch.cat([model(x, t, text.layers, start_frame=b * FPB, kv_cache=cache)
+        return torch.cat([model(x, t, start_frame=b * FPB, kv_cache=cache)
                           for b, (x, t) in enumerate(zip(xs, ts))], 2)
 
 
@@ -85,7 +84,7 @@ def test_rolling_cache_past_its_window_equals_windowed_mask(tiny_model, text_cac
         streamed = _stream(tiny_model, cache, xs, ts, text_cache)
         mask = block_causal_mask(5 * FPB, FPB, TPF, window_frames=capacity, sink_frames=sink)
         with torch.no_grad():
-            full = tiny_model(torch.cat(xs, 2), torch.cat(ts, 1), text_cache.layers, attn_mask=mask)
+            full = tiny_model(torch.cat(xs, 2), torch.cat(ts, 1), attn_mask=mask)
         torch.testing.assert_close(streamed, full, rtol=1e-4, atol=1e-5)
         assert cache.frames == list(range(sink)) + list(range(5 * FPB - (capacity - sink), 5 * FPB))
 
@@ -109,13 +108,14 @@ def test_teacher_forcing_mask_equals_streaming(tiny_model, text_cache):
     x = torch.cat(clean + noisy, 2)
     t = torch.cat([torch.zeros(1, frames)] + t_noisy, 1)
     positions = torch.cat([torch.arange(frames), torch.arange(frames)])
+    guided(tiny_model, text_cache)
     with torch.no_grad():
-        full = tiny_model(x, t, text_cache.layers, attn_mask=teacher_forcing_mask(frames, FPB, TPF),
+        full = tiny_model(x, t, attn_mask=teacher_forcing_mask(frames, FPB, TPF),
                           frame_positions=positions)
         cache = tiny_model.new_kv_cache(1, frames, H, W)
         for b in range(blocks):
-            streamed = tiny_model(noisy[b], t_noisy[b], text_cache.layers, start_frame=b * FPB, kv_cache=cache)
-            tiny_model(clean[b], torch.zeros(1, FPB), text_cache.layers, start_frame=b * FPB, kv_cache=cache)
+            streamed = tiny_model(noisy[b], t_noisy[b], start_frame=b * FPB, kv_cache=cache)
+            tiny_model(clean[b], torch.zeros(1, FPB), start_frame=b * FPB, kv_cache=cache)
             s = slice(frames + b * FPB, frames + (b + 1) * FPB)
             torch.testing.assert_close(streamed, full[:, :, s], rtol=1e-4, atol=1e-5)
 
@@ -136,7 +136,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
         if checkpointing:
             model.enable_gradient_checkpointing()
             assert model.gradient_checkpointing
-        out = model(x, t, TextCache(model, ctx).layers, attn_mask=mask,
+        out = guided(model, TextCache(model, ctx))(x, t, attn_mask=mask,
                     frame_positions=torch.cat([torch.arange(3), torch.arange(3)]))
         out.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
@@ -150,8 +150,10 @@ def test_prompt_embeddings_inside_the_forward_equal_the_text_cache(tiny_model, t
 
     x, t = torch.randn(1, 4, 3, H, W), torch.full((1, 3), 600.0)
     with torch.no_grad():
-        cached = tiny_model(x, t, text_cache.layers, NASA(), text_cache.alphas(0.8))
-        inside = tiny_model(x, t, PromptEmbeddings(contexts[0], contexts[1:]), NASA(), text_cache.alphas(0.8))
-        plain = tiny_model(x, t, PromptEmbeddings(contexts[0]))
+        cached = guided(tiny_model, text_cache, NASA(), 0.8)(x, t)
+        tiny_model.set_guidance(NASA(), text_cache.alphas(0.8))
+        inside = tiny_model(x, t, prompts=PromptEmbeddings(contexts[0], contexts[1:]))
+        tiny_model.set_guidance(NoGuidance())
+        plain = tiny_model(x, t, prompts=PromptEmbeddings(contexts[0]))
     torch.testing.assert_close(inside, cached, rtol=0, atol=0)
     assert (plain - cached).abs().max() > 1e-3  # the negatives matter

@@ -5,7 +5,7 @@ import torch
 
 from nasa_video.errors import UserError
 from nasa_video.pipeline import StreamingGenerator, latent_frames_for
-from nasa_video.vae import StreamingDecoder, one_shot_decode
+from nasa_video.vae import one_shot_decode, streaming_decoder
 
 PROMPT, NEG = "a red circle and a blue square", "red circle"
 
@@ -94,7 +94,7 @@ def test_streaming_decode_equals_one_shot(tiny_generator):
 
 def test_streaming_decoder_state_carries_between_blocks(tiny_generator):
     z = torch.randn(1, 4, 6, 8, 8)
-    decoder = StreamingDecoder(tiny_generator.vae)
+    decoder = streaming_decoder(tiny_generator.vae)
     parts = [decoder.decode(z[:, :, i:i + 3]) for i in (0, 3)]
     torch.testing.assert_close(torch.cat(parts, 2), one_shot_decode(tiny_generator.vae, z), rtol=0, atol=1e-6)
 
@@ -114,15 +114,15 @@ def test_frame_counts():
 
 
 def test_memory_check_refuses_with_the_estimate(monkeypatch):
-    from nasa_video import pipeline
+    from nasa_video import memory
     from nasa_video.loading import load_config
     cfg = load_config("causvid")
-    estimate = pipeline.memory_estimate(cfg, torch.bfloat16)
+    estimate = memory.memory_estimate(cfg, torch.bfloat16)
     assert 2.5e9 < estimate["weights"] < 3.0e9  # 1.42B parameters in bf16
     assert estimate["kv_cache"] == 2 * 30 * 32760 * 1536 * 2  # CausVid's 21-frame cache, about 6 GB
-    monkeypatch.setattr(pipeline, "available_memory", lambda device: 4 * 2**30)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 4 * 2**30)
     with pytest.raises(UserError, match=r"needs about .* GiB .* but 4.0 GiB is free"):
-        pipeline.check_fits(cfg, torch.device("cpu"), torch.bfloat16)
+        memory.check_fits(cfg, torch.device("cpu"), torch.bfloat16)
 
 
 def test_x0_prediction_model_output_is_the_block(monkeypatch):

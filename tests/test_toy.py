@@ -103,13 +103,13 @@ def test_training_smoke_run_writes_loadable_weights(tmp_path):
 
 def test_exact_codec_round_trip_and_streaming():
     from nasa_video.toy.codec import ShuffleCodec
-    from nasa_video.vae import StreamingDecoder
+    from nasa_video.vae import streaming_decoder
 
     codec = ShuffleCodec(3, [0.1] * 24, [0.5] * 24)
     pixels = torch.rand(2, 3, 17, 32, 32) * 2 - 1
     latents = codec.encode(pixels)
     assert latents.shape == (2, 24, 9, 16, 16)
-    decoder = StreamingDecoder(codec)
+    decoder = streaming_decoder(codec)
     blocks = [decoder.decode(latents[:, :, i:i + 3]) for i in (0, 3, 6)]
     assert [b.shape[2] for b in blocks] == [5, 6, 6]
     torch.testing.assert_close(torch.cat(blocks, 2), pixels, rtol=0, atol=1e-5)

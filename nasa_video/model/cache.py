@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from ..guidance import TextKV, merge_text_kv
+from ..guidance import CrossAttentionProcessor, Guidance, GuidanceSetting, NoGuidance, TextKV, merge_text_kv
 
 
 @dataclass
@@ -87,35 +87,50 @@ class SelfAttentionCache:
 
 
 class TextCache:
-    """Per-layer cross-attention K/V of the positive prompt and of each weighted negative prompt.
+    """Per-layer cross-attention K/V of the positive prompt and of each weighted negative prompt, held by one
+    cross-attention processor per layer (guidance.CrossAttentionProcessor; generator.set_text installs them).
 
     Built once per video. set_negatives() recomputes only the negative K/V (the positive is kept), so a
-    running stream can change its negative prompt between blocks.
+    running stream can change its negative prompt between blocks. guide() sets the method and the alphas
+    (scale x each negative's weight) that every layer's processor uses from the next forward on.
     """
 
     def __init__(self, model, positive: torch.Tensor):
         self.model = model
+        self.heads = model.config.num_attention_heads
         self.positive = model.text_kv(positive)
         self.negative_texts: list[str] = []
         self.weights: list[float] = []
         self.negative_builds = 0
-        self.layers = [TextKV(k, v, model.config.num_attention_heads) for k, v in self.positive]
+        self.setting = GuidanceSetting(NoGuidance())
+        self._set_layers([TextKV(k, v, self.heads) for k, v in self.positive])
+
+    def _set_layers(self, layers: list[TextKV]) -> None:
+        self.processors = [CrossAttentionProcessor(kv, self.setting) for kv in layers]
+
+    @property
+    def layers(self) -> list[TextKV]:
+        return [p.text for p in self.processors]
 
     def set_negatives(self, texts: list[str], weights: list[float], embeddings: list[torch.Tensor],
                       lengths: list[int] | None = None) -> None:
         """lengths: real token count of each negative (VSF drops the padding)."""
         self.negative_texts, self.weights = list(texts), list(weights)
-        heads = self.model.config.num_attention_heads
         if not embeddings:
-            self.layers = [TextKV(k, v, heads) for k, v in self.positive]
+            self._set_layers([TextKV(k, v, self.heads) for k, v in self.positive])
             return
         negatives = [self.model.text_kv(e) for e in embeddings]
         self.negative_builds += 1
-        self.layers = [merge_text_kv(positive, [neg[layer] for neg in negatives], heads, lengths)
-                       for layer, positive in enumerate(self.positive)]
+        self._set_layers([merge_text_kv(positive, [neg[layer] for neg in negatives], self.heads, lengths)
+                          for layer, positive in enumerate(self.positive)])
 
     def alphas(self, scale: float) -> list[float]:
         return [scale * w for w in self.weights]
+
+    def guide(self, method: Guidance, scale: float = 0.0) -> "TextCache":
+        """Use this method with alpha_i = scale * weight_i in every layer from the next forward on."""
+        self.setting.method, self.setting.alphas = method, tuple(self.alphas(scale))
+        return self
 
     def nbytes(self) -> int:
         return sum(kv.k.nbytes + kv.v.nbytes for kv in self.layers)

@@ -5,7 +5,8 @@ original-Wan key converter all apply); only the forward differs:
   - timesteps per latent frame, t [B, F], so modulation is per frame;
   - RoPE temporal positions start at the block's first frame;
   - self-attention reads and writes a SelfAttentionCache (or takes a mask, for the full block-causal forward);
-  - cross-attention reads the TextCache and hands its query to the guidance method (NASA lives there).
+  - cross-attention is each block's attn2 processor (guidance.CrossAttentionProcessor), installed from a
+    TextCache: it holds the prompts' K/V and the guidance method (NASA lives there).
 """
 from __future__ import annotations
 
@@ -18,10 +19,9 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
 from ..attention import attend
-from ..guidance import Guidance, NoGuidance, TextKV, merge_text_kv
+from ..guidance import CrossAttentionProcessor, Guidance, NoGuidance, plain_processors, text_kv
 from .cache import PromptEmbeddings, SelfAttentionCache
-
-_PLAIN = NoGuidance()
+from .interface import Architecture, register_architecture
 
 
 def rope_frequencies(rope, frame_positions: torch.Tensor, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,21 +103,13 @@ def teacher_forcing_mask(num_frames: int, frames_per_block: int, tokens_per_fram
 
 
 class CausalWanBlock(WanTransformerBlock):
-    """diffusers' Wan block (same parameters and keys) with the block-causal, guided forward. Each block's
-    compute is its own forward(), so FSDP's per-block hooks and activation checkpointing wrap it as usual."""
+    """diffusers' Wan block (same parameters and keys) with the block-causal forward. Each block's compute is
+    its own forward(), so FSDP's per-block hooks and activation checkpointing wrap it as usual. Cross-attention
+    is its attn2's processor (a guidance.CrossAttentionProcessor: the text K/V and the guidance method)."""
 
-    def text_kv(self, context: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's cross-attention (K, V) [B, L, H, D] of projected text [B, L, D]; norm_k applied."""
-        attn = self.attn2
-        return attn.norm_k(attn.to_k(context)).unflatten(2, (heads, -1)), attn.to_v(context).unflatten(2, (heads, -1))
-
-    def forward(self, x, modulation, cos, sin, text, guidance, alphas, heads, layer, kv_cache, attn_mask):
-        """text: this layer's TextKV, or the projected prompt contexts (positive first) when the K/V are built
-        inside the forward (training)."""
-        if not isinstance(text, TextKV):
-            contexts, lengths = text
-            kvs = [self.text_kv(c, heads) for c in contexts]
-            text = merge_text_kv(kvs[0], kvs[1:], heads, lengths)
+    def forward(self, x, modulation, cos, sin, layer, kv_cache, attn_mask, contexts=None):
+        """contexts: the projected prompt contexts (positive first) and lengths, when the text K/V are built
+        inside the forward (training); else the installed processor's own text K/V are used."""
         # Per-frame modulation: each of the six is [B, F, 1, D] and broadcasts over the frame's tokens.
         shift, scale, gate, c_shift, c_scale, c_gate = (
             self.scale_shift_table.float().unsqueeze(0) + modulation).unsqueeze(2).unbind(3)
@@ -125,6 +117,7 @@ class CausalWanBlock(WanTransformerBlock):
 
         h = (self.norm1(x.float()) * (1 + scale) + shift).to(dtype)
         attn = self.attn1
+        heads = attn.heads
         h = h.flatten(1, 2)
         q = apply_rope(attn.norm_q(attn.to_q(h)).unflatten(2, (heads, -1)), cos, sin)
         k = apply_rope(attn.norm_k(attn.to_k(h)).unflatten(2, (heads, -1)), cos, sin)
@@ -134,11 +127,8 @@ class CausalWanBlock(WanTransformerBlock):
         y = attn.to_out[0](attend(q, k, v, attn_mask).flatten(2)).view(*grid, -1)
         x = (x.float() + y.float() * gate).to(dtype)
 
-        attn = self.attn2
         h = self.norm2(x.float()).to(dtype).flatten(1, 2)
-        q = attn.norm_q(attn.to_q(h)).unflatten(2, (heads, -1))
-        y = attn.to_out[0](guidance.cross_attention(q, text, alphas).flatten(2)).view(*grid, -1)
-        x = x + y
+        x = x + self.attn2.processor(self.attn2, h, contexts).view(*grid, -1)
 
         h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).to(dtype)
         return (x.float() + self.ffn(h).float() * c_gate).to(dtype)
@@ -153,6 +143,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         super().__init__(*args, **kwargs)
         for block in self.blocks:
             block.__class__ = CausalWanBlock
+        self.set_guidance(NoGuidance())
 
     @property
     def heads(self) -> int:
@@ -173,25 +164,40 @@ class CausalWanTransformer(WanTransformer3DModel):
     def text_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (K, V) [B, L, H, D] of one prompt's encoder output [B, L, text_dim]; norm_k applied."""
         ctx = self._project_text(context)
-        return [block.text_kv(ctx, self.heads) for block in self.blocks]
+        return [text_kv(block.attn2, ctx) for block in self.blocks]
+
+    def set_cross_attention(self, processors: Sequence[CrossAttentionProcessor]) -> None:
+        """Install one cross-attention processor per layer (what every following forward uses)."""
+        if len(processors) != len(self.blocks):
+            raise ValueError(f"{len(processors)} cross-attention processors for {len(self.blocks)} layers")
+        for block, processor in zip(self.blocks, processors):
+            block.attn2.processor = processor
+
+    def set_text(self, text) -> None:
+        """Install a TextCache's processors: its prompts' K/V and its current guidance setting."""
+        self.set_cross_attention(text.processors)
+
+    def set_guidance(self, method: Guidance, alphas: Sequence[float] = ()) -> None:
+        """Text-less processors with this method, for forwards handed prompts= (training)."""
+        self.set_cross_attention(plain_processors(len(self.blocks), method, alphas))
 
     def _project_text(self, context: torch.Tensor) -> torch.Tensor:
         param = self.patch_embedding.weight
         return self.condition_embedder.text_embedder(context.to(param.device, param.dtype))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: Sequence[TextKV] | PromptEmbeddings, guidance: Guidance | None = None,
-                alphas: Sequence[float] = (), start_frame: int = 0, kv_cache: SelfAttentionCache | None = None,
-                attn_mask: torch.Tensor | None = None, frame_positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, start_frame: int = 0, kv_cache: SelfAttentionCache | None = None,
+                attn_mask: torch.Tensor | None = None, frame_positions: torch.Tensor | None = None,
+                prompts: PromptEmbeddings | None = None) -> torch.Tensor:
         """Predict the flow v for latent frames x [B, C, F, H, W] at per-frame timesteps t [B, F].
 
-        kv_cache: streaming; this block's K/V go into the cache and the block attends to the cached window.
-        attn_mask: the full (teacher-forcing) forward over all frames at once, no cache.
-        frame_positions: temporal RoPE position of each frame (default start_frame, start_frame + 1, ...);
+        Cross-attention runs the installed processors (set_text: a TextCache's prompts and guidance; see
+        guidance.CrossAttentionProcessor). kv_cache: streaming; this block's K/V go into the cache and the block
+        attends to the cached window. attn_mask: the full (teacher-forcing) forward over all frames at once, no
+        cache. frame_positions: temporal RoPE position of each frame (default start_frame, start_frame + 1, ...);
         training uses it to put a clean copy and a noisy copy of the same frames side by side.
-        text: per-layer TextKV (a TextCache's layers, built once per video), or PromptEmbeddings, whose K/V are
-        built inside this forward (training: under FSDP a block's weights exist only inside its forward).
+        prompts: text encoder outputs whose K/V are built inside this forward, with the installed processors'
+        guidance (training: under FSDP a block's weights exist only inside its forward).
         """
-        guidance = guidance or _PLAIN
         batch, _, frames, height, width = x.shape
         pt, ph, pw = self.config.patch_size
         fp, hp, wp = frames // pt, height // ph, width // pw
@@ -214,11 +220,11 @@ class CausalWanTransformer(WanTransformer3DModel):
         # Training at full size: recompute each layer in the backward pass instead of keeping its activations
         # (diffusers' enable_gradient_checkpointing() sets the flag).
         checkpointing = getattr(self, "gradient_checkpointing", False) and torch.is_grad_enabled() and kv_cache is None
-        if isinstance(text, PromptEmbeddings):  # every block builds its own K/V from the projected contexts
-            projected = ([self._project_text(c) for c in (text.positive, *text.negatives)], text.lengths)
-            text = [projected] * len(self.blocks)
+        contexts = None
+        if prompts is not None:  # every block builds its own K/V from the projected contexts
+            contexts = ([self._project_text(c) for c in (prompts.positive, *prompts.negatives)], prompts.lengths)
         for layer, block in enumerate(self.blocks):
-            args = (hidden, modulation, cos, sin, text[layer], guidance, alphas, self.heads, layer, kv_cache, attn_mask)
+            args = (hidden, modulation, cos, sin, layer, kv_cache, attn_mask, contexts)
             if checkpointing:
                 hidden = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
@@ -242,8 +248,16 @@ def cast_generator(model: CausalWanTransformer, device, dtype: torch.dtype) -> C
     return model
 
 
-def parameter_count(config: dict) -> int:
-    """Parameters of a generator config, counted on the meta device (nothing allocated)."""
-    with torch.device("meta"):
-        model = CausalWanTransformer(**config)
-    return sum(p.numel() for p in model.parameters())
+def _build_wan(section: dict) -> CausalWanTransformer:
+    return CausalWanTransformer(**{**section, "patch_size": tuple(section["patch_size"])})
+
+
+def _rebuild_rope(model: CausalWanTransformer) -> None:
+    """to_empty leaves non-persistent buffers uninitialised: rebuild the RoPE tables on the CPU."""
+    c = model.config
+    model.rope = type(model.rope)(c.attention_head_dim, tuple(c.patch_size), c.rope_max_seq_len)
+
+
+register_architecture(Architecture(
+    "wan", _build_wan, cast_generator, reset_buffers=_rebuild_rope,
+    description="Wan2.1 (CausVid, Self-Forcing): diffusers' WanTransformer3DModel with a block-causal forward"))

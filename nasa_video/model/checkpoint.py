@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -61,8 +63,38 @@ def _clean_names(state: dict) -> dict:
     return _strip(_strip(out, "model."), "diffusion_model.")
 
 
-def to_diffusers_state_dict(obj: dict) -> tuple[dict, str]:
-    """Any supported checkpoint object -> (state dict in diffusers names, layout name)."""
+@dataclass(frozen=True)
+class Layout:
+    """A parameter naming a checkpoint may use: matches(keys) recognises it, convert(state) renames it to the
+    generator's own names."""
+
+    name: str
+    matches: Callable[[list[str]], bool]
+    convert: Callable[[dict], dict]
+
+
+LAYOUTS: dict[str, list[Layout]] = {}
+
+
+def register_layout(arch: str, layout: Layout) -> None:
+    """Teach the loader a naming for generators of this architecture (tried in registration order)."""
+    LAYOUTS.setdefault(arch, []).append(layout)
+
+
+def _original_wan_to_diffusers(state: dict) -> dict:
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    return convert_wan_transformer_to_diffusers(dict(state))
+
+
+register_layout("wan", Layout("diffusers names", lambda keys: any(".attn1." in k or k.startswith("condition_embedder.")
+                                                                  for k in keys), dict))
+register_layout("wan", Layout("original Wan names", lambda keys: any(
+    ".self_attn." in k or k.startswith("head.head") or k.startswith("text_embedding.") for k in keys),
+    _original_wan_to_diffusers))
+
+
+def to_diffusers_state_dict(obj: dict, arch: str = "wan") -> tuple[dict, str]:
+    """Any supported checkpoint object -> (state dict in the generator's own names, layout name)."""
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
     if "generator_ema" in obj and isinstance(obj["generator_ema"], dict):
@@ -75,20 +107,20 @@ def to_diffusers_state_dict(obj: dict) -> tuple[dict, str]:
         state, layout = obj, "bare state dict"
     state = _clean_names(state)
     keys = list(state)
-    if any(".attn1." in k or k.startswith("condition_embedder.") for k in keys):
-        return state, f"{layout}, diffusers names"
-    if any(".self_attn." in k or k.startswith("head.head") or k.startswith("text_embedding.") for k in keys):
-        from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-        return convert_wan_transformer_to_diffusers(dict(state)), f"{layout}, original Wan names"
+    for naming in LAYOUTS.get(arch, []):
+        if naming.matches(keys):
+            return naming.convert(state), f"{layout}, {naming.name}"
+    known = ", ".join(n.name for n in LAYOUTS.get(arch, [])) or "none registered"
     raise UserError(f"unknown checkpoint layout ({layout}); first keys: {', '.join(keys[:4]) or 'none'}. "
-                    f"Expected a CausVid / Self-Forcing model.pt, original Wan2.1 or diffusers weights")
+                    f"Expected a CausVid / Self-Forcing model.pt, original Wan2.1 or diffusers weights "
+                    f"(namings known for generator.arch {arch}: {known})")
 
 
-def load_generator_weights(model: torch.nn.Module, path_or_obj, strict: bool = True) -> str:
-    """Load a checkpoint into a CausalWanTransformer; returns the layout it found.
+def load_generator_weights(model: torch.nn.Module, path_or_obj, strict: bool = True, arch: str = "wan") -> str:
+    """Load a checkpoint into a generator of that architecture; returns the layout it found.
     Any missing, unexpected or mis-shaped key is a UserError naming the first few and the layout."""
     obj = read_weights(path_or_obj) if isinstance(path_or_obj, (str, os.PathLike)) else path_or_obj
-    state, layout = to_diffusers_state_dict(obj)
+    state, layout = to_diffusers_state_dict(obj, arch)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

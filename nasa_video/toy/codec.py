@@ -48,6 +48,14 @@ class ShuffleCodec(torch.nn.Module):
         x = x.reshape(b, self.channels, l * ts, h * s, w * s)
         return (x[:, :, 1:] if first else x).clamp(-1, 1)
 
+    # ---- the VideoCodec protocol (nasa_video.vae): what the pipeline's streaming decode needs -------------
+    def streaming_decoder(self) -> "ShuffleBlockDecoder":
+        return ShuffleBlockDecoder(self)
+
+    def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.decode_block(latents, first=True)
+
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -59,3 +67,20 @@ class ShuffleCodec(torch.nn.Module):
     def load(cls, folder: Path) -> "ShuffleCodec":
         cfg = json.loads((Path(folder) / "codec.json").read_text())
         return cls(cfg["channels"], cfg["latents_mean"], cfg["latents_std"])
+
+
+class ShuffleBlockDecoder:
+    """Stateless but for knowing the first block of a video (it gives one frame fewer)."""
+
+    def __init__(self, codec: ShuffleCodec):
+        self.codec = codec
+        self.reset()
+
+    def reset(self) -> None:
+        self._first = True
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        out = self.codec.decode_block(latents, self._first)
+        self._first = False
+        return out

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from ..distill import ode_regression_loss, teacher_ode_trajectory
 from ..loading import load_config
 from ..model.cache import PromptEmbeddings, TextCache
-from ..model.causal_wan import CausalWanTransformer, teacher_forcing_mask
+from ..model.causal_wan import teacher_forcing_mask
+from ..model.interface import build_from_config
 from ..schedule import FlowSchedule, output_to_velocity, prediction_of
 from .detect import agreement, detect
 from .text import load_toy_text_encoder, new_toy_text_encoder, save_toy_text_encoder
@@ -71,9 +72,9 @@ def encode_dataset(vae, tc, rng, clips: int, latent_frames: int):
 @torch.no_grad()
 def codec_agreement(vae, rng, videos: int, frames: int) -> float:
     """Detector vs ground truth on codec reconstructions (through the streaming decoder, as generation does)."""
-    from ..vae import StreamingDecoder, to_uint8
+    from ..vae import streaming_decoder, to_uint8
 
-    decoder = StreamingDecoder(vae)
+    decoder = streaming_decoder(vae)
     frames = encodable(frames)
     scores = []
     for _ in range(videos):
@@ -86,10 +87,8 @@ def codec_agreement(vae, rng, videos: int, frames: int) -> float:
 
 
 def new_generator(model_cfg, seed):
-    config = OmegaConf.to_container(model_cfg.generator)
-    config["patch_size"] = tuple(config["patch_size"])
     torch.manual_seed(seed)
-    return CausalWanTransformer(**config)
+    return build_from_config(model_cfg)
 
 
 def train_teacher(model_cfg, tc, latents, captions, text, rng, log):
@@ -115,9 +114,9 @@ def train_teacher(model_cfg, tc, latents, captions, text, rng, log):
         s = sigma[:, None, None, None, None]
         x_t = (1 - s) * x0 + s * noise
         t = (sigma * flow.num_train_timesteps)[:, None].expand(-1, frames)
-        layers = TextCache(model, text.encode_batch(prompts)).layers
+        model.set_text(TextCache(model, text.encode_batch(prompts)))
         # The loss is on v either way; an x0-predicting network is converted first (Li & He 2025).
-        loss = F.mse_loss(output_to_velocity(model(x_t, t, layers), x_t, s, prediction), noise - x0)
+        loss = F.mse_loss(output_to_velocity(model(x_t, t), x_t, s, prediction), noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,0 +1,98 @@
+"""Typed views of a model config's sections, read once (the YAML stays the source; nothing is re-derived or
+cast at each use). `model_spec(cfg)` checks types as it reads, so a wrong value is one clear error."""
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import UserError
+
+
+def _read(cls, section, where: str):
+    """An instance of dataclass cls from a config section: each field cast to its annotated type."""
+    values = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else dict(section or {})
+    out = {}
+    for f in fields(cls):
+        if f.name not in values:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise UserError(f"the model config has no {where}.{f.name}")
+            continue
+        value = values[f.name]
+        try:
+            out[f.name] = _cast(f.type, value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}.{f.name} must be {f.type}, got {value!r}") from None
+    return cls(**out)
+
+
+def _cast(kind: str, value):
+    if kind == "int":
+        if isinstance(value, bool) or float(value) != int(value):
+            raise ValueError
+        return int(value)
+    if kind == "float":
+        return float(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError
+        return value
+    if kind == "str":
+        return str(value)
+    if kind.startswith("tuple[int"):
+        return tuple(int(v) for v in value)
+    if kind.startswith("tuple[float"):
+        return tuple(float(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    height: int
+    width: int
+    latent_frames: int
+    frames_per_block: int
+    vae_stride: tuple[int, ...]
+    fps: int
+    display_scale: int = 1  # small models' frames, enlarged (nearest neighbour) in written MP4s
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    steps: tuple[float, ...]
+    shift: float
+    warp: bool = False
+    num_train_timesteps: int = 1000
+    context_noise: float = 0.0
+    prediction: str = "velocity"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    capacity_frames: int
+    rolling: bool = False
+    sink_frames: int = 0
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    method: str
+    scale: float
+    in_cache_pass: bool = True
+    settings: Any = field(default_factory=dict)  # {method: {setting: value}}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    video: VideoSpec
+    sampling: SamplingSpec
+    cache: CacheSpec
+    guidance: GuidanceSpec
+
+
+def model_spec(cfg: DictConfig) -> ModelSpec:
+    return ModelSpec(str(cfg.get("name", "model")), _read(VideoSpec, cfg.video, "video"),
+                     _read(SamplingSpec, cfg.sampling, "sampling"), _read(CacheSpec, cfg.cache, "cache"),
+                     _read(GuidanceSpec, cfg.guidance, "guidance"))
