@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nasa_video.errors import UserError
-from nasa_video.guidance import CFG, NAG, VSF, NoGuidance, nag
+from nasa_video.guidance import CFG, NAG, VSF, NoGuidance, nag, vsf
 
 from .test_guidance import naive_attention, random_qkv
 
@@ -32,8 +32,15 @@ def test_nag_equals_naive_formula(qkv):
 
 
 def test_nag_scale_one_and_below_sigma_end_is_none(qkv):
-    q, _, _, kv = qkv
-    torch.testing.assert_close(NAG().cross_attention(q, kv, [1.0]), NoGuidance().cross_attention(q, kv, []))
+    """NAG's switch-off at s = 1 returns what its formula gives at s = 1 (Zt = Z+, r = 1: Z+), i.e. plain attention."""
+    q, ks, vs, kv = qkv
+    tau, a = 2.5, 0.25
+    zp, zn = naive_attention(q, ks[0], vs[0]), naive_attention(q, ks[1], vs[1])
+    off = NAG(tau, a).cross_attention(q, kv, [1.0])
+    torch.testing.assert_close(off, nag(zp, zn, 1.0, tau, a))  # the formula, computed at s = 1
+    torch.testing.assert_close(off, zp)
+    torch.testing.assert_close(off, NoGuidance().cross_attention(q, kv, []))
+    assert not torch.allclose(nag(zp, zn, 1.5, tau, a), zp)  # just above 1 it guides
     assert NAG(sigma_end=0.75).scale_at(11.0, 0.5) == 1.0 and NAG(sigma_end=0.75).scale_at(11.0, 0.8) == 11.0
 
 
@@ -49,8 +56,15 @@ def test_vsf_equals_naive_formula_without_negative_padding(qkv):
 
 
 def test_vsf_scale_zero_is_none(qkv):
-    q, _, _, kv = qkv
-    torch.testing.assert_close(VSF().cross_attention(q, kv, [0.0]), NoGuidance().cross_attention(q, kv, []))
+    """VSF at scale 0 is switched off: plain attention on the positive (the naive softmax, not the same call).
+    This is a switch, not the formula at 0: the negative keys would still take softmax mass there."""
+    q, ks, vs, kv = qkv
+    off = VSF().cross_attention(q, kv, [0.0])
+    torch.testing.assert_close(off, naive_attention(q, ks[0], vs[0]))
+    torch.testing.assert_close(off, NoGuidance().cross_attention(q, kv, []))
+    n = kv.negative_lengths[0]
+    formula_at_zero = vsf(q, ks[0], vs[0], ks[1][:, :n], vs[1][:, :n], 0.0, VSF().bias)
+    assert not torch.allclose(formula_at_zero, off)  # the values [V+; 0] over [K+; K-]: Z+ scaled down per query
 
 
 def test_single_negative_methods_refuse_several():

@@ -34,41 +34,61 @@ def _parts():
     return gen, torch.randn(6, 4, 6, 8, 8, generator=g), [CAPTIONS[i % 2] for i in range(6)]
 
 
-def _trainer(dist=None, checkpointing=False):
+def _trainer(dist=None, checkpointing=False, **overrides):
     gen, latents, captions = _parts()
     trainer = distill.DMDTrainer(copy.deepcopy(gen.model), copy.deepcopy(gen.model), gen.text, gen.cfg,
-                                 distill.DMDConfig(**CONFIG), latents, captions, dist=dist)
+                                 distill.DMDConfig(**{**CONFIG, **overrides}), latents, captions, dist=dist)
     if checkpointing:
         trainer.generator.enable_gradient_checkpointing()
         trainer.fake.enable_gradient_checkpointing()
     return trainer
 
 
-def _rank(rank, world, port, out, one_seed, checkpoint, stop_after, checkpointing):
-    """One torchrun-like rank: train, then write the gathered networks and this rank's log."""
+def _rank(rank, world, port, runs, one_seed, checkpointing, overrides):
+    """One torchrun-like rank: for each (out, checkpoint, stop_after) in runs, a fresh trainer trains, then the
+    gathered networks and this rank's log are written to out."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     if one_seed:  # every rank draws rank 0's clips and noise: the run must then equal one process
         distill.rank_seed = lambda seed, rank: seed
-    from nasa_video.distributed import full_state_dict, init_from_env
+    from nasa_video.distributed import finish, full_state_dict, init_from_env
 
     ctx = init_from_env()
-    trainer = _trainer(ctx, checkpointing)
-    log = trainer.run(checkpoint, progress=False, stop_after=stop_after)
-    nets = {name: full_state_dict(getattr(trainer, name)) for name in ("generator", "fake", "ema")}
-    if rank == 0:
-        torch.save(nets, f"{out}/networks.pt")
-    with open(f"{out}/log{rank}.json", "w") as f:
-        json.dump(log, f)
-    torch.distributed.destroy_process_group()
+    for out, checkpoint, stop_after in runs:
+        trainer = _trainer(ctx, checkpointing, **overrides)
+        log = trainer.run(checkpoint, progress=False, stop_after=stop_after)
+        nets = {name: full_state_dict(getattr(trainer, name)) for name in ("generator", "fake", "ema")}
+        if rank == 0:
+            torch.save(nets, f"{out}/networks.pt")
+        with open(f"{out}/log{rank}.json", "w") as f:
+            json.dump(log, f)
+    # Leave as the library does (barrier, then destroy), then skip interpreter finalization: FSDP's device mesh
+    # keeps the gloo process group, and its worker threads, alive past destroy_process_group, and a worker
+    # that drops the last reference to a Python-owned tensor after finalization has begun needs the GIL, which
+    # (Python 3.11) ends the thread with pthread_exit; the unwind through C++ noexcept code calls
+    # std::terminate ("terminate called without an active exception", SIGABRT). Everything is written by now.
+    finish(ctx)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
-def _spawn(out, one_seed=False, checkpoint=None, stop_after=None, checkpointing=False):
-    out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_rank, args=(2, _free_port(), str(out), one_seed, checkpoint, stop_after, checkpointing), nprocs=2)
-    logs = [json.loads((out / f"log{r}.json").read_text()) for r in range(2)]
-    return torch.load(out / "networks.pt", weights_only=True), logs
+def _spawn_runs(runs, one_seed=False, checkpointing=False, **overrides):
+    """Two ranks doing runs [(out, checkpoint, stop_after)] in turn; [(networks, logs)] per run."""
+    for out, _, _ in runs:
+        out.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_rank, args=(2, _free_port(), [(str(o), c, s) for o, c, s in runs], one_seed, checkpointing,
+                          overrides), nprocs=2)
+    results = []
+    for out, _, _ in runs:
+        logs = [json.loads((out / f"log{r}.json").read_text()) for r in range(2)]
+        results.append((torch.load(out / "networks.pt", weights_only=True), logs))
+    return results
+
+
+def _spawn(out, one_seed=False, checkpoint=None, stop_after=None, checkpointing=False, **overrides):
+    return _spawn_runs([(out, checkpoint, stop_after)], one_seed, checkpointing, **overrides)[0]
 
 
 def _assert_same(a: dict, b: dict, **tol):
@@ -94,14 +114,19 @@ def test_two_fsdp_ranks_on_the_same_draws_equal_one_process(tmp_path):
 
 @pytest.mark.filterwarnings("ignore")
 def test_ranks_draw_their_own_data_and_a_killed_sharded_run_resumes_exactly(tmp_path):
-    whole, logs = _spawn(tmp_path / "whole")
-    assert [r["alpha"] for r in logs[0]] != [r["alpha"] for r in logs[1]]  # per-rank draws
+    """3 steps (generator updates at 0 and 2): the uninterrupted run and a run "killed" after 2 steps share one
+    launch (fresh trainers in turn); the resume is a new launch whose one step updates the generator, the
+    critic and the EMA from the loaded sharded optimiser states and random streams."""
+    short = dict(steps=3)
     checkpoint = tmp_path / "cut" / "dmd.ckpt"
-    _spawn(tmp_path / "cut", checkpoint=str(checkpoint), stop_after=3)  # "killed" after 3 of 4 steps
-    assert json.loads((checkpoint / "trainer.json").read_text())["step"] == 3
+    (whole, logs), _ = _spawn_runs([(tmp_path / "whole", None, None), (tmp_path / "cut", str(checkpoint), 2)],
+                                   **short)
+    assert [r["alpha"] for r in logs[0]] != [r["alpha"] for r in logs[1]]  # per-rank draws
+    assert sum("generator_loss" in r for r in logs[0]) == 2 and "generator_loss" in logs[0][-1]
+    assert json.loads((checkpoint / "trainer.json").read_text())["step"] == 2
     # a kill inside the swap (old moved aside, new not yet in place) leaves the previous checkpoint as .old
     checkpoint.rename(checkpoint.with_name("dmd.ckpt.old"))
-    resumed, resumed_logs = _spawn(tmp_path / "cut", checkpoint=str(checkpoint))
+    resumed, resumed_logs = _spawn(tmp_path / "cut", checkpoint=str(checkpoint), **short)
     _assert_same(resumed, whole, rtol=0, atol=0)
     assert resumed_logs == logs
     assert sorted(p.name for p in checkpoint.parent.iterdir() if p.name.startswith("dmd")) == ["dmd.ckpt"]

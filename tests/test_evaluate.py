@@ -117,23 +117,85 @@ def test_missing_clip_weights_name_the_file_and_the_place(tmp_path):
         ClipScorer(tmp_path / "empty")
 
 
+def reference_clip(scorer, frames, texts):
+    """Cosine similarities and logit scale computed straight from the CLIP model (not through ClipScorer)."""
+    import torch
+
+    pixels = scorer.processor(images=list(frames), return_tensors="pt")["pixel_values"]
+    tokens = scorer.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = scorer.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
+    # CLIPModel's own forward: logits_per_image = logit_scale * cos(image, text)
+    scale = float(scorer.model.logit_scale.detach().exp())
+    return out.logits_per_image.double().numpy() / scale, out.logits_per_image.double()
+
+
 def test_clip_scores_and_judge_end_to_end(tiny_generator, tmp_path):
-    from nasa_video.clip_score import ClipScorer, calibrate
+    from nasa_video.clip_score import ClipScorer, calibrate, removal_success
 
     scorer = ClipScorer(make_tiny_clip(tmp_path / "clip"))
     pairs = [("a photo of a pet", "cat", "dog"), ("a photo of a person", "old", "young")]
+    contrast = {(pos, neg): c for pos, neg, c in pairs}
     jobs = plan_removal(pairs, METHODS, samples=1)
     assert len({j.path(tmp_path) for j in jobs}) == len(jobs)
     run_jobs(tiny_generator, jobs, tmp_path / "r", progress=False)
     result = judge_removal(scorer, jobs, pairs, tmp_path / "r", progress=False)
-    for row in result["methods"].values():
-        assert 0 <= row["success"] <= 1 and np.isfinite(row["clip_plus"]) and np.isfinite(row["clip_minus"])
+    # every number of the judge recomputed from CLIPModel's forward (cosine x 100, zero-shot softmax)
+    expected = {}
+    for job in jobs:
+        frames = read_video(job.path(tmp_path / "r"))
+        cos, _ = reference_clip(scorer, frames, [job.prompt, job.negative])
+        _, logits = reference_clip(scorer, frames, [f"a photo of {job.negative}",
+                                                    f"a photo of {contrast[(job.prompt, job.negative)]}"])
+        p = logits.softmax(-1)[:, 0].numpy()
+        np.testing.assert_allclose(scorer.negative_probability(frames, job.negative, contrast[(job.prompt, job.negative)]),
+                                   p, rtol=1e-5, atol=1e-6)
+        row = expected.setdefault(job.label, {"clip_plus": [], "clip_minus": [], "success": [], "per_pair": {}})
+        row["clip_plus"].append(100 * cos[:, 0].mean())
+        row["clip_minus"].append(100 * cos[:, 1].mean())
+        row["success"].append(float((p > 0.5).mean() <= 0.1))
+        row["per_pair"][f"{job.prompt} / -{job.negative}"] = row["success"][-1]
+    assert set(result["methods"]) == set(expected) and len(expected) == 2
+    for label, row in result["methods"].items():
+        want = expected[label]
+        assert row["videos"] == 2
+        assert row["clip_plus"] == pytest.approx(np.mean(want["clip_plus"]), rel=1e-5, abs=1e-4)
+        assert row["clip_minus"] == pytest.approx(np.mean(want["clip_minus"]), rel=1e-5, abs=1e-4)
+        assert row["clip_plus"] != pytest.approx(row["clip_minus"])  # the two prompts are told apart
+        assert row["success"] == np.mean(want["success"])
+        assert row["per_pair"] == want["per_pair"]
         assert set(row["per_pair"]) == {"a photo of a pet / -cat", "a photo of a person / -old"}
     frames = read_video(jobs[0].path(tmp_path / "r"))
     p = scorer.negative_probability(frames, "cat", "dog")
     assert p.shape == (len(frames),) and ((0 <= p) & (p <= 1)).all()
+    # a two-way softmax: swapping the concepts gives the complement, frame by frame
+    np.testing.assert_allclose(scorer.negative_probability(frames, "dog", "cat"), 1 - p, rtol=1e-5, atol=1e-6)
+    assert p.std() > 0 or len(frames) == 1  # frames are scored one by one, not one score broadcast
+    # the rule: a success when at most 10% of the frames show the negative
+    assert removal_success(np.array([0.9] + [0.1] * 9)) and not removal_success(np.array([0.9] * 2 + [0.1] * 8))
     cal = calibrate(np.array([0.1, 0.2, 0.7, 0.9]), np.array([False, False, True, True]))
     assert cal["agreement"] == 1.0 and 0.2 <= cal["threshold"] < 0.7
+    # the judge's aggregation on scores known in advance
+    known = judge_removal(KnownScorer(), jobs, pairs, tmp_path / "r", progress=False)
+    assert set(known["methods"]) == set(expected)
+    for label, row in known["methods"].items():
+        brightness = np.mean([read_video(j.path(tmp_path / "r")).mean() for j in jobs if j.label == label])
+        assert row["videos"] == 2 and row["success"] == 0.5
+        assert row["per_pair"] == {"a photo of a pet / -cat": 0.0, "a photo of a person / -old": 1.0}
+        assert row["clip_plus"] == pytest.approx(brightness) and row["clip_minus"] == pytest.approx(-brightness)
+
+
+class KnownScorer:
+    """A judge whose scores are known: every frame shows 'cat' (p = 1) and nothing else (p = 0);
+    CLIP+ is the frames' mean brightness and CLIP- its negative."""
+
+    folder = "known"
+
+    def negative_probability(self, frames, negative, contrast):
+        return np.full(len(frames), 1.0 if negative == "cat" else 0.0)
+
+    def clip_plus_minus(self, frames, positive, negative):
+        return {"clip_plus": float(frames.mean()), "clip_minus": -float(frames.mean())}
 
 
 FAKE_VBENCH = r'''#!/usr/bin/env bash

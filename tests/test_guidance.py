@@ -7,8 +7,9 @@ import torch
 from .conftest import guided as guided_model
 
 from nasa_video.errors import UserError
-from nasa_video.guidance import (NASA, NoGuidance, ScaleSchedule, TextKV, attend_all_prompts, make_guidance,
-                                 nasa, parse_negatives)
+from nasa_video.attention import attend
+from nasa_video.guidance import (NASA, Guidance, NoGuidance, ScaleSchedule, TextKV, attend_all_prompts,
+                                 make_guidance, nasa, parse_negatives)
 
 B, S, L, HEADS, D = 2, 20, 7, 3, 8
 
@@ -29,6 +30,33 @@ def random_qkv(prompts: int, negative_lengths=None, shape=(B, S, L, HEADS, D)):
     return q, ks, vs, TextKV(torch.cat(ks, 2), torch.cat(vs, 2), heads, negative_lengths)
 
 
+def naive_nasa(q, ks, vs, alphas):
+    """NASA's equation with every term evaluated (no skipped zero weights, no early return)."""
+    return naive_attention(q, ks[0], vs[0]) - sum(a * naive_attention(q, k, v) for a, k, v in zip(alphas, ks[1:], vs[1:]))
+
+
+class Formula(Guidance):
+    """A guidance method evaluated through its formula on per-prompt attention, with none of the library
+    classes' switch-off shortcuts: the reference the shortcuts (scale 0, s = 1) are checked against."""
+
+    in_attention = True
+
+    def __init__(self, like: Guidance, formula):
+        self.name, self.scale_range, self.max_negatives = like.name, like.scale_range, like.max_negatives
+        self.formula = formula
+
+    def scale_at(self, scale, sigma):
+        return scale
+
+    def cross_attention(self, q, kv, alphas):
+        z = [attend(q, *kv.prompt(i)) for i in range(kv.num_prompts)]
+        return self.formula(z, alphas)
+
+
+def nasa_formula():
+    return Formula(NASA(), lambda z, alphas: z[0] - sum(a * zn for a, zn in zip(alphas, z[1:])))
+
+
 @pytest.fixture
 def qkv():
     return random_qkv(3)
@@ -37,9 +65,9 @@ def qkv():
 def test_nasa_equals_naive_formula(qkv):
     q, ks, vs, kv = qkv
     alphas = [0.8, 0.3]
-    expected = naive_attention(q, ks[0], vs[0]) - sum(a * naive_attention(q, k, v)
-                                                      for a, k, v in zip(alphas, ks[1:], vs[1:]))
+    expected = naive_nasa(q, ks, vs, alphas)
     torch.testing.assert_close(NASA().cross_attention(q, kv, alphas), expected)
+    torch.testing.assert_close(nasa_formula().cross_attention(q, kv, alphas), expected)
 
 
 def test_fused_call_equals_separate_calls(qkv):
@@ -50,8 +78,14 @@ def test_fused_call_equals_separate_calls(qkv):
 
 
 def test_alpha_zero_equals_no_guidance(qkv):
-    q, _, _, kv = qkv
-    torch.testing.assert_close(NASA().cross_attention(q, kv, [0.0, 0.0]), NoGuidance().cross_attention(q, kv, [1, 1]))
+    """NASA's switch-off at alpha = 0 returns what its equation gives there, and what plain attention gives."""
+    q, ks, vs, kv = qkv
+    off = NASA().cross_attention(q, kv, [0.0, 0.0])
+    torch.testing.assert_close(off, naive_nasa(q, ks, vs, [0.0, 0.0]))  # the equation, every term evaluated
+    torch.testing.assert_close(off, naive_attention(q, ks[0], vs[0]))
+    torch.testing.assert_close(off, NoGuidance().cross_attention(q, kv, [1, 1]))
+    # one weight at zero, the other not: only the zero term drops out
+    torch.testing.assert_close(NASA().cross_attention(q, kv, [0.0, 0.7]), naive_nasa(q, ks, vs, [0.0, 0.7]))
 
 
 def test_nasa_function_is_linear_in_alpha(qkv):
@@ -63,12 +97,18 @@ def test_nasa_function_is_linear_in_alpha(qkv):
 
 
 def test_model_alpha_zero_equals_none(tiny_model, text_cache):
+    """In the model, alpha = 0 equals the equation evaluated at 0 (every negative attended and weighted by 0,
+    no shortcut), and plain attention exactly."""
     x, t = torch.randn(1, 4, 3, 8, 8), torch.full((1, 3), 700.0)
     with torch.no_grad():
         none = guided_model(tiny_model, text_cache, NoGuidance())(x, t)
         zero = guided_model(tiny_model, text_cache, NASA(), 0.0)(x, t)
+        formula_zero = guided_model(tiny_model, text_cache, nasa_formula(), 0.0)(x, t)
         guided = guided_model(tiny_model, text_cache, NASA(), 1.0)(x, t)
+        formula_guided = guided_model(tiny_model, text_cache, nasa_formula(), 1.0)(x, t)
+    torch.testing.assert_close(zero, formula_zero, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(zero, none, rtol=0, atol=0)
+    torch.testing.assert_close(guided, formula_guided, rtol=1e-5, atol=1e-6)  # the reference is NASA's equation
     assert (guided - none).abs().max() > 1e-3
 
 

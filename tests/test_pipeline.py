@@ -7,6 +7,8 @@ from nasa_video.errors import UserError
 from nasa_video.pipeline import StreamingGenerator, latent_frames_for
 from nasa_video.vae import one_shot_decode, streaming_decoder
 
+from .test_guidance import nasa_formula
+
 PROMPT, NEG = "a red circle and a blue square", "red circle"
 
 
@@ -46,11 +48,16 @@ def test_reproducible_for_a_seed(tiny_generator):
 
 
 def test_alpha_zero_stream_equals_none(tiny_generator):
+    """alpha = 0 streams what NASA's equation streams at 0 (the negative attended and weighted by 0 in every
+    layer, no shortcut), and exactly what no guidance streams."""
     none = run(tiny_generator, negative=NEG, guidance="none", decode=False)
     zero = run(tiny_generator, negative=NEG, guidance="nasa", scale=0.0, decode=False)
+    formula_zero = run(tiny_generator, negative=NEG, guidance=nasa_formula(), scale=0.0, decode=False)
     nasa = run(tiny_generator, negative=NEG, guidance="nasa", scale=1.0, decode=False)
-    for a, b in zip(none, zero):
+    assert len(zero) == len(formula_zero) == len(none) == 2
+    for a, b, c in zip(none, zero, formula_zero):
         torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
+        torch.testing.assert_close(b.latents, c.latents, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(none[1].latents, nasa[1].latents)
 
 
