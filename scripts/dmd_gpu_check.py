@@ -18,8 +18,8 @@ import zlib
 import torch
 from omegaconf import OmegaConf
 
-from nasa_video.distill import DMDConfig, DMDTrainer
-from nasa_video.distributed import init_from_env
+from nasa_video.train.distributed import init_from_env
+from nasa_video.train.dmd import DMDConfig, DMDTrainer
 from nasa_video.loading import load_config
 from nasa_video.model.causal_wan import CausalWanTransformer
 

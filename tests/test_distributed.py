@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import nasa_video.distill as distill
+import nasa_video.train.dmd as distill
 
 from .conftest import write_latent_clips
 
@@ -51,7 +51,7 @@ def _rank(rank, world, port, out, one_seed, checkpoint, stop_after, checkpointin
     torch.set_num_threads(1)
     if one_seed:  # every rank draws rank 0's clips and noise: the run must then equal one process
         distill.rank_seed = lambda seed, rank: seed
-    from nasa_video.distributed import full_state_dict, init_from_env
+    from nasa_video.train.distributed import full_state_dict, init_from_env
 
     ctx = init_from_env()
     trainer = _trainer(ctx, checkpointing)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ..distill import DMDConfig, DMDTrainer
+from ..train.dmd import DMDConfig, DMDTrainer
 from ..loading import bundled_path, load_config
 from .codec import ShuffleCodec
 from .text import load_toy_text_encoder

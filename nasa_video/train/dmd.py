@@ -25,7 +25,7 @@ them; and an EMA of the generator is optional (CausVid has none). So start DMD f
 
 Checkpoints hold the networks, their optimisers, the EMA, the step and every random state, written
 atomically; a killed run resumes to the same parameters as an uninterrupted one. Under torchrun the networks
-are sharded with FSDP2 and the checkpoints with torch.distributed.checkpoint (nasa_video.distributed).
+are sharded with FSDP2 and the checkpoints with torch.distributed.checkpoint (nasa_video.train.distributed).
 """
 from __future__ import annotations
 
@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import Distributed, load_sharded, rank_seed, save_sharded, shard_transformer, sharded_checkpoint
-from .errors import UserError
-from .guidance import NASA, NoGuidance
-from .model.cache import PromptEmbeddings
-from .model.causal_wan import teacher_forcing_block_mask, teacher_forcing_mask
-from .schedule import FlowSchedule, output_to_velocity, output_to_x0, prediction_of
+from ..errors import UserError
+from ..guidance import NASA, NoGuidance
+from ..model.cache import PromptEmbeddings
+from ..model.causal_wan import teacher_forcing_block_mask, teacher_forcing_mask
+from ..schedule import FlowSchedule, output_to_velocity, output_to_x0, prediction_of
 
 @dataclass
 class DMDConfig:
@@ -494,8 +494,8 @@ def dry_run(train_config: str | os.PathLike, batch: int = 1) -> dict:
     run one generator forward, the DMD scores and the critic forward to check every shape."""
     from omegaconf import OmegaConf
 
-    from .loading import load_config
-    from .model.causal_wan import CausalWanTransformer, parameter_count
+    from ..loading import load_config
+    from ..model.causal_wan import CausalWanTransformer, parameter_count
 
     tc = OmegaConf.load(train_config)
     model_cfg = load_config(str(tc.model))
@@ -581,7 +581,7 @@ def _training_setup(config):
     from omegaconf import OmegaConf
 
     from .distributed import init_from_env
-    from .loading import load_config, resolve_device
+    from ..loading import load_config, resolve_device
 
     if not Path(config).is_file():
         raise UserError(f"no training config at {config}")
@@ -609,7 +609,7 @@ def _section(tc, key: str, config) -> dict:
 
 
 def _frozen_text(model_cfg, device, wan):
-    from .loading import build_vae_and_text
+    from ..loading import build_vae_and_text
 
     # Frozen: bf16 on GPUs (umT5-XXL's encoder, 5.7 B parameters, is 23 GB in fp32; every rank holds one).
     return build_vae_and_text(model_cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32, wan)[1]
@@ -633,8 +633,8 @@ def train_from_config(config: str | os.PathLike, out: str | os.PathLike, progres
     from omegaconf import OmegaConf
 
     from .distributed import finish, full_state_dict
-    from .loading import build_generator
-    from .model.checkpoint import save_generator
+    from ..loading import build_generator
+    from ..model.checkpoint import save_generator
 
     if stage not in ("dmd", "ode"):
         raise UserError(f"stage must be dmd or ode, not {stage!r}")
@@ -700,8 +700,8 @@ def make_ode_pairs(config: str | os.PathLike, prompts: list[str], out: str | os.
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from .evaluate import generation_device, rank_and_world
-    from .loading import build_generator, load_config, resolve_device
+    from ..evaluate import generation_device, rank_and_world
+    from ..loading import build_generator, load_config, resolve_device
 
     tc, model_cfg = OmegaConf.load(config), None
     if not tc.get("model"):
