@@ -118,7 +118,7 @@ def test_dmd_gradient_is_normalised_per_sample():
 
 
 def test_real_model_nasa_t_config_dry_run_on_meta():
-    from nasa_video.train.dmd import dry_run
+    from nasa_video.train.setup import dry_run
 
     report = dry_run("configs/causvid_nasa_t_train.yaml")
     assert report["shapes"]["generator_x0"] == [1, 16, 21, 60, 104] == report["shapes"]["real_x0"]
@@ -217,7 +217,7 @@ ode: {{steps: {steps}, batch: 2, lr: 1.0e-3, checkpoint_every: 1}}
 
 
 def test_teacher_trajectory_starts_at_the_noise_and_passes_every_student_step(parts):
-    from nasa_video.train.dmd import sigma_path, teacher_ode_trajectory
+    from nasa_video.train.ode import sigma_path, teacher_ode_trajectory
     from nasa_video.schedule import FlowSchedule
 
     gen = parts[0]
@@ -236,7 +236,7 @@ def test_teacher_trajectory_starts_at_the_noise_and_passes_every_student_step(pa
 
 def test_ode_regression_fits_teacher_trajectories(parts):
     """A few steps on four trajectories lower the regression loss (the student learns the teacher's ODE map)."""
-    from nasa_video.train.dmd import ODEConfig, ODETrainer, teacher_ode_trajectory
+    from nasa_video.train.ode import ODEConfig, ODETrainer, teacher_ode_trajectory
     from nasa_video.schedule import FlowSchedule
 
     gen = parts[0]
@@ -292,7 +292,7 @@ def test_ode_pairs_then_ode_stage_from_the_command_line(tmp_path, monkeypatch):
 def test_real_model_ode_config_fits_the_causvid_student():
     from omegaconf import OmegaConf
 
-    from nasa_video.train.dmd import ODEConfig
+    from nasa_video.train.ode import ODEConfig
     from nasa_video.loading import load_config
 
     tc = OmegaConf.load("configs/causvid_ode_train.yaml")
@@ -306,7 +306,7 @@ def test_shifted_sigma_path_is_the_teachers_50_step_sampler_through_the_student_
     path lands exactly on the student's sigmas; bad counts are refused before any weights load."""
     from omegaconf import OmegaConf
 
-    from nasa_video.train.dmd import sigma_path
+    from nasa_video.train.ode import sigma_path
     from nasa_video.loading import load_config
     from nasa_video.schedule import FlowSchedule
 
