@@ -85,6 +85,27 @@ def test_teacher_cfg_weight_and_unconditional_prompt_reach_the_real_score(parts)
     assert not torch.equal(params(a.generator), params(b.generator))
 
 
+def test_nasa_t_negatives_come_from_the_sampler_handed_to_the_trainer(parts):
+    """The trainer knows no caption grammar: a sampler (captions, numpy rng) -> negatives is handed in; without
+    one, negative_from_caption > 0 is refused and the negatives list is drawn from."""
+    seen = []
+
+    def sampler(captions, rng):
+        seen.append(list(captions))
+        return ["blurry"] * len(captions)
+
+    gen, latents, captions = parts
+    cfg = DMDConfig(steps=1, batch=2, seed=3, nasa_t=True, negatives=["noise"], negative_from_caption=0.5)
+    with pytest.raises(UserError, match="negative sampler"):
+        DMDTrainer(copy.deepcopy(gen.model), copy.deepcopy(gen.model), gen.text, gen.cfg, cfg, latents, captions)
+    t = DMDTrainer(copy.deepcopy(gen.model), copy.deepcopy(gen.model), gen.text, gen.cfg, cfg, latents, captions,
+                   negative_sampler=sampler)
+    t.run(progress=False)
+    assert len(seen) == 1 and all(c in CAPTIONS for c in seen[0])
+    assert set(trainer(parts, nasa_t=True, negatives=["x", "y"]).sample_negatives(CAPTIONS * 10,
+                                                                                   np.random.default_rng(0))) == {"x", "y"}
+
+
 def test_nasa_t_changes_the_student_update(parts):
     plain = trainer(parts)
     nasa_t = trainer(parts, nasa_t=True, negatives=["blurry"], alpha_max=1.0)

@@ -12,11 +12,16 @@ NASA-T: the real score's CFG uses a sampled negative prompt as its unconditional
     real = real(y-) + kappa (real(y+) - real(y-)),  kappa ~ U(kappa_min, kappa_max) per iteration,
 and the student runs NASA with the same negative and alpha ~ U(0, alpha_max) per iteration. Without
 NASA-T the unconditional branch is cfg.unconditional and kappa the fixed real_guidance_scale.
+
+NASA-T's negatives come from a NegativeSampler, (captions, numpy rng) -> one negative per caption: by default
+one of cfg.negatives; a dataset whose captions name what may be removed hands its own (the bundled world's
+draws the clip's own objects: nasa_video.toy.nasa_t.object_negatives).
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -50,7 +55,8 @@ class DMDConfig:
     kappa_min: float = 0.5            # teacher CFG kappa ~ U(kappa_min, kappa_max)
     kappa_max: float = 4.0
     negatives: list[str] = field(default_factory=list)  # NASA-T's negative prompts (quality terms, object names)
-    negative_from_caption: float = 0.0  # bundled world: share of negatives drawn from the clip's own objects
+    negative_from_caption: float = 0.0  # share of negatives a caption-reading sampler (handed to DMDTrainer)
+                                        # draws from the clip's own caption; the rest come from negatives
     flex_mask: bool | None = None     # teacher-forcing mask as a flex-attention BlockMask; None: on CUDA above
                                       # 16k tokens (the 1.3B model's 65,520), where a dense mask cannot fit
 
@@ -63,6 +69,17 @@ class DMDConfig:
             raise UserError("dfake_gen_update_ratio must be at least 1")
         check_run_lengths(self)
 
+
+
+NegativeSampler = Callable[[list[str], np.random.Generator], list[str]]
+"""NASA-T's negatives: one negative prompt per caption of the batch, drawn with the trainer's numpy stream."""
+
+
+def list_negatives(negatives: list[str]) -> NegativeSampler:
+    """The default sampler: one of `negatives` per caption, uniformly."""
+    def sample(captions: list[str], rng: np.random.Generator) -> list[str]:
+        return [str(negatives[int(rng.integers(len(negatives)))]) for _ in captions]
+    return sample
 
 
 def sample_nasa_t(rng: np.random.Generator, cfg: DMDConfig) -> tuple[float, float]:
@@ -78,13 +95,20 @@ def dmd_gradient(x0: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor)
 
 class DMDTrainer(Trainer):
     """generator: the block-causal student; teacher: the frozen real score (bidirectional); text: TextEncoder
-    with encode_batch; latents [N, C, F, h, w] and captions: the data the generator input is noised from."""
+    with encode_batch; latents [N, C, F, h, w] and captions: the data the generator input is noised from;
+    negative_sampler: NASA-T's negatives (default: one of cfg.negatives per clip; needed when
+    cfg.negative_from_caption > 0, as only the dataset knows how to read its captions)."""
 
     desc = "dmd"
 
     def __init__(self, generator, teacher, text, model_cfg, cfg: DMDConfig, latents: torch.Tensor,
-                 captions: list[str], dist: Distributed | None = None):
+                 captions: list[str], dist: Distributed | None = None,
+                 negative_sampler: NegativeSampler | None = None):
         cfg.check()
+        if negative_sampler is None and cfg.nasa_t and cfg.negative_from_caption > 0:
+            raise UserError("negative_from_caption > 0 needs a negative sampler that reads this data's captions "
+                            "(`train toy-nasa-t` hands the bundled world's); set it to 0 to draw from negatives")
+        self.sample_negatives = negative_sampler or list_negatives(cfg.negatives)
         self.generator = generator.train().requires_grad_(True)
         self.teacher = teacher.eval().requires_grad_(False)
         self.fake = copy.deepcopy(teacher).train().requires_grad_(True)
@@ -109,16 +133,6 @@ class DMDTrainer(Trainer):
     # ---- pieces ------------------------------------------------------------------------------------------
     def _randn(self, shape) -> torch.Tensor:
         return torch.randn(shape, generator=self.torch_rng).to(self.device)
-
-    def _negatives(self, captions: list[str]) -> list[str]:
-        out = []
-        for caption in captions:
-            if self.cfg.negative_from_caption and self.np_rng.random() < self.cfg.negative_from_caption:
-                names = [part.split(" moving")[0].split()[-2:] for part in caption.split(" and ")]
-                out.append(" ".join(names[int(self.np_rng.integers(len(names)))]))
-            else:
-                out.append(str(self.cfg.negatives[int(self.np_rng.integers(len(self.cfg.negatives)))]))
-        return out
 
     def _sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.flow.frame_sigma(t).float()
@@ -164,7 +178,7 @@ class DMDTrainer(Trainer):
         x0_data, captions = self._batch()
         if cfg.nasa_t:
             alpha, kappa = sample_nasa_t(self.np_rng, cfg)
-            negatives = self._negatives(captions)
+            negatives = self.sample_negatives(captions, self.np_rng)
         else:
             alpha, kappa, negatives = 0.0, cfg.real_guidance_scale, [cfg.unconditional] * len(captions)
         with torch.no_grad():
