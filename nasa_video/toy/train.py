@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from ..train.config import generator_kwargs
 from ..train.ode import ode_regression_loss, teacher_ode_trajectory
 from ..loading import load_config
 from ..model.cache import PromptEmbeddings, TextCache
@@ -86,8 +87,7 @@ def codec_agreement(vae, rng, videos: int, frames: int) -> float:
 
 
 def new_generator(model_cfg, seed):
-    config = OmegaConf.to_container(model_cfg.generator)
-    config["patch_size"] = tuple(config["patch_size"])
+    config = generator_kwargs(model_cfg)
     torch.manual_seed(seed)
     return CausalWanTransformer(**config)
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..schedule import FlowSchedule, prediction_of
-from .config import require_weights, section, settings_from, training_setup
+from .config import ODEPairsConfig, TrainingConfig, settings_from
 from .data import ClipFolder
 from .distributed import sharded_checkpoint
 from .dmd import DMDConfig, DMDTrainer
@@ -36,28 +35,21 @@ def training_state_gib(parameters: int, ema: bool, ranks: int) -> float:
 def dry_run(train_config: str | os.PathLike, batch: int = 1) -> dict:
     """Build the real-size generator, teacher and fake score on the meta device (no weights, no memory) and
     run one generator forward, the DMD scores and the critic forward to check every shape."""
-    from omegaconf import OmegaConf
-
-    from ..loading import load_config
     from ..model.causal_wan import CausalWanTransformer, parameter_count
 
-    tc = OmegaConf.load(train_config)
-    model_cfg = load_config(str(tc.model))
-    config = OmegaConf.to_container(model_cfg.generator, resolve=True)
-    config["patch_size"] = tuple(config["patch_size"])
+    tc = TrainingConfig.load(train_config)
+    model, config = tc.settings, tc.settings.generator
     with torch.device("meta"):
         generator, teacher = CausalWanTransformer(**config), CausalWanTransformer(**config)
-    latent_hw = (int(model_cfg.video.height) // 8, int(model_cfg.video.width) // 8)
-    frames = int(model_cfg.video.latent_frames)
-    latents = torch.empty(batch, config["in_channels"], frames, *latent_hw, device="meta")
-    text_len, text_dim = int(model_cfg.weights.get("text_max_length", 512)), config["text_dim"]
+    latents = torch.empty(batch, config["in_channels"], model.latent_frames, *model.latent_hw, device="meta")
+    text_len, text_dim = model.text_max_length, config["text_dim"]
 
     class MetaText:
         def encode_batch(self, prompts):
             return torch.empty(len(prompts), text_len, text_dim, device="meta")
 
-    cfg = DMDConfig(**{**OmegaConf.to_container(tc.dmd), "batch": batch})
-    trainer = DMDTrainer(generator, teacher, MetaText(), model_cfg, cfg, latents, ["a prompt"])
+    cfg = settings_from(DMDConfig, {**tc.section("dmd"), "batch": batch}, "dmd")
+    trainer = DMDTrainer(generator, teacher, MetaText(), tc.model_cfg, cfg, latents, ["a prompt"])
     x0_data, captions = trainer._batch()
     positive = trainer.text.encode_batch(captions)
     negative = trainer.text.encode_batch(["a negative"])
@@ -72,7 +64,7 @@ def dry_run(train_config: str | os.PathLike, batch: int = 1) -> dict:
             raise UserError(f"dry run: {name} has shape {shape}, expected {shapes['latents']}")
     parameters = parameter_count(config)
     state = {f"{n} GPU{'s' if n > 1 else ''}": training_state_gib(parameters, bool(cfg.ema), n) for n in (1, 8, 64)}
-    return {"model": str(tc.model), "parameters_per_network": parameters, "shapes": shapes,
+    return {"model": tc.model, "parameters_per_network": parameters, "shapes": shapes,
             "training_state_gib_per_gpu": state,
             "not_counted": "activations (with gradient checkpointing: each layer's input and one layer's "
                            "internals), the bf16 text encoder, one Wan block's all-gathered weights",
@@ -93,32 +85,34 @@ def train_from_config(config: str | os.PathLike, out: str | os.PathLike, progres
 
     from omegaconf import OmegaConf
 
-    from ..loading import build_generator
+    from ..loading import build_generator, resolve_device
     from ..model.checkpoint import save_generator
-    from .distributed import finish, full_state_dict
+    from .distributed import finish, full_state_dict, init_from_env
 
     if stage not in ("dmd", "ode"):
         raise UserError(f"stage must be dmd or ode, not {stage!r}")
-    tc, model_cfg, ctx, device = training_setup(config)
-    settings = settings_from(DMDConfig if stage == "dmd" else ODEConfig, section(tc, stage, config), stage)
+    tc = TrainingConfig.load(config)
+    model_cfg = tc.model_cfg
+    ctx = init_from_env()
+    device = ctx.device if ctx is not None else resolve_device(tc.device)
+    settings = settings_from(DMDConfig if stage == "dmd" else ODEConfig, tc.section(stage), stage)
     settings.check()
-    data = ClipFolder(OmegaConf.select(tc, "data.latents" if stage == "dmd" else "data.trajectories"),
-                      "latents" if stage == "dmd" else "trajectory")
+    data = ClipFolder(tc.latents if stage == "dmd" else tc.trajectories, "latents" if stage == "dmd" else "trajectory")
     # The ODE stage starts the student from the teacher's weights unless given a generator.
-    start = tc.get("generator") or (tc.get("teacher") if stage == "ode" else None)
+    start = tc.generator or (tc.teacher if stage == "ode" else None)
     if stage == "dmd":
-        require_weights(tc, model_cfg, config, "generator", "the ODE-initialised student's checkpoint")
+        tc.require_weights("generator", "the ODE-initialised student's checkpoint")
     else:
-        require_weights(tc, model_cfg, config, "teacher", "the bidirectional teacher's weights, the student's start")
+        tc.require_weights("teacher", "the bidirectional teacher's weights, the student's start")
     generator = build_generator(model_cfg, device, torch.float32, start)
-    text = frozen_text(model_cfg, device, tc.get("wan"))
+    text = frozen_text(model_cfg, device, tc.wan)
     data.check_captions(text)
     if stage == "dmd":
-        teacher = build_generator(model_cfg, device, torch.float32, tc.get("teacher") or tc.get("generator"))
+        teacher = build_generator(model_cfg, device, torch.float32, tc.teacher or tc.generator)
         trainer = DMDTrainer(generator, teacher, text, model_cfg, settings, data, [], dist=ctx)
     else:
         trainer = ODETrainer(generator, text, model_cfg, settings, data, dist=ctx)
-    if tc.get("gradient_checkpointing", False):
+    if tc.gradient_checkpointing:
         for net in (trainer.generator, getattr(trainer, "fake", None)):
             if net is not None:
                 net.enable_gradient_checkpointing()
@@ -140,7 +134,7 @@ def train_from_config(config: str | os.PathLike, out: str | os.PathLike, progres
     last = {k: v for k, v in (log[-1] if log else {}).items() if k.endswith("loss")}
     summary = {"stage": stage, "steps": trainer.step, **{f"{k}_last": v for k, v in last.items()},
                "nasa_t": bool(getattr(trainer.cfg, "nasa_t", False)), "world_size": ctx.world_size if ctx else 1,
-               "config": OmegaConf.to_container(tc)}
+               "config": OmegaConf.to_container(tc.raw)}
     if ctx is None or ctx.is_main:
         save_generator(weights, out / "generator.safetensors", "diffusers")
         save_generator(weights, out / "model.pt", "causvid")  # upstream CausVid's layout too
@@ -157,54 +151,45 @@ def make_ode_pairs(config: str | os.PathLike, prompts: list[str], out: str | os.
     (no process group needed). Written atomically; existing files are kept, so a killed run resumes.
     Keys of the YAML: model, teacher, wan, device, ode_pairs {steps_per_segment, spacing, guidance_scale, seed,
     unconditional}. Returns how many files this rank wrote."""
-    from omegaconf import OmegaConf
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     from ..evaluate import generation_device, rank_and_world
-    from ..loading import build_generator, load_config, resolve_device
+    from ..loading import build_generator, resolve_device
 
-    tc, model_cfg = OmegaConf.load(config), None
-    if not tc.get("model"):
-        raise UserError(f"{config}: set model (a model config name or YAML, e.g. causvid)")
-    model_cfg = load_config(str(tc.model))
-    spec = section(tc, "ode_pairs", config)
-    if "guidance_scale" not in spec or "steps_per_segment" not in spec:
-        raise UserError(f"{config}: ode_pairs needs steps_per_segment and guidance_scale")
-    require_weights(tc, model_cfg, config, "teacher", "the bidirectional teacher's weights")
-    flow = FlowSchedule(float(model_cfg.sampling.shift), int(model_cfg.sampling.num_train_timesteps))
-    student_steps = flow.step_list(list(model_cfg.sampling.steps), bool(model_cfg.sampling.warp))
-    spacing = str(spec.get("spacing", "sigma"))
-    sigma_path(flow, student_steps, spec["steps_per_segment"], spacing)  # checked before loading anything
+    tc = TrainingConfig.load(config)
+    model_cfg, model = tc.model_cfg, tc.settings
+    spec = ODEPairsConfig.from_section(tc.section("ode_pairs"), tc.path)
+    tc.require_weights("teacher", "the bidirectional teacher's weights")
+    student_steps = list(model.student_steps)
+    sigma_path(model.flow, student_steps, spec.steps_per_segment, spec.spacing)  # checked before loading anything
     rank, world = rank_and_world()
     if torch.cuda.is_available():
         device = torch.device(generation_device())
         torch.cuda.set_device(device)  # every rank on its own GPU, not all on cuda:0
     else:
-        device = resolve_device(tc.get("device"))
+        device = resolve_device(tc.device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(len(prompts)) if i % world == rank and not (out / f"{i:06d}.safetensors").exists()]
     if not todo:
         return 0
-    text = frozen_text(model_cfg, device, tc.get("wan"))
+    text = frozen_text(model_cfg, device, tc.wan)
     for i in todo:
         if text.token_count(prompts[i]) > text.max_length:
             raise UserError(f"prompt {i} is {text.token_count(prompts[i])} tokens, over the text encoder's "
                             f"{text.max_length}; shorten it: {prompts[i][:60]!r}")
     teacher = build_generator(model_cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                              tc.get("teacher"))
-    stride = model_cfg.video.vae_stride
-    shape = (1, teacher.config.in_channels, int(model_cfg.video.latent_frames),
-             int(model_cfg.video.height) // stride[1], int(model_cfg.video.width) // stride[2])
+                              tc.teacher)
+    shape = (1, teacher.config.in_channels, model.latent_frames, *model.latent_hw)
     with torch.no_grad():
-        unconditional = text.encode_batch([str(spec.get("unconditional", ""))])
+        unconditional = text.encode_batch([spec.unconditional])
     for i in tqdm(todo, desc=f"ode pairs (rank {rank})", unit="clip", disable=not progress):
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(int(spec.get("seed", 0)) * 1_000_003 + i))
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(spec.seed * 1_000_003 + i))
         with torch.no_grad(), autocast_for(device):
             trajectory = teacher_ode_trajectory(teacher, text.encode_batch([prompts[i]]), unconditional,
-                                                noise.to(device), flow, student_steps, spec["steps_per_segment"],
-                                                float(spec["guidance_scale"]), prediction_of(model_cfg), spacing)
+                                                noise.to(device), model.flow, student_steps, spec.steps_per_segment,
+                                                spec.guidance_scale, model.prediction, spec.spacing)
         path = out / f"{i:06d}.safetensors"
         tmp = path.with_name(f".{path.name}.partial")
         save_file({"trajectory": trajectory[0].float().cpu().contiguous()}, str(tmp), metadata={"caption": prompts[i]})

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import UserError
 from ..model.causal_wan import teacher_forcing_block_mask, teacher_forcing_mask
-from ..schedule import FlowSchedule, prediction_of
+from .config import ModelSettings
 from .data import draw_batch
 from .distributed import load_sharded, rank_seed, save_sharded, shard_transformer, sharded_checkpoint
 
@@ -35,11 +35,10 @@ class Trainer:
 
     def _setup(self, cfg, model_cfg, dist, device, frames: int, tokens_per_frame: int) -> None:
         self.cfg, self.model_cfg, self.dist, self.device = cfg, model_cfg, dist, device
-        self.flow = FlowSchedule(float(model_cfg.sampling.shift), int(model_cfg.sampling.num_train_timesteps))
-        self.prediction = prediction_of(model_cfg)
-        self.steps = torch.tensor(self.flow.step_list(list(model_cfg.sampling.steps), bool(model_cfg.sampling.warp)),
-                                  dtype=torch.float32)
-        self.fpb = int(model_cfg.video.frames_per_block)
+        self.model_settings = ModelSettings.of(model_cfg)  # the model config, read once
+        settings = self.model_settings
+        self.flow, self.prediction, self.fpb = settings.flow, settings.prediction, settings.frames_per_block
+        self.steps = torch.tensor(settings.student_steps, dtype=torch.float32)
         if frames % self.fpb:
             raise UserError(f"the clips have {frames} latent frames, not a whole number of {self.fpb}-frame blocks")
         seed = rank_seed(cfg.seed, dist.rank if dist else 0)
