@@ -72,6 +72,22 @@ def dry_run(train_config: str | os.PathLike, batch: int = 1) -> dict:
             "nasa_t": cfg.nasa_t}
 
 
+def _checkpoint_path(out: Path, stage: str, ctx) -> Path:
+    """The run's checkpoint in `out` (<stage>.pt, or the sharded <stage>.ckpt under torchrun), refusing a folder
+    that holds the other kind: a run is resumed the way it was started, its random streams belong to its ranks."""
+    out.mkdir(parents=True, exist_ok=True)
+    mine, other = (f"{stage}.pt", f"{stage}.ckpt") if ctx is None else (f"{stage}.ckpt", f"{stage}.pt")
+    if ctx is None:
+        mixed = sharded_checkpoint(out / other) is not None
+    else:
+        mixed = ctx.from_main((out / other).exists())
+    if mixed:
+        raise UserError(f"{out} holds a {'torchrun' if ctx is None else 'one-process'} run ({other}): resume it "
+                        f"{'under torchrun with the same --nproc_per_node' if ctx is None else 'without torchrun'}, "
+                        f"or choose another --out")
+    return out / mine
+
+
 def train_from_config(config: str | os.PathLike, out: str | os.PathLike, progress: bool = True,
                       stage: str = "dmd") -> dict:
     """A training stage from a YAML, on one device or under torchrun (FSDP2 per Wan block, one process per
@@ -117,18 +133,8 @@ def train_from_config(config: str | os.PathLike, out: str | os.PathLike, progres
             if net is not None:
                 net.enable_gradient_checkpointing()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    mine, other = (f"{stage}.pt", f"{stage}.ckpt") if ctx is None else (f"{stage}.ckpt", f"{stage}.pt")
-    if ctx is None:
-        mixed = sharded_checkpoint(out / other) is not None
-    else:
-        mixed = ctx.from_main((out / other).exists())
-    if mixed:  # a run is resumed the way it was started: its random streams belong to its ranks
-        raise UserError(f"{out} holds a {'torchrun' if ctx is None else 'one-process'} run ({other}): resume it "
-                        f"{'under torchrun with the same --nproc_per_node' if ctx is None else 'without torchrun'}, "
-                        f"or choose another --out")
     with autocast_for(device):
-        log = trainer.run(out / mine, progress=progress)
+        log = trainer.run(_checkpoint_path(out, stage, ctx), progress=progress)
     final = trainer.ema if getattr(trainer, "ema", None) is not None else trainer.generator
     weights = full_state_dict(final) if ctx is not None else final.state_dict()  # a collective under torchrun
     last = {k: v for k, v in (log[-1] if log else {}).items() if k.endswith("loss")}
