@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "train":
             if args.what in ("ode-pairs", "ode", "dmd"):
-                from .distill import dry_run, make_ode_pairs, train_from_config
+                from .train.setup import dry_run, make_ode_pairs, train_from_config
                 if not args.config:
                     raise UserError(f"train {args.what} needs --config (configs/causvid_ode_train.yaml for ode-pairs "
                                     f"and ode, configs/causvid_nasa_t_train.yaml for dmd)")

@@ -11,6 +11,7 @@ checkpointing, autocast and (under torchrun) FSDP are the real ones.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import zlib
@@ -18,10 +19,11 @@ import zlib
 import torch
 from omegaconf import OmegaConf
 
-from nasa_video.distill import DMDConfig, DMDTrainer
-from nasa_video.distributed import init_from_env
+from nasa_video.train.config import ModelSettings, settings_from
+from nasa_video.train.distributed import init_from_env
+from nasa_video.train.dmd import DMDConfig, DMDTrainer
 from nasa_video.loading import load_config
-from nasa_video.model.interface import build_from_config, generator_section
+from nasa_video.model.interface import build_from_config
 
 
 class StandInText:
@@ -50,18 +52,18 @@ def main() -> None:
     model_cfg = load_config(args.model or str(tc.model))
     ctx = init_from_env()
     device = ctx.device if ctx is not None else torch.device(args.device)
-    config = generator_section(model_cfg)[1]
+    model = ModelSettings.of(model_cfg)
+    config = model.generator
     torch.manual_seed(0)
     generator = build_from_config(model_cfg).to(device)
     teacher = build_from_config(model_cfg).to(device)
-    stride = model_cfg.video.vae_stride
-    latents = torch.randn(4, config["in_channels"], int(model_cfg.video.latent_frames),
-                          int(model_cfg.video.height) // stride[1], int(model_cfg.video.width) // stride[2])
-    text = StandInText(int(model_cfg.weights.get("text_max_length", 512)), config["text_dim"], device)
-    ratio = int(tc.dmd.get("dfake_gen_update_ratio", 5))
+    latents = torch.randn(4, config["in_channels"], model.latent_frames, *model.latent_hw)
+    text = StandInText(model.text_max_length, config["text_dim"], device)
+    dmd = settings_from(DMDConfig, OmegaConf.to_container(tc.dmd, resolve=True), "dmd")
+    ratio = dmd.dfake_gen_update_ratio
     warmup = ratio  # one whole cycle (compilation, FSDP's lazy set-up, CUDA warm-up) before timing
     timed = args.iterations or ratio
-    cfg = DMDConfig(**{**OmegaConf.to_container(tc.dmd), "steps": warmup + timed, "batch": 1})
+    cfg = dataclasses.replace(dmd, steps=warmup + timed, batch=1)
     trainer = DMDTrainer(generator, teacher, text, model_cfg, cfg, latents, ["a prompt"] * 4, dist=ctx)
     trainer.generator.enable_gradient_checkpointing()
     trainer.fake.enable_gradient_checkpointing()

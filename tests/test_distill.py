@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nasa_video.distill import DMDConfig, DMDTrainer, dmd_gradient, sample_nasa_t
+from nasa_video.train.dmd import DMDConfig, DMDTrainer, dmd_gradient, sample_nasa_t
 from nasa_video.errors import UserError
 from nasa_video.schedule import prediction_of
 
@@ -85,6 +85,27 @@ def test_teacher_cfg_weight_and_unconditional_prompt_reach_the_real_score(parts)
     assert not torch.equal(params(a.generator), params(b.generator))
 
 
+def test_nasa_t_negatives_come_from_the_sampler_handed_to_the_trainer(parts):
+    """The trainer knows no caption grammar: a sampler (captions, numpy rng) -> negatives is handed in; without
+    one, negative_from_caption > 0 is refused and the negatives list is drawn from."""
+    seen = []
+
+    def sampler(captions, rng):
+        seen.append(list(captions))
+        return ["blurry"] * len(captions)
+
+    gen, latents, captions = parts
+    cfg = DMDConfig(steps=1, batch=2, seed=3, nasa_t=True, negatives=["noise"], negative_from_caption=0.5)
+    with pytest.raises(UserError, match="negative sampler"):
+        DMDTrainer(copy.deepcopy(gen.model), copy.deepcopy(gen.model), gen.text, gen.cfg, cfg, latents, captions)
+    t = DMDTrainer(copy.deepcopy(gen.model), copy.deepcopy(gen.model), gen.text, gen.cfg, cfg, latents, captions,
+                   negative_sampler=sampler)
+    t.run(progress=False)
+    assert len(seen) == 1 and all(c in CAPTIONS for c in seen[0])
+    assert set(trainer(parts, nasa_t=True, negatives=["x", "y"]).sample_negatives(CAPTIONS * 10,
+                                                                                   np.random.default_rng(0))) == {"x", "y"}
+
+
 def test_nasa_t_changes_the_student_update(parts):
     plain = trainer(parts)
     nasa_t = trainer(parts, nasa_t=True, negatives=["blurry"], alpha_max=1.0)
@@ -118,7 +139,7 @@ def test_dmd_gradient_is_normalised_per_sample():
 
 
 def test_real_model_nasa_t_config_dry_run_on_meta():
-    from nasa_video.distill import dry_run
+    from nasa_video.train.setup import dry_run
 
     report = dry_run("configs/causvid_nasa_t_train.yaml")
     assert report["shapes"]["generator_x0"] == [1, 16, 21, 60, 104] == report["shapes"]["real_x0"]
@@ -217,7 +238,7 @@ ode: {{steps: {steps}, batch: 2, lr: 1.0e-3, checkpoint_every: 1}}
 
 
 def test_teacher_trajectory_starts_at_the_noise_and_passes_every_student_step(parts):
-    from nasa_video.distill import sigma_path, teacher_ode_trajectory
+    from nasa_video.train.ode import sigma_path, teacher_ode_trajectory
     from nasa_video.schedule import FlowSchedule
 
     gen = parts[0]
@@ -236,7 +257,7 @@ def test_teacher_trajectory_starts_at_the_noise_and_passes_every_student_step(pa
 
 def test_ode_regression_fits_teacher_trajectories(parts):
     """A few steps on four trajectories lower the regression loss (the student learns the teacher's ODE map)."""
-    from nasa_video.distill import ODEConfig, ODETrainer, teacher_ode_trajectory
+    from nasa_video.train.ode import ODEConfig, ODETrainer, teacher_ode_trajectory
     from nasa_video.schedule import FlowSchedule
 
     gen = parts[0]
@@ -292,7 +313,7 @@ def test_ode_pairs_then_ode_stage_from_the_command_line(tmp_path, monkeypatch):
 def test_real_model_ode_config_fits_the_causvid_student():
     from omegaconf import OmegaConf
 
-    from nasa_video.distill import ODEConfig
+    from nasa_video.train.ode import ODEConfig
     from nasa_video.loading import load_config
 
     tc = OmegaConf.load("configs/causvid_ode_train.yaml")
@@ -306,7 +327,7 @@ def test_shifted_sigma_path_is_the_teachers_50_step_sampler_through_the_student_
     path lands exactly on the student's sigmas; bad counts are refused before any weights load."""
     from omegaconf import OmegaConf
 
-    from nasa_video.distill import sigma_path
+    from nasa_video.train.ode import sigma_path
     from nasa_video.loading import load_config
     from nasa_video.schedule import FlowSchedule
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import nasa_video.distill as distill
+import nasa_video.train.trainer as trainer_module
+from nasa_video.errors import UserError
+from nasa_video.train.dmd import DMDConfig, DMDTrainer
 
 from .conftest import write_latent_clips
 
@@ -36,8 +38,8 @@ def _parts():
 
 def _trainer(dist=None, checkpointing=False, **overrides):
     gen, latents, captions = _parts()
-    trainer = distill.DMDTrainer(copy.deepcopy(gen.model), copy.deepcopy(gen.model), gen.text, gen.cfg,
-                                 distill.DMDConfig(**{**CONFIG, **overrides}), latents, captions, dist=dist)
+    trainer = DMDTrainer(copy.deepcopy(gen.model), copy.deepcopy(gen.model), gen.text, gen.cfg,
+                         DMDConfig(**{**CONFIG, **overrides}), latents, captions, dist=dist)
     if checkpointing:
         trainer.generator.enable_gradient_checkpointing()
         trainer.fake.enable_gradient_checkpointing()
@@ -51,8 +53,8 @@ def _rank(rank, world, port, runs, one_seed, checkpointing, overrides):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     if one_seed:  # every rank draws rank 0's clips and noise: the run must then equal one process
-        distill.rank_seed = lambda seed, rank: seed
-    from nasa_video.distributed import finish, full_state_dict, init_from_env
+        trainer_module.rank_seed = lambda seed, rank: seed
+    from nasa_video.train.distributed import finish, full_state_dict, init_from_env
 
     ctx = init_from_env()
     for out, checkpoint, stop_after in runs:
@@ -134,7 +136,7 @@ def test_ranks_draw_their_own_data_and_a_killed_sharded_run_resumes_exactly(tmp_
 
 def test_a_sharded_checkpoint_is_not_resumed_by_one_process(tmp_path):
     (tmp_path / "dmd.ckpt").mkdir()
-    with pytest.raises(distill.UserError, match="under torchrun"):
+    with pytest.raises(UserError, match="under torchrun"):
         _trainer().load(tmp_path / "dmd.ckpt")
 
 

@@ -25,6 +25,22 @@ def test_scenes_are_captioned_and_never_overlap():
         assert not any(vis[n].any() for n in OBJECTS if n not in scene.names)
 
 
+def test_nasa_t_negatives_are_read_from_the_captions():
+    """The bundled world's NASA-T sampler: caption_objects inverts caption_for; object_negatives draws the clip's own
+    objects with the given share and the list otherwise."""
+    from nasa_video.toy.nasa_t import object_negatives
+    from nasa_video.toy.world import caption_objects
+
+    rng = np.random.default_rng(4)
+    scenes = [sample_scene(rng, 9) for _ in range(50)]
+    for scene in scenes:
+        assert caption_objects(scene.caption) == scene.names
+    captions = [s.caption for s in scenes]
+    own = object_negatives(1.0, [])(captions, np.random.default_rng(0))
+    assert all(n in s.names for n, s in zip(own, scenes))
+    assert object_negatives(0.0, ["blurry"])(captions, np.random.default_rng(0)) == ["blurry"] * 50
+
+
 def test_detector_is_exact_on_rendered_frames():
     rng = np.random.default_rng(1)
     scores = []

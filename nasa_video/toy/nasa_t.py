@@ -15,13 +15,29 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ..distill import DMDConfig, DMDTrainer
+from ..train.dmd import DMDConfig, DMDTrainer, NegativeSampler
 from ..loading import bundled_path, load_config
 from .codec import ShuffleCodec
 from .text import load_toy_text_encoder
 from .train import encode_dataset, new_generator
+from .world import caption_objects
 
 SMOKE = {"data": {"clips": 8}, "dmd": {"steps": 3, "batch": 2, "checkpoint_every": 1}}
+
+
+def object_negatives(share: float, negatives: list[str]) -> NegativeSampler:
+    """NASA-T's negatives on this world: with probability `share` one of the clip's own objects (read from its
+    caption), what users ask to remove; otherwise one of `negatives`."""
+    def sample(captions: list[str], rng: np.random.Generator) -> list[str]:
+        out = []
+        for caption in captions:
+            if share and rng.random() < share:
+                names = caption_objects(caption)
+                out.append(names[int(rng.integers(len(names)))])
+            else:
+                out.append(str(negatives[int(rng.integers(len(negatives)))]))
+        return out
+    return sample
 
 
 def load_weights(model, path: Path) -> None:
@@ -61,7 +77,8 @@ def train_toy_nasa_t(out: str | Path, smoke: bool = False, weights: str | Path |
     load_weights(student, bundled_path(model_cfg, str(model_cfg.weights.generator)))
     load_weights(teacher, bundled_path(model_cfg, "teacher.safetensors"))
     cfg = DMDConfig(**OmegaConf.to_container(tc.dmd), seed=int(tc.seed))
-    trainer = DMDTrainer(student, teacher, text, model_cfg, cfg, latents, captions)
+    trainer = DMDTrainer(student, teacher, text, model_cfg, cfg, latents, captions,
+                         negative_sampler=object_negatives(cfg.negative_from_caption, cfg.negatives))
     log = trainer.run(out / "dmd.pt")
     final = trainer.ema if trainer.ema is not None else trainer.generator
     save_file({k: v.contiguous() for k, v in final.state_dict().items()}, str(out / "generator_nasa_t.safetensors"))

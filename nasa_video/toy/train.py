@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from ..distill import ode_regression_loss, teacher_ode_trajectory
+from ..train.ode import ode_regression_loss, teacher_ode_trajectory
 from ..loading import load_config
 from ..model.cache import PromptEmbeddings, TextCache
 from ..model.causal_wan import teacher_forcing_mask
@@ -151,7 +151,7 @@ def teacher_trajectories(teacher, text, model_cfg, tc, rng, frames: int, hw: tup
 
 
 def train_student(teacher, text, model_cfg, tc, states, finals, captions, log):
-    """ODE regression (nasa_video.distill.ode_regression_loss) with this world's warm-up schedule."""
+    """ODE regression (nasa_video.train.ode.ode_regression_loss) with this world's warm-up schedule."""
     flow = FlowSchedule(float(model_cfg.sampling.shift))
     steps = torch.tensor(list(model_cfg.sampling.steps), dtype=torch.float32)
     student = copy.deepcopy(teacher).train().requires_grad_(True)

@@ -90,6 +90,12 @@ def caption_for(things, rng: np.random.Generator, p_size: float = 0.5, p_motion:
     return " and ".join(parts)
 
 
+def caption_objects(caption: str) -> list[str]:
+    """The object names of a caption_for caption, in order: "a small red circle moving left and a blue square"
+    -> ["red circle", "blue square"]."""
+    return [" ".join(part.split(" moving")[0].split()[-2:]) for part in caption.split(" and ")]
+
+
 def sample_scene(rng: np.random.Generator, frames: int, names: list[str] | None = None,
                  p_size: float = 0.5, p_motion: float = 0.5) -> Scene:
     """A random scene (or one with the given object names, in that order) whose objects never overlap."""

@@ -118,7 +118,7 @@ def load_sharded(path: Path, ctx: Distributed, networks: dict, optimizers: dict)
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
 
-    from .errors import UserError
+    from ..errors import UserError
 
     shared = json.loads((path / "trainer.json").read_text())
     if shared["world_size"] != ctx.world_size:
