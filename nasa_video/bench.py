@@ -84,6 +84,9 @@ class RandomTextEncoder:
     def token_count(self, prompt: str) -> int:
         return len(prompt.split()) + 1
 
+    def check_readable(self, prompt: str, what: str = "prompt") -> None:
+        """Any text reads: the embeddings are random."""
+
     def encode(self, prompt: str) -> torch.Tensor:
         g = torch.Generator().manual_seed(sum(map(ord, prompt)))
         return torch.randn(1, self.max_length, self.dim, generator=g).to(self.device)

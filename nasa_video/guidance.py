@@ -8,6 +8,7 @@ the model's prediction instead and ask the pipeline for a second pass with its o
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
@@ -123,6 +124,16 @@ class Guidance:
         lo, hi = self.scale_range
         if not lo <= value <= hi:
             raise UserError(f"--scale {value} is out of range for {self.name}: use a value in [{lo}, {hi}]")
+
+    def check_weight(self, weight: float, scales: Sequence[float]) -> None:
+        """A negative's weight multiplies the scale: it must be finite, >= 0, and keep scale x weight in range."""
+        lo, hi = self.scale_range
+        if not (math.isfinite(weight) and weight >= 0):
+            raise UserError(f"--negative-weight {weight} is not a usable weight: use a finite number >= 0")
+        for scale in scales:
+            if not lo <= scale * weight <= hi:
+                raise UserError(f"--negative-weight {weight} with --scale {scale} gives {scale * weight:g}, out of "
+                                f"range for {self.name}: keep scale x weight in [{lo}, {hi}]")
 
 
 class NoGuidance(Guidance):

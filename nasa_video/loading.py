@@ -24,6 +24,9 @@ def load_config(model: str = "toy", overrides: dict | None = None) -> DictConfig
     """A bundled config by name (tiny, causvid, self-forcing, ...) or a YAML path, with overrides merged.
     A config with `base: NAME` is that config with its own keys merged over it (a variant)."""
     path = Path(model)
+    if path.suffix in (".yaml", ".yml") and not path.exists():
+        raise UserError(f"model config not found: {model} (a YAML path); or name a bundled model: "
+                        f"{', '.join(available_models())}")
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
         path = CONFIG_DIR / f"{MODEL_ALIASES.get(model, model.replace('-', '_'))}.yaml"
     if not path.exists():
@@ -50,7 +53,14 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 def resolve_device(name: str | None) -> torch.device:
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: nasa-video runs on cpu or cuda (cuda:N); use --device cpu or cuda")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: no Apple GPU (MPS) is available here; use --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
     return device

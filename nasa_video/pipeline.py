@@ -57,6 +57,19 @@ class GenerationResult:
 _PLAIN = NoGuidance()
 
 
+def check_prompt(prompt, what: str = "prompt") -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError(f"the {what} is empty: give some text")
+
+
+SEED_LIMIT = 2 ** 63  # torch.Generator seeds are signed 64-bit
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"--seed {seed} is out of range: use a whole number in [0, 2^63)")
+
+
 def method_from_config(cfg: DictConfig, name: str | None = None, **settings) -> Guidance:
     """The guidance method a config asks for (or `name`), with its own settings from the config's
     guidance.settings.<method> (NAG's tau, blend, sigma_end; VSF's bias), overridden by `settings`."""
@@ -157,12 +170,19 @@ class StreamingGenerator:
                 bar.set_postfix(frames=written)
         except KeyboardInterrupt:
             interrupted = True
-        finally:
+        except BaseException as error:  # a failure mid-video: keep what was made, under a name that says so
             bar.close()
-            if written:
-                writer.close()
-            else:
-                writer.abort()
+            partial = writer.keep_partial() if written else writer.abort()
+            if partial is not None and isinstance(error, UserError):
+                raise UserError(f"{error} (the {written} frames made before it are in {partial})") from None
+            if partial is not None and hasattr(error, "add_note"):
+                error.add_note(f"the {written} frames made before the failure are in {partial}")
+            raise
+        bar.close()
+        if written:
+            writer.close()
+        else:
+            writer.abort()
         return GenerationResult(str(out) if written else None, written, blocks, time.perf_counter() - start,
                                 first, interrupted)
 
@@ -173,6 +193,8 @@ class Stream:
 
     def __init__(self, gen: StreamingGenerator, prompt, negative, scale, guidance, frames, seed, rolling, decode):
         cfg, spec = gen.cfg, gen.spec
+        check_prompt(prompt)
+        check_seed(seed)
         self.gen, self.decode = gen, decode
         self.fpb = spec.video.frames_per_block
         self.rolling = spec.cache.rolling if rolling is None else rolling
@@ -180,6 +202,12 @@ class Stream:
             self.latent_total = None if self.rolling else spec.video.latent_frames
         else:
             self.latent_total = latent_frames_for(int(frames), self.fpb, gen.temporal_stride)
+        self.max_latent_frames = gen.model.max_frame_positions  # temporal positions the generator can encode
+        if self.latent_total is not None and self.latent_total > self.max_latent_frames:
+            most = pixel_frames(self.max_latent_frames // self.fpb * self.fpb, gen.temporal_stride)
+            raise UserError(f"{pixel_frames(self.latent_total, gen.temporal_stride)} frames need {self.latent_total} "
+                            f"latent frames but {cfg.name} encodes positions for {self.max_latent_frames}; "
+                            f"ask for at most {most} frames")
         self.guidance = guidance if isinstance(guidance, Guidance) else method_from_config(cfg, guidance)
         self.uncond_cache: TextCache | None = None  # CFG: the negative (or empty) prompt as its own context
         # CFG always refreshes both caches with their own contexts; attention methods follow the config.
@@ -187,6 +215,7 @@ class Stream:
         self.cache_pass_guidance = self.guidance if in_cache else _PLAIN
         self.seed = seed
         self.latent_hw = (spec.video.height // gen.spatial_stride, spec.video.width // gen.spatial_stride)
+        gen.text.check_readable(prompt)
         with torch.no_grad():
             self.text_cache = TextCache(gen.model, gen.text.encode(prompt))
         self._pending: tuple | None = None
@@ -206,7 +235,10 @@ class Stream:
         schedule = self.schedule if scale is None else ScaleSchedule(scale)
         for value in schedule.values():
             self.guidance.check_scale(value)
-        for text, _ in negatives:
+        for text, weight in negatives:
+            if weight != 1.0:
+                self.guidance.check_weight(weight, schedule.values())
+            self.gen.text.check_readable(text, "negative prompt")
             self.gen.text.encode(text)  # fail now (e.g. too many tokens), not in the middle of a block
         self._pending = (negatives, schedule)
 
@@ -253,6 +285,9 @@ class Stream:
         while self.num_blocks is None or block < self.num_blocks:
             self._apply_pending()
             start = block * self.fpb
+            if start + self.fpb > self.max_latent_frames:  # an endless (rolling) stream reached the position limit
+                raise UserError(f"the stream reached latent frame {start}, the last position {gen.cfg.name} "
+                                f"encodes ({self.max_latent_frames}); it ends here")
             t0 = time.perf_counter()
             x0 = self._denoise_block(kv_cache, rng, start, (1, channels, self.fpb, h, w))
             _sync(device)

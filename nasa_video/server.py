@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import logging
 import math
 import re
@@ -306,7 +307,12 @@ class VideoServer:
         async def listen():
             try:
                 while True:
-                    message = await ws.receive_json()
+                    try:
+                        message = json.loads(await ws.receive_text())
+                    except (ValueError, KeyError):  # malformed or binary: say so and keep the stream
+                        await ws.send_json({"type": "error", "message": "control message is not valid JSON: "
+                                            "send {\"type\": \"negative\" | \"scale\" | \"stop\", ...}"})
+                        continue
                     if not isinstance(message, dict) or message.get("type") not in ("negative", "scale", "stop"):
                         await ws.send_json({"type": "error", "message": "unknown control message"})
                     elif message["type"] == "stop":

@@ -23,6 +23,21 @@ class TextEncoder:
     def token_count(self, prompt: str) -> int:
         return len(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
+    def readable_tokens(self, prompt: str) -> int:
+        """Tokens of the prompt that carry text (not padding, end or unknown): 0 means it encodes to nothing."""
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        import warnings
+
+        with warnings.catch_warnings():  # the encode that follows names unknown words; once is enough
+            warnings.simplefilter("ignore")
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return sum(1 for i in ids if i not in special)
+
+    def check_readable(self, prompt: str, what: str = "prompt") -> None:
+        if self.readable_tokens(prompt) == 0:
+            raise UserError(f"the {what} {prompt[:40]!r} has no word the text encoder can read: "
+                            f"it would encode to nothing; rephrase it")
+
     def encode_batch(self, prompts: list[str]) -> torch.Tensor:
         """[B, max_length, dim] float32, differentiable when grad is enabled (training the toy encoder)."""
         for prompt in prompts:

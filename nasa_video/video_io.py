@@ -76,6 +76,17 @@ class Mp4Writer:
             self._gen = None
         self.tmp.unlink(missing_ok=True)
 
+    def keep_partial(self) -> Path | None:
+        """After a failure: the frames written so far go to <name>.partial.mp4 beside the output (never under
+        the output's own name, so nothing looks finished). None when there were none."""
+        if self._gen is None:
+            return None
+        self._gen.close()
+        self._gen = None
+        partial = self.path.with_name(f"{self.path.stem}.partial.mp4")
+        os.replace(self.tmp, partial)
+        return partial
+
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 16) -> Path:
     writer = Mp4Writer(path, fps)

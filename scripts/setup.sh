@@ -12,10 +12,13 @@ fi
 stamp=".venv/.nasa-video-installed"
 want="$(cat pyproject.toml) $TORCH_SPEC"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-    .venv/bin/python -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
-    .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-    .venv/bin/python -c "import nasa_video, torch, diffusers, transformers, decord, imageio_ffmpeg" \
-        || { echo "setup: the install failed (see pip's output above)" >&2; exit 1; }
+    echo "setup: installing nasa-video and its dependencies into .venv (first use only; pip's log: .venv/pip.log)"
+    {
+        .venv/bin/python -m pip install -q --upgrade pip
+        .venv/bin/python -m pip install -q "$TORCH_SPEC"
+        .venv/bin/python -m pip install -q -e ".[dev]"
+    } > .venv/pip.log 2>&1 || true
+    .venv/bin/python -c "import nasa_video, torch, diffusers, transformers, decord, imageio_ffmpeg" 2>>.venv/pip.log \
+        || { tail -n 40 .venv/pip.log >&2; echo "setup: the install failed (the end of .venv/pip.log is above)" >&2; exit 1; }
     printf '%s' "$want" > "$stamp"
 fi

@@ -149,6 +149,11 @@ class CausalWanTransformer(WanTransformer3DModel):
     def heads(self) -> int:
         return self.config.num_attention_heads
 
+    @property
+    def max_frame_positions(self) -> int:
+        """Latent frames the RoPE table has temporal positions for (a stream cannot go past them)."""
+        return self.config.rope_max_seq_len
+
     def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
         _, ph, pw = self.config.patch_size
         return (latent_height // ph) * (latent_width // pw)

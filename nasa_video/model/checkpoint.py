@@ -25,6 +25,14 @@ from ..errors import UserError
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "module.")
 
 
+def _read_safetensors(path: Path) -> dict:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError: empty, truncated or not a safetensors file
+        raise UserError(f"cannot read {path} as safetensors ({str(exc).splitlines()[0][:80] or type(exc).__name__}): "
+                        f"the file is empty, truncated or not safetensors; download or export it again") from None
+
+
 def read_weights(path: str | os.PathLike) -> dict:
     """Read a .safetensors / .pt / .pth / .bin file, or a folder of safetensors shards."""
     path = Path(path)
@@ -37,10 +45,10 @@ def read_weights(path: str | os.PathLike) -> dict:
             raise UserError(f"no .safetensors files in {folder}; pass the checkpoint file itself")
         state = {}
         for shard in shards:
-            state.update(load_file(str(shard)))
+            state.update(_read_safetensors(shard))
         return state
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return _read_safetensors(path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors from untrusted or truncated files

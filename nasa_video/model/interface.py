@@ -44,6 +44,10 @@ class Generator(Protocol):
     def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
         """Tokens one latent frame of that size becomes."""
 
+    @property
+    def max_frame_positions(self) -> int:
+        """Latent frames the generator has temporal positions for."""
+
 
 @dataclass(frozen=True)
 class Architecture:

@@ -14,6 +14,7 @@ from ..text import TextEncoder
 from .world import COLORS, MOTIONS, RADIUS, SHAPES
 
 SPECIALS = ["<pad>", "</s>", "<unk>"]
+_WORD = re.compile(r"[^\s!-/:-@\[-`{-~]+")  # split on whitespace and ASCII punctuation
 VOCAB = SPECIALS + ["a", "and", "moving"] + list(RADIUS) + list(COLORS) + list(SHAPES) + list(MOTIONS)
 
 
@@ -25,11 +26,17 @@ class WordTokenizer:
         self.vocab = list(vocab)
         self.index = {w: i for i, w in enumerate(self.vocab)}
 
+    all_special_ids = [0, 1, 2]  # <pad>, </s>, <unk>: tokens that carry no word
+
     def ids(self, text: str, warn: bool = True) -> list[int]:
-        words = re.findall(r"[a-z]+", text.lower())
-        unknown = [w for w in words if w not in self.index]
+        # Words are runs of anything but whitespace and ASCII punctuation, so "carré", "猫" and "🔴" are words
+        # (unknown ones, named below), never silently cut down or dropped.
+        words = _WORD.findall(text.lower())
+        unknown = list(dict.fromkeys(w for w in words if w not in self.index))
         if unknown and warn:
-            warnings.warn(f"the toy text encoder does not know {', '.join(repr(w) for w in unknown)}; "
+            shown = ", ".join(repr(w if len(w) <= 24 else w[:24] + "...") for w in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            warnings.warn(f"the bundled text encoder does not know {shown}{more}; "
                           f"known words: {' '.join(self.vocab[3:])}", stacklevel=3)
         return [self.index.get(w, self.index["<unk>"]) for w in words] + [self.index["</s>"]]
 
