@@ -234,3 +234,15 @@ def test_negative_change_mid_stream_removes_the_object_on_the_bundled_model(tmp_
     assert pixels_per_frame(blocks[:switch], "red") >= 30
     assert pixels_per_frame(blocks[switch:], "red") <= 5
     assert pixels_per_frame(blocks[switch:], "blue") >= 30
+
+
+@pytest.mark.parametrize("bad", ["not json", "{\"type\": ", "[1, 2]", "null"])
+def test_malformed_control_messages_are_answered_and_the_stream_goes_on(client, bad):
+    job = start(client, blocks=2)
+    with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
+        until(ws, "started")
+        ws.send_text(bad)
+        error, _ = until(ws, "error")
+        assert "JSON" in error["message"] or "unknown control message" in error["message"]
+        done, seen = until(ws, "done")
+    assert done["blocks"] == 2 and not done["stopped"]
