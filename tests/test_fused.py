@@ -232,3 +232,39 @@ def test_aten_ops_per_block_forward_fall(tiny_model, text_cache, name):
     print(f"{name}: aten ops per block forward {before} -> {after} ({before / after:.2f}x)")
     assert after == FUSED_ATEN_OPS[name], (before, after)
     assert before / after >= FACTOR
+
+
+def test_bf16_block_equals_the_old_block_and_qk_norms_reach_the_fused_kernel(text_cache, contexts):
+    """bf16: the fused block equals the old one to the last bit (none), the dropped fp32 copies being exact. With the
+    QK-norm weights kept in fp32 (a keep-in-fp32 list, mixed precision), the old forward warned "Mismatch dtype
+    between input and weight ... Cannot dispatch to fused implementation"; the fused one computes the same numbers
+    without the warning."""
+    import copy
+    import warnings
+
+    from nasa_video.model.cache import TextCache
+    from nasa_video.model.causal_wan import CausalWanTransformer, cast_generator
+
+    from .conftest import TINY
+
+    torch.manual_seed(0)
+    model = cast_generator(CausalWanTransformer(**TINY).eval().requires_grad_(False), "cpu", torch.bfloat16)
+    cache_text = TextCache(model, contexts[0])
+    guided(model, cache_text)
+    x, modulation, cache = block_inputs(model)
+    x = x.bfloat16()
+    with torch.no_grad():
+        assert torch.equal(fused(model, 0, x, modulation, cache), reference(model, 0, x, modulation, cache, cache_text))
+        mixed = copy.deepcopy(model)
+        for block in mixed.blocks:
+            for norm in (block.attn1.norm_q, block.attn1.norm_k):
+                norm.weight.data = norm.weight.data.float()
+        guided(mixed, TextCache(mixed, contexts[0]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = fused(mixed, 0, x, modulation, cache)
+        assert not [w for w in caught if "Mismatch dtype" in str(w.message)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = reference(mixed, 0, x, modulation, cache, mixed.blocks[0].attn2.processor.text)
+        assert torch.equal(got, want)
