@@ -238,7 +238,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         every step and the cache pass of the block, and by later videos (a small LRU)."""
         if frame_positions is None:
             key = (start_frame, frames, height, width, str(device))
-            positions = lambda: torch.arange(start_frame, start_frame + frames)  # noqa: E731
+            positions = lambda: torch.arange(start_frame, start_frame + frames, device="cpu")  # noqa: E731
         else:
             key = (tuple(int(p) for p in frame_positions.tolist()), height, width, str(device))
             positions = lambda: frame_positions  # noqa: E731
