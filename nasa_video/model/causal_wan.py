@@ -225,7 +225,13 @@ class CausalWanTransformer(WanTransformer3DModel):
         # Each cache length of a fixed cache (CausVid: 7 blocks) and each plan kind is a graph of its own; the
         # default limit of 8 per code object would fall back to eager on a 21-frame video with guidance.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._compiled_block = torch.compile(CausalWanBlock.forward, **{"fullgraph": True, "dynamic": False, **options})
+        # fullgraph with PyTorch's SDPA (traceable, tested on the CPU); a flash-attn build that dynamo cannot trace
+        # would otherwise fail to compile, so with flash-attn a break around its call is allowed.
+        from .. import attention
+
+        fullgraph = attention.backend() == "sdpa"
+        self._compiled_block = torch.compile(CausalWanBlock.forward,
+                                             **{"fullgraph": fullgraph, "dynamic": False, **options})
         return self
 
     @property
