@@ -73,6 +73,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out.transpose(1, 2)
 
 
+def attend_prompts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One query against P key/value sets in one kernel launch (cross-attention to a positive prompt and its
+    negatives): q [B, S, H, D]; k, v [P*B, L, H, D], prompt-major on the batch axis -> [P*B, S, H, D].
+
+    With B == 1 (streaming inference) the query is broadcast along the batch axis with stride 0, so it is not
+    copied: PyTorch's CPU flash SDPA, CUDA flash / memory-efficient SDPA and flash-attn take a batch stride
+    (cuDNN SDPA makes zero-stride inputs contiguous itself: a copy inside, still one launch). With B > 1 a
+    stride-0 batch cannot merge with the real one, so the query is repeated (a copy)."""
+    prompts = k.shape[0] // q.shape[0]
+    if prompts == 1:
+        return attend(q, k, v, mask)
+    wide = q.expand(prompts, -1, -1, -1) if q.shape[0] == 1 else q.repeat(prompts, 1, 1, 1)
+    return attend(wide, k, v, mask)
+
+
 _FLEX: dict = {}
 
 

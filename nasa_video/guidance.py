@@ -14,7 +14,7 @@ from typing import Callable, Sequence, Union
 
 import torch
 
-from .attention import attend
+from .attention import attend, attend_prompts
 from .errors import UserError
 
 
@@ -38,6 +38,15 @@ class TextKV:
         h = slice(index * self.heads, (index + 1) * self.heads)
         return self.k[:, :, h], self.v[:, :, h]
 
+    def stacked(self, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of prompts first.. on the batch axis, prompt-major: [(P - first) * B, L, H, D]. A view (no copy)
+        when B == 1; attention kernels read the strided heads directly."""
+        def stack(t):
+            b, length = t.shape[:2]
+            return t.unflatten(2, (-1, self.heads))[:, :, first:].permute(2, 0, 1, 3, 4).reshape(-1, length, self.heads,
+                                                                                               t.shape[-1])
+        return stack(self.k), stack(self.v)
+
 
 def merge_text_kv(positive: tuple[torch.Tensor, torch.Tensor], negatives: list[tuple[torch.Tensor, torch.Tensor]],
                   heads: int, lengths: tuple[int, ...] | None = None) -> TextKV:
@@ -48,13 +57,14 @@ def merge_text_kv(positive: tuple[torch.Tensor, torch.Tensor], negatives: list[t
 
 
 def attend_all_prompts(q: torch.Tensor, kv: TextKV) -> torch.Tensor:
-    """Z for every cached prompt in one attention call: the prompts ride as extra heads.
+    """Z for every cached prompt in one attention call: the prompts ride on the batch axis and the query is
+    shared, not copied (attention.attend_prompts).
 
     q [B, S, H, D] -> [B, S, P, H, D] with P = 1 + number of negatives (index 0 is the positive).
     """
-    prompts = kv.num_prompts
-    z = attend(q.repeat(1, 1, prompts, 1), kv.k, kv.v)
-    return z.unflatten(2, (prompts, kv.heads))
+    k, v = kv.stacked()
+    z = attend_prompts(q, k, v)  # [P*B, S, H, D], prompt-major
+    return z.unflatten(0, (kv.num_prompts, q.shape[0])).permute(1, 2, 0, 3, 4)
 
 
 def nasa(z_pos: torch.Tensor, z_neg: torch.Tensor, alphas: Sequence[float]) -> torch.Tensor:
@@ -90,6 +100,96 @@ def vsf(q, k_pos, v_pos, k_neg, v_neg, scale: float, bias: float) -> torch.Tenso
     return attend(q, keys, values, logit_bias.view(1, 1, 1, -1))
 
 
+# ---- attention plans: what a method needs of (text K/V, alphas), built once per change -------------------
+class AttentionPlan:
+    """A method's prepared text K/V for one layer: call it with the query q [B, S, H, D] -> Z [B, S, H, D].
+    Plans hold tensors only (and the method's fixed knobs), so a compiled block reads them without guarding on
+    an alpha value: a new alpha is a new plan with new tensors, not a recompile."""
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ReferencePlan(AttentionPlan):
+    """A method that only defines cross_attention(q, kv, alphas): called as is."""
+
+    def __init__(self, method: "Guidance", kv: TextKV, alphas: tuple[float, ...]):
+        self.method, self.kv, self.alphas = method, kv, alphas
+
+    def __call__(self, q):
+        return self.method.cross_attention(q, self.kv, self.alphas)
+
+
+class PlainPlan(AttentionPlan):
+    """Attention on one prompt (the positive); no guidance."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def __call__(self, q):
+        return attend(q, self.k, self.v)
+
+
+def _weights(alphas: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """[1, -alpha_1, ..., -alpha_N] as a [P, 1, 1, 1, 1] tensor in V's dtype (float64 stays float64)."""
+    dtype = like.dtype if like.dtype == torch.float64 else torch.float32
+    return torch.tensor([1.0] + [-float(a) for a in alphas], dtype=dtype, device=like.device).view(-1, 1, 1, 1, 1)
+
+
+class NASAPlan(AttentionPlan):
+    """Z = sum_p softmax(Q K_p^T / sqrt(d)) (w_p V_p) with w = [1, -alpha_1, ...]: the alphas live in the scaled V
+    (built here, once per change), all prompts attend in one launch with the query shared (stride 0 when B == 1),
+    and the combine is one sum over the prompt axis. Negatives with alpha 0 are left out."""
+
+    def __init__(self, kv: TextKV, alphas: Sequence[float]):
+        keep = [0] + [i + 1 for i, a in enumerate(alphas) if a != 0.0]
+        k, v = kv.stacked()
+        batch = kv.k.shape[0]
+        if len(keep) < kv.num_prompts:
+            index = torch.tensor([p * batch + b for p in keep for b in range(batch)], device=k.device)
+            k, v = k.index_select(0, index), v.index_select(0, index)
+        weights = _weights([alphas[i - 1] for i in keep[1:]], v)
+        self.prompts = len(keep)
+        self.k = k
+        self.v = (v.unflatten(0, (self.prompts, batch)) * weights).to(v.dtype).flatten(0, 1)
+
+    def __call__(self, q):
+        z = attend_prompts(q, self.k, self.v)
+        return z.unflatten(0, (self.prompts, q.shape[0])).sum(0)
+
+
+class NAGPlan(AttentionPlan):
+    """NAG with Z+ and Z- from one launch; the scale s is a tensor (no recompile per value), tau and blend are the
+    method's fixed knobs. The formula is nag()'s."""
+
+    def __init__(self, kv: TextKV, scale: float, tau: float, blend: float):
+        self.k, self.v = (t[: 2 * kv.k.shape[0]] for t in kv.stacked())
+        dtype = kv.v.dtype if kv.v.dtype == torch.float64 else torch.float32
+        self.scale = torch.tensor(float(scale), dtype=dtype, device=kv.v.device)
+        self.tau, self.blend = tau, blend
+
+    def __call__(self, q):
+        z = attend_prompts(q, self.k, self.v).unflatten(0, (2, q.shape[0]))
+        return nag(z[0], z[1], self.scale, self.tau, self.blend)
+
+
+class VSFPlan(AttentionPlan):
+    """VSF with [K+; K-], [V+; -s V-] and the negative columns' logit bias concatenated once per change (vsf()
+    builds them on every call)."""
+
+    def __init__(self, kv: TextKV, scale: float, bias: float):
+        (k_pos, v_pos), (k_neg, v_neg) = kv.positive(), kv.prompt(1)
+        if kv.negative_lengths is not None:
+            k_neg, v_neg = k_neg[:, :kv.negative_lengths[0]], v_neg[:, :kv.negative_lengths[0]]
+        self.k, self.v = torch.cat([k_pos, k_neg], 1), torch.cat([v_pos, -scale * v_neg], 1)
+        logit_bias = torch.zeros(self.k.shape[1], dtype=kv.k.dtype, device=kv.k.device)
+        logit_bias[k_pos.shape[1]:] = bias
+        self.bias = logit_bias.view(1, 1, 1, -1)
+
+    def __call__(self, q):
+        return attend(q, self.k, self.v, self.bias)
+
+
 class Guidance:
     """Base of every method. in_attention: acts inside cross-attention (one pass per step) or on outputs
     (CFG: the pipeline runs a second pass with its own self-attention cache and calls combine())."""
@@ -100,7 +200,18 @@ class Guidance:
     max_negatives: int | None = None
 
     def cross_attention(self, q: torch.Tensor, kv: TextKV, alphas: Sequence[float]) -> torch.Tensor:
-        raise NotImplementedError
+        """The guided attention output [B, S, H, D] of query q [B, S, H, D]. A method defines this, or prepare()
+        (the built-in ones define prepare: their fused plan; this then runs it)."""
+        if type(self).prepare is Guidance.prepare:
+            raise NotImplementedError(f"{type(self).__name__} defines neither cross_attention nor prepare")
+        return self.prepare(kv, alphas)(q)
+
+    def prepare(self, kv: TextKV, alphas: Sequence[float]) -> "AttentionPlan":
+        """What the attention needs of (text K/V, alphas), computed once per video and per change (a processor
+        keeps it until its text or setting changes), as a callable q -> Z. The default calls cross_attention
+        with the alphas as Python floats: right, but a compiled block then recompiles for each new alpha
+        value; the built-in methods fold them into tensors instead."""
+        return ReferencePlan(self, kv, tuple(alphas))
 
     @classmethod
     def settings(cls) -> dict[str, object]:
@@ -142,21 +253,22 @@ class NoGuidance(Guidance):
     name = "none"
     scale_range = (-float("inf"), float("inf"))
 
-    def cross_attention(self, q, kv, alphas):
-        return attend(q, *kv.positive())
+    def prepare(self, kv, alphas):
+        return PlainPlan(*kv.positive())
 
 
 class NASA(Guidance):
-    """Negative-Away Steer Attention. Z+ and all Z- come from one fused attention call."""
+    """Negative-Away Steer Attention, fused: each negative's V is scaled by -alpha_i once per video and per
+    change of alpha (NASAPlan), so Z+ and every Z- come from one attention launch and the combine is a sum over
+    the prompt axis. The reference formula is nasa() above; they agree to rounding."""
 
     name = "nasa"
     scale_range = (0.0, 3.0)  # the paper's sweep goes to 1.5 and quality falls past ~1; 3 leaves room to explore
 
-    def cross_attention(self, q, kv, alphas):
+    def prepare(self, kv, alphas):
         if kv.num_prompts == 1 or not any(alphas):
-            return attend(q, *kv.positive())
-        z = attend_all_prompts(q, kv)
-        return nasa(z[:, :, 0], z[:, :, 1:], alphas)
+            return PlainPlan(*kv.positive())
+        return NASAPlan(kv, alphas)
 
 
 class NAG(Guidance):
@@ -172,11 +284,10 @@ class NAG(Guidance):
     def scale_at(self, scale, sigma):
         return scale if sigma >= self.sigma_end else 1.0
 
-    def cross_attention(self, q, kv, alphas):
+    def prepare(self, kv, alphas):
         if kv.num_prompts == 1 or not alphas or alphas[0] <= 1.0:
-            return attend(q, *kv.positive())
-        z = attend_all_prompts(q, kv)
-        return nag(z[:, :, 0], z[:, :, 1], alphas[0], self.tau, self.blend)
+            return PlainPlan(*kv.positive())
+        return NAGPlan(kv, alphas[0], self.tau, self.blend)
 
 
 class VSF(Guidance):
@@ -189,13 +300,10 @@ class VSF(Guidance):
     def __init__(self, bias: float = -0.1):
         self.bias = bias
 
-    def cross_attention(self, q, kv, alphas):
+    def prepare(self, kv, alphas):
         if kv.num_prompts == 1 or not alphas or alphas[0] == 0.0:
-            return attend(q, *kv.positive())
-        k_neg, v_neg = kv.prompt(1)
-        if kv.negative_lengths is not None:
-            k_neg, v_neg = k_neg[:, :kv.negative_lengths[0]], v_neg[:, :kv.negative_lengths[0]]
-        return vsf(q, *kv.positive(), k_neg, v_neg, alphas[0], self.bias)
+            return PlainPlan(*kv.positive())
+        return VSFPlan(kv, alphas[0], self.bias)
 
 
 class CFG(Guidance):
@@ -207,8 +315,8 @@ class CFG(Guidance):
     scale_range = (0.0, 20.0)
     max_negatives = 1
 
-    def cross_attention(self, q, kv, alphas):
-        return attend(q, *kv.positive())  # each CFG pass is plain attention on its own prompt
+    def prepare(self, kv, alphas):
+        return PlainPlan(*kv.positive())  # each CFG pass is plain attention on its own prompt
 
     @staticmethod
     def combine(v_pos: torch.Tensor, v_neg: torch.Tensor, scale: float) -> torch.Tensor:
@@ -260,10 +368,24 @@ class CrossAttentionProcessor:
 
     def __init__(self, text: TextKV | None, setting: GuidanceSetting):
         self.text, self.setting = text, setting
+        self.plan: AttentionPlan | None = None
+        self._plan_key: tuple | None = None
 
     def __deepcopy__(self, memo):
         # A copied network (EMA, critic) gets no text: the K/V belong to a TextCache, and may hold a graph.
         return CrossAttentionProcessor(None, GuidanceSetting(self.setting.method, self.setting.alphas))
+
+    def prepare(self) -> AttentionPlan | None:
+        """The plan for the current text and setting, rebuilt only when either changed (a new alpha rescales the
+        negative V once, not at every forward). The generator calls this before its blocks, outside any
+        compiled region, so the compiled code reads only the plan's tensors."""
+        if self.text is None:
+            return None
+        setting = self.setting
+        key = (id(self.text), id(setting.method), setting.alphas)
+        if key != self._plan_key:
+            self.plan, self._plan_key = setting.method.prepare(self.text, setting.alphas), key
+        return self.plan
 
     def attend(self, q: torch.Tensor, text: TextKV | None = None) -> torch.Tensor:
         """The guided attention output [B, S, H, D] of query q [B, S, H, D] (before the output projection)."""
@@ -273,15 +395,19 @@ class CrossAttentionProcessor:
         """attn: diffusers' attention module (to_q, to_k, to_v, norm_q, norm_k, to_out, heads);
         hidden [B, S, dim] -> [B, S, dim]. contexts: (projected prompt contexts, positive first; lengths)."""
         heads = attn.heads
-        text = self.text
-        if contexts is not None:
+        q = attn.norm_q(attn.to_q(hidden)).unflatten(2, (heads, -1))
+        if contexts is not None:  # text K/V built inside the forward (training): no plan to keep
             projected, lengths = contexts
             kvs = [text_kv(attn, c) for c in projected]
-            text = merge_text_kv(kvs[0], kvs[1:], heads, lengths)
-        if text is None:
-            raise RuntimeError("no text K/V: install a TextCache with generator.set_text(), or pass prompts=")
-        q = attn.norm_q(attn.to_q(hidden)).unflatten(2, (heads, -1))
-        return attn.to_out[0](self.attend(q, text).flatten(2))
+            out = self.attend(q, merge_text_kv(kvs[0], kvs[1:], heads, lengths))
+        else:
+            # Eager: check the plan is current (cheap). Compiled: the generator prepared it before its blocks;
+            # checking here would make the compiled code guard on the alpha values.
+            plan = self.plan if torch.compiler.is_compiling() else self.prepare()
+            if plan is None:
+                raise RuntimeError("no text K/V: install a TextCache with generator.set_text(), or pass prompts=")
+            out = plan(q)
+        return attn.to_out[0](out.flatten(2))
 
 
 def text_kv(attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

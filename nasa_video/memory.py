@@ -26,7 +26,9 @@ def memory_estimate(cfg: DictConfig, dtype: torch.dtype, negatives: int = 1, kv_
         "kv_cache": kv_caches * SelfAttentionCache.nbytes_for(g.num_layers, 1, cfg.cache.capacity_frames,
                                                               tokens_per_frame, g.num_attention_heads,
                                                               g.attention_head_dim, dtype),
-        "text_cache": 2 * g.num_layers * (1 + negatives) * text_tokens * dim * dtype.itemsize,
+        # K and V of every prompt, plus with negatives the guidance plan's own tensors (NASA: the alpha-scaled V;
+        # VSF, the upper bound: the concatenated K and V)
+        "text_cache": (4 if negatives else 2) * g.num_layers * (1 + negatives) * text_tokens * dim * dtype.itemsize,
         "activations": 6 * block_tokens * max(getattr(g, "ffn_dim", 0), 4 * dim) * 4,
     }
 

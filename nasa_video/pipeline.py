@@ -97,6 +97,14 @@ def latent_frames_for(frames: int, frames_per_block: int, temporal_stride: int =
     return int(latent)
 
 
+def resolve_compile(compile: bool | None, device) -> bool:
+    """The compile switch: None means on for CUDA (where it pays), off for the CPU (where compiling a video's few
+    shapes costs more than it saves); True / False as given."""
+    if compile is None:
+        return torch.device(device).type == "cuda"
+    return bool(compile)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -123,7 +131,11 @@ class StreamingGenerator:
     @classmethod
     def from_config(cls, model: str = "toy", checkpoint: str | None = None, wan: str | None = None,
                     device: str | None = None, dtype: str | None = None, attention_backend: str = "auto",
-                    overrides: dict | None = None, check_memory: bool = True) -> "StreamingGenerator":
+                    overrides: dict | None = None, check_memory: bool = True,
+                    compile: bool | None = None) -> "StreamingGenerator":
+        """compile: torch.compile the generator's repeated block (one compiled code for all layers; see
+        CausalWanTransformer.compile_blocks). None: on for CUDA, off elsewhere; True also works on the CPU
+        (inductor). The first block of each cache length pays the compile: warm up before timing."""
         cfg = load_config(model, overrides)
         device_ = resolve_device(device)
         dtype_ = resolve_dtype(dtype, device_)
@@ -137,7 +149,25 @@ class StreamingGenerator:
             check_fits(cfg, device_, dtype_)
         vae, text = build_vae_and_text(cfg, device_, dtype_, wan)
         generator = build_generator(cfg, device_, dtype_, checkpoint)
-        return cls(cfg, generator, vae, text, device_, dtype_)
+        gen = cls(cfg, generator, vae, text, device_, dtype_)
+        gen.set_compile(compile)
+        return gen
+
+    def set_compile(self, enable: bool | None = None) -> bool:
+        """Compile the generator's blocks (True), run them eagerly (False), or the default for the device (None:
+        on for CUDA). Returns whether the blocks are now compiled. What `--compile/--no-compile` maps to."""
+        enable = resolve_compile(enable, self.device)
+        compile_blocks = getattr(self.model, "compile_blocks", None)
+        if compile_blocks is None:
+            if enable:
+                raise UserError(f"generator {type(self.model).__name__} has no compile_blocks(); use compile=False")
+            return False
+        compile_blocks(enable)
+        return enable
+
+    @property
+    def compiled(self) -> bool:
+        return bool(getattr(self.model, "compiled", False))
 
     # ---- the stream -------------------------------------------------------------------------------------
     def stream(self, prompt: str, negative=None, scale: ScaleSpec | None = None, guidance: str | Guidance | None = None,

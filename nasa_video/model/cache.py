@@ -78,6 +78,12 @@ class SelfAttentionCache:
             cache[:, sink * tpf:(held - count) * tpf] = cache[:, keep_from * tpf:held * tpf].clone()
         self.frames = self.frames[:sink] + self.frames[keep_from:]
 
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """One layer's (K buffer, V buffer, start, end): the block writes its K/V into tokens [start, end) and
+        attends to [0, end). No layer index reaches the block, so a compiled block serves every layer."""
+        start, end = self.slots
+        return self.k[layer], self.v[layer], start, end
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this block's K/V for one layer; return the K/V window the block attends to (views, no copy)."""
         start, end = self.slots

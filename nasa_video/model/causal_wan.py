@@ -24,31 +24,85 @@ from .cache import PromptEmbeddings, SelfAttentionCache
 from .interface import Architecture, register_architecture
 
 
-def rope_frequencies(rope, frame_positions: torch.Tensor, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [1, F*H*W, 1, head_dim] for a grid of patches whose frames sit at the given temporal positions
-    (a block starting at frame 6 has positions 6, 7, 8)."""
+def _rope_parts(rope, frame_positions: torch.Tensor, height: int, width: int, device):
+    """The fp32 (cos, sin) [1, F*H*W, 1, head_dim] in diffusers' interleaved layout, gathered on `device` from the
+    rope module's tables (copied there once and kept: rope._device_tables)."""
     frames = len(frame_positions)
     if int(frame_positions.max()) >= rope.max_seq_len:
         raise ValueError(f"frame {int(frame_positions.max())} is past the RoPE table ({rope.max_seq_len} positions)")
+    device = torch.device(device)
+    tables = getattr(rope, "_device_tables", {})
+    if device not in tables:
+        tables[device] = (rope.freqs_cos.to(device).float(), rope.freqs_sin.to(device).float())
+        rope._device_tables = tables
     sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
-    ranges = [frame_positions.long().cpu(), torch.arange(height, device="cpu"), torch.arange(width, device="cpu")]
+    ranges = [frame_positions.to(device).long(), torch.arange(height, device=device), torch.arange(width, device=device)]
     out = []
-    for table in (rope.freqs_cos, rope.freqs_sin):
-        t, h, w = (part[idx.to(part.device)] for part, idx in zip(table.float().split(sizes, dim=1), ranges))
+    for table in tables[device]:
+        t, h, w = (part[idx] for part, idx in zip(table.split(sizes, dim=1), ranges))
         grid = torch.cat([
             t[:, None, None].expand(frames, height, width, -1),
             h[None, :, None].expand(frames, height, width, -1),
             w[None, None, :].expand(frames, height, width, -1),
         ], dim=-1)
-        out.append(grid.reshape(1, frames * height * width, 1, -1).to(device))
+        out.append(grid.reshape(1, frames * height * width, 1, -1))
     return out[0], out[1]
 
 
+def rope_frequencies(rope, frame_positions: torch.Tensor, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [1, F*H*W, 1, head_dim] (diffusers' interleaved layout) for a grid of patches whose frames sit at
+    the given temporal positions (a block starting at frame 6 has positions 6, 7, 8). Built on `device`."""
+    return _rope_parts(rope, frame_positions, height, width, device)
+
+
+def rope_tables(rope, frame_positions: torch.Tensor, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin) [1, F*H*W, 1, head_dim] fp32 for apply_rope: the sin of each even channel negated, so the
+    rotation of a pair (x0, x1) is x * cos + (x1, x0) * (-sin, sin)."""
+    cos, sin = _rope_parts(rope, frame_positions, height, width, device)
+    sign = torch.ones(sin.shape[-1], device=sin.device)
+    sign[0::2] = -1.0
+    return cos.contiguous(), (sin * sign).contiguous()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of the head dim, in fp32."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of the head dim in fp32 (cos, signed sin from rope_tables):
+    (x0 cos - x1 sin, x1 cos + x0 sin), the same products and sums as diffusers' rotation, in three kernels. A
+    bf16 x is promoted by the products (exact), not copied to fp32 first."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return _cast(x * cos + swapped * sin, x.dtype)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x.to(dtype) without an op when it already is (fp32 runs then launch nothing)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _layer_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """diffusers' FP32LayerNorm: the statistics and the affine in fp32, whatever x's dtype (its choice, kept for
+    parity); returns fp32. One fused layer_norm kernel."""
+    x = x if x.dtype == torch.float32 else x.float()
+    weight, bias = (p if p is None or p.dtype == torch.float32 else p.float() for p in (norm.weight, norm.bias))
+    return torch.nn.functional.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+
+
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """torch.nn.RMSNorm (the QK norms) so it always reaches rms_norm's fused kernel: input and weight in one dtype.
+    A weight kept in fp32 under bf16 activations (diffusers' fp32-keep lists, FSDP mixed precision) used to hit
+    rms_norm's "Mismatch dtype between input and weight ... Cannot dispatch to fused implementation"; it then
+    computes in fp32 and rounds once, as the unfused path did."""
+    weight = norm.weight
+    if weight is not None and weight.dtype != x.dtype:
+        out = torch.nn.functional.rms_norm(x.to(weight.dtype), norm.normalized_shape, weight, norm.eps)
+        return out.to(x.dtype)
+    return torch.nn.functional.rms_norm(x, norm.normalized_shape, weight, norm.eps)
+
+
+def _feed_forward(ffn, h: torch.Tensor) -> torch.Tensor:
+    """diffusers' FeedForward (gelu-approximate: Linear, tanh-GELU, Dropout, Linear) without its Python module
+    walk and the eval-mode dropout call."""
+    act = ffn.net[0]
+    h = torch.nn.functional.gelu(act.proj(h), approximate=act.approximate)
+    return ffn.net[2](h)
 
 
 def block_causal_mask(num_frames: int, frames_per_block: int, tokens_per_frame: int,
@@ -105,33 +159,42 @@ def teacher_forcing_mask(num_frames: int, frames_per_block: int, tokens_per_fram
 class CausalWanBlock(WanTransformerBlock):
     """diffusers' Wan block (same parameters and keys) with the block-causal forward. Each block's compute is
     its own forward(), so FSDP's per-block hooks and activation checkpointing wrap it as usual. Cross-attention
-    is its attn2's processor (a guidance.CrossAttentionProcessor: the text K/V and the guidance method)."""
+    is its attn2's processor (a guidance.CrossAttentionProcessor: the text K/V and the guidance method).
 
-    def forward(self, x, modulation, cos, sin, layer, kv_cache, attn_mask, contexts=None):
-        """contexts: the projected prompt contexts (positive first) and lengths, when the text K/V are built
-        inside the forward (training); else the installed processor's own text K/V are used."""
+    The forward is written for few kernels and for torch.compile (CausalWanTransformer.compile_blocks): one
+    compiled code serves every layer (the arguments carry no layer index), norms and modulation stay in fp32 as
+    diffusers keeps them, casts happen only where a dtype changes (a bf16 operand times an fp32 one is promoted
+    by the product itself, exactly), and the cache write takes the layer's buffers rather than the cache object."""
+
+    def forward(self, x, modulation, cos, sin, cache=None, attn_mask=None, contexts=None):
+        """x [B, F, HW, D]; modulation [B, F, 6, D] fp32; cos, sin from rope_tables.
+        cache: this layer's (K buffer, V buffer, start, end) from SelfAttentionCache.layer(): the block writes its
+        K/V into tokens [start, end) and attends to [0, end). attn_mask: the full (masked) forward, no cache.
+        contexts: the projected prompt contexts (positive first) and lengths, when the text K/V are built inside
+        the forward (training); else the installed processor's own text K/V are used."""
         # Per-frame modulation: each of the six is [B, F, 1, D] and broadcasts over the frame's tokens.
-        shift, scale, gate, c_shift, c_scale, c_gate = (
-            self.scale_shift_table.float().unsqueeze(0) + modulation).unsqueeze(2).unbind(3)
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + modulation).unsqueeze(2).unbind(3)
         dtype, grid = x.dtype, x.shape[:3]
 
-        h = (self.norm1(x.float()) * (1 + scale) + shift).to(dtype)
+        h = _cast(_layer_norm(self.norm1, x) * (1 + scale) + shift, dtype).flatten(1, 2)
         attn = self.attn1
         heads = attn.heads
-        h = h.flatten(1, 2)
-        q = apply_rope(attn.norm_q(attn.to_q(h)).unflatten(2, (heads, -1)), cos, sin)
-        k = apply_rope(attn.norm_k(attn.to_k(h)).unflatten(2, (heads, -1)), cos, sin)
+        q = apply_rope(_rms_norm(attn.norm_q, attn.to_q(h)).unflatten(2, (heads, -1)), cos, sin)
+        k = apply_rope(_rms_norm(attn.norm_k, attn.to_k(h)).unflatten(2, (heads, -1)), cos, sin)
         v = attn.to_v(h).unflatten(2, (heads, -1))
-        if kv_cache is not None:
-            k, v = kv_cache.write(layer, k, v)
+        if cache is not None:
+            k_cache, v_cache, start, end = cache
+            k_cache[:, start:end] = k
+            v_cache[:, start:end] = v
+            k, v = k_cache[:, :end], v_cache[:, :end]
         y = attn.to_out[0](attend(q, k, v, attn_mask).flatten(2)).view(*grid, -1)
-        x = (x.float() + y.float() * gate).to(dtype)
+        x = _cast(x + y * gate, dtype)
 
-        h = self.norm2(x.float()).to(dtype).flatten(1, 2)
-        x = x + self.attn2.processor(self.attn2, h, contexts).view(*grid, -1)
+        h = _layer_norm(self.norm2, x) if isinstance(self.norm2, torch.nn.LayerNorm) else x
+        x = x + self.attn2.processor(self.attn2, _cast(h, dtype).flatten(1, 2), contexts).view(*grid, -1)
 
-        h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).to(dtype)
-        return (x.float() + self.ffn(h).float() * c_gate).to(dtype)
+        h = _cast(_layer_norm(self.norm3, x) * (1 + c_scale) + c_shift, dtype)
+        return _cast(x + _feed_forward(self.ffn, h) * c_gate, dtype)
 
 
 class CausalWanTransformer(WanTransformer3DModel):
@@ -144,6 +207,56 @@ class CausalWanTransformer(WanTransformer3DModel):
         for block in self.blocks:
             block.__class__ = CausalWanBlock
         self.set_guidance(NoGuidance())
+
+    _compiled_block = None
+    _repeated_blocks = ["CausalWanBlock"]  # diffusers' regional compilation (compile_repeated_blocks) finds it
+
+    def compile_blocks(self, enable: bool = True, **options) -> "CausalWanTransformer":
+        """Regional compilation: one torch.compile of the block forward, shared by every layer (the same code with
+        the layer's module as an argument; parameters are inputs, not guards, so 30 layers compile once per shape).
+        fullgraph (no graph break) and static shapes: one graph per (cache length, guidance plan kind), reused
+        across layers, steps, the cache pass and videos. enable=False goes back to eager. options: torch.compile's.
+        """
+        if not enable:
+            self._compiled_block = None
+            return self
+        import torch._dynamo
+
+        # Each cache length of a fixed cache (CausVid: 7 blocks) and each plan kind is a graph of its own; the
+        # default limit of 8 per code object would fall back to eager on a 21-frame video with guidance.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # fullgraph with PyTorch's SDPA (traceable, tested on the CPU); a flash-attn build that dynamo cannot trace
+        # would otherwise fail to compile, so with flash-attn a break around its call is allowed.
+        from .. import attention
+
+        fullgraph = attention.backend() == "sdpa"
+        self._compiled_block = torch.compile(CausalWanBlock.forward,
+                                             **{"fullgraph": fullgraph, "dynamic": False, **options})
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled_block is not None
+
+    def rope_tables(self, start_frame: int, frames: int, height: int, width: int, device,
+                    frame_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) for a block, built on the device once per (frame positions, grid, device) and reused by
+        every step and the cache pass of the block, and by later videos (a small LRU)."""
+        if frame_positions is None:
+            key = (start_frame, frames, height, width, str(device))
+            positions = lambda: torch.arange(start_frame, start_frame + frames, device="cpu")  # noqa: E731
+        else:
+            key = (tuple(int(p) for p in frame_positions.tolist()), height, width, str(device))
+            positions = lambda: frame_positions  # noqa: E731
+        cache = self.__dict__.setdefault("_rope_cache", {})
+        if key in cache:
+            cache[key] = cache.pop(key)  # most recent last
+            return cache[key]
+        tables = rope_tables(self.rope, positions(), height, width, device)
+        cache[key] = tables
+        while len(cache) > 64:
+            cache.pop(next(iter(cache)))
+        return tables
 
     @property
     def heads(self) -> int:
@@ -209,9 +322,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         dtype = self.patch_embedding.weight.dtype
 
         hidden = self.patch_embedding(x.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # [B, F, HW, D]
-        if frame_positions is None:
-            frame_positions = torch.arange(start_frame, start_frame + fp, device="cpu")
-        cos, sin = rope_frequencies(self.rope, frame_positions, hp, wp, x.device)
+        cos, sin = self.rope_tables(start_frame, fp, hp, wp, x.device, frame_positions)
 
         emb = self.condition_embedder
         sinusoid = emb.timesteps_proj(t.flatten().float())
@@ -228,10 +339,19 @@ class CausalWanTransformer(WanTransformer3DModel):
         contexts = None
         if prompts is not None:  # every block builds its own K/V from the projected contexts
             contexts = ([self._project_text(c) for c in (prompts.positive, *prompts.negatives)], prompts.lengths)
+        else:  # bring each layer's guidance plan up to date here, outside any compiled region
+            for block in self.blocks:
+                prepare = getattr(block.attn2.processor, "prepare", None)
+                if prepare is not None:
+                    prepare()
+        compiled = self._compiled_block if not checkpointing else None
         for layer, block in enumerate(self.blocks):
-            args = (hidden, modulation, cos, sin, layer, kv_cache, attn_mask, contexts)
+            cache = kv_cache.layer(layer) if kv_cache is not None else None
+            args = (hidden, modulation, cos, sin, cache, attn_mask, contexts)
             if checkpointing:
                 hidden = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            elif compiled is not None:
+                hidden = compiled(block, *args)
             else:
                 hidden = block(*args)
 
