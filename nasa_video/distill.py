@@ -700,7 +700,7 @@ def make_ode_pairs(config: str | os.PathLike, prompts: list[str], out: str | os.
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from .evaluate import generation_device, rank_and_world
+    from .eval.jobs import generation_device, rank_and_world
     from .loading import build_generator, load_config, resolve_device
 
     tc, model_cfg = OmegaConf.load(config), None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nasa_video.errors import UserError
-from nasa_video.evaluate import (finished, judge_removal, plan, plan_removal, read_prompts, run_jobs, shard,
+from nasa_video.eval.jobs import (finished, judge_removal, plan, plan_removal, read_prompts, run_jobs, shard,
                                  video_stem, write_manifest)
 from nasa_video.video_io import read_video
 
@@ -111,14 +111,14 @@ def test_read_prompts_text_and_vbench_json(tmp_path):
 
 
 def test_missing_clip_weights_name_the_file_and_the_place(tmp_path):
-    from nasa_video.clip_score import ClipScorer
+    from nasa_video.eval.clip import ClipScorer
 
     with pytest.raises(UserError, match=r"config\.json.*model\.safetensors.*--clip"):
         ClipScorer(tmp_path / "empty")
 
 
 def test_clip_scores_and_judge_end_to_end(tiny_generator, tmp_path):
-    from nasa_video.clip_score import ClipScorer, calibrate
+    from nasa_video.eval.clip import ClipScorer, calibrate
 
     scorer = ClipScorer(make_tiny_clip(tmp_path / "clip"))
     pairs = [("a photo of a pet", "cat", "dog"), ("a photo of a person", "old", "young")]

@@ -6,8 +6,8 @@ import json
 import sys
 import time
 
-from .errors import UserError
-from .guidance import METHODS
+from ..errors import UserError
+from ..guidance import METHODS
 
 
 def _generate_parser(sub) -> None:
@@ -37,8 +37,8 @@ def _generate_parser(sub) -> None:
 
 
 def generate(args) -> int:
-    from .pipeline import StreamingGenerator
-    from .video_io import check_output_path, ffmpeg_exe
+    from ..pipeline import StreamingGenerator
+    from ..video_io import check_output_path, ffmpeg_exe
 
     ffmpeg_exe()
     check_output_path(args.out, create_parent=args.out == "outputs/nasa-video.mp4")
@@ -149,8 +149,8 @@ def _eval_real(args) -> int:
 
     import numpy as np
 
-    from . import evaluate as ev
-    from .video_io import write_json
+    from ..eval import jobs as ev
+    from ..video_io import write_json
 
     if args.what == "videos":
         jobs = ev.plan(ev.read_prompts(args.prompts), ev.methods_from_args(args.methods, args.scales, args.scales_for),
@@ -159,8 +159,8 @@ def _eval_real(args) -> int:
         print(json.dumps(report))
         return 0
     if args.what == "clip":
-        from .clip_score import ClipScorer
-        from .video_io import read_video
+        from ..eval.clip import ClipScorer
+        from ..video_io import read_video
 
         scorer = ClipScorer(args.clip)
         rows = {}
@@ -180,7 +180,7 @@ def _eval_real(args) -> int:
     if args.what == "calibrate":
         from PIL import Image
 
-        from .clip_score import ClipScorer, calibrate
+        from ..eval.clip import ClipScorer, calibrate
 
         scorer = ClipScorer(args.clip)
         items = json.loads(Path(args.labels).read_text())
@@ -190,7 +190,7 @@ def _eval_real(args) -> int:
         print(json.dumps(result))
         return 0
     # removal on a real checkpoint
-    from .clip_score import REMOVAL_PAIRS, ClipScorer
+    from ..eval.clip import REMOVAL_PAIRS, ClipScorer
 
     if not args.out:
         raise UserError("removal on a real model writes its videos to --out FOLDER (resumable)")
@@ -215,12 +215,12 @@ def evaluate(args) -> int:
 
     import numpy as np
 
-    from .pipeline import StreamingGenerator
+    from ..pipeline import StreamingGenerator
 
     if args.what == "detector":
-        from .loading import load_config
-        from .toy.codec import ShuffleCodec
-        from .toy.train import codec_agreement
+        from ..loading import load_config
+        from ..toy.codec import ShuffleCodec
+        from ..toy.train import codec_agreement
 
         cfg = load_config("toy")
         codec = ShuffleCodec()  # exact: its latent statistics do not change what it reconstructs
@@ -230,14 +230,14 @@ def evaluate(args) -> int:
               f"({frames} frames each, 12 object names per frame): {100 * score:.2f}%")
         return 0
     if args.what == "vbench-long":
-        from .vbench_env import run_vbench_long
+        from ..eval.vbench import run_vbench_long
         return run_vbench_long(args)
     if args.what in ("videos", "clip", "calibrate") or not args.model.startswith("toy"):
         return _eval_real(args)
-    from .toy.removal import markdown_table, plot_sweep, prompt_pairs, run_removal
-    from .video_io import write_json
+    from ..toy.removal import markdown_table, plot_sweep, prompt_pairs, run_removal
+    from ..video_io import write_json
 
-    from .evaluate import methods_from_args
+    from ..eval.jobs import methods_from_args
 
     out = Path(args.json)
     if not out.parent.is_dir():
@@ -256,8 +256,8 @@ def evaluate(args) -> int:
 
 
 def bench_flops(args) -> int:
-    from .bench import flops_report
-    from .video_io import write_json
+    from ..bench import flops_report
+    from ..video_io import write_json
 
     methods = list(dict.fromkeys(["none"] + args.methods))
     report = flops_report(args.model, methods)
@@ -274,9 +274,9 @@ def bench_flops(args) -> int:
 def bench_speed(args) -> int:
     import torch
 
-    from .video_io import write_json
-    from . import attention
-    from .bench import MID, random_weight_generator, speed_report
+    from ..video_io import write_json
+    from .. import attention
+    from ..bench import MID, random_weight_generator, speed_report
 
     backend = attention.set_backend(args.attention)
     model, overrides = ("tiny", MID) if args.model == "mid" else (args.model, None)
@@ -318,10 +318,10 @@ def _serve_parser(sub) -> None:
 def serve(args) -> int:
     import ipaddress
 
-    from .pipeline import StreamingGenerator
-    from .server import Limits
-    from .server import serve as run_server
-    from .video_io import ffmpeg_exe
+    from ..pipeline import StreamingGenerator
+    from ..server import Limits
+    from ..server import serve as run_server
+    from ..video_io import ffmpeg_exe
 
     ffmpeg_exe()
     try:
@@ -410,18 +410,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return serve(args)
         if args.command == "upstream":
-            from .integrations import run_upstream
+            from ..integrations import run_upstream
             run_upstream(args.which, args.upstream_args, args.negative, args.scale, args.guidance, args.repo)
             return 0
         if args.command == "train":
             if args.what in ("ode-pairs", "ode", "dmd"):
-                from .distill import dry_run, make_ode_pairs, train_from_config
+                from ..distill import dry_run, make_ode_pairs, train_from_config
                 if not args.config:
                     raise UserError(f"train {args.what} needs --config (configs/causvid_ode_train.yaml for ode-pairs "
                                     f"and ode, configs/causvid_nasa_t_train.yaml for dmd)")
                 out = args.out if args.out != "toy-training" else f"{args.what}-training"
                 if args.what == "ode-pairs":
-                    from .evaluate import read_prompts
+                    from ..eval.jobs import read_prompts
                     if not args.prompts:
                         raise UserError("train ode-pairs needs --prompts FILE (one prompt per line)")
                     print(f"wrote {make_ode_pairs(args.config, read_prompts(args.prompts), out)} trajectories to {out}")
@@ -431,20 +431,20 @@ def main(argv: list[str] | None = None) -> int:
                         raise UserError("--dry-run is for train dmd")
                     print(json.dumps(dry_run(args.config), indent=2))
                     return 0
-                from .evaluate import rank_and_world
+                from ..eval.jobs import rank_and_world
                 summary = train_from_config(args.config, out, stage=args.what)
                 if rank_and_world()[0] == 0:  # under torchrun: once, with rank 0's figures
                     print(f"wrote {out}: {json.dumps(summary)}")
                 return 0
             if args.what == "toy-nasa-t":
-                from .toy.nasa_t import export_nasa_t, train_toy_nasa_t
+                from ..toy.nasa_t import export_nasa_t, train_toy_nasa_t
                 out = args.out if args.out != "toy-training" else "toy-nasa-t-training"
                 if not args.export_only:
                     print(f"wrote {out}: {json.dumps(train_toy_nasa_t(out, args.smoke))}")
                 if args.export:
                     print(f"exported {', '.join(map(str, export_nasa_t(out, args.export)))}")
                 return 0
-            from .toy.train import export_bundle, train_toy
+            from ..toy.train import export_bundle, train_toy
             if not args.export_only:
                 log = train_toy(args.out, args.seed, args.smoke)
                 print(f"wrote {args.out}: {json.dumps(log)}")
@@ -458,6 +458,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 CLIP_FILES = ("config.json", "preprocessor_config.json", "vocab.json", "merges.txt")
 DEFAULT_CLIP = Path.home() / ".cache" / "nasa-video" / "clip-vit-large-patch14"

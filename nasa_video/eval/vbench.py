@@ -2,7 +2,7 @@
 
 vbench 0.1.5 pins transformers 4.33.2 and numpy<2, which cannot live beside this project's diffusers, so
 `nasa-video eval vbench-long` creates (once) and reuses a virtual environment for it and runs
-nasa_video/vbench_runner.py there, a standalone script that imports only vbench. Weights come from
+nasa_video/eval/vbench_runner.py there, a standalone script that imports only vbench. Weights come from
 $VBENCH_CACHE_DIR (default ~/.cache/vbench) with local=True, so scoring runs offline once they are in place.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 DEFAULT_ENV = Path.home() / ".cache" / "nasa-video" / "vbench-env"
 RUNNER = Path(__file__).with_name("vbench_runner.py")
@@ -105,8 +105,8 @@ def vbench_prompts(env: Path, dimensions: list[str]) -> list[str]:
 
 def run_vbench_long(args) -> int:
     """`nasa-video eval vbench-long`: generate (sharded, resumable), then score in the vbench env, then table."""
-    from . import evaluate as ev
-    from .video_io import write_json
+    from . import jobs as ev
+    from ..video_io import write_json
 
     out = Path(args.out)
     env = None

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .video_io import write_json
+from ..errors import UserError
+from ..video_io import write_json
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,8 @@ def judge_removal(scorer, jobs: list[VideoJob], pairs, out: Path, threshold: flo
     """Removal success per method and per pair, with CLIP+ / CLIP- of each video, from the finished videos."""
     from tqdm import tqdm
 
-    from .clip_score import removal_success
-    from .video_io import read_video
+    from .clip import removal_success
+    from ..video_io import read_video
 
     contrast = {(pos, neg): c for pos, neg, c in pairs}
     rows: dict[str, dict] = {}
@@ -180,7 +180,7 @@ def judge_removal(scorer, jobs: list[VideoJob], pairs, out: Path, threshold: flo
 
 def methods_from_args(methods: list[str], scales: list[float], scales_for: list[str]) -> list[tuple[str, float]]:
     """--methods with --scales, or per-method --scales-for METHOD=S1,S2; every scale checked against its method."""
-    from .guidance import make_guidance
+    from ..guidance import make_guidance
 
     per_method = {}
     for item in scales_for:
@@ -208,7 +208,7 @@ def generation_device() -> str:
 
 def generate_for_evaluation(args, jobs: list[VideoJob], out: Path, extra: dict | None = None) -> dict:
     """Build the generator, write the manifest, make this rank's share of the missing videos."""
-    from .pipeline import StreamingGenerator
+    from ..pipeline import StreamingGenerator
 
     rank, world = rank_and_world()
     if rank == 0 or not (out / "manifest.json").exists():
