@@ -96,6 +96,7 @@ class Guidance:
     in_attention = True
     scale_range = (0.0, 0.0)
     max_negatives: int | None = None
+    bench_scale = 0.0  # the scale `nasa-video bench` runs it at: one at which the method guides
 
     def cross_attention(self, q: torch.Tensor, kv: TextKV, alphas: Sequence[float]) -> torch.Tensor:
         raise NotImplementedError
@@ -120,6 +121,7 @@ class NoGuidance(Guidance):
 
     name = "none"
     scale_range = (-float("inf"), float("inf"))
+    bench_scale = 0.0
 
     def cross_attention(self, q, kv, alphas):
         return attend(q, *kv.positive())
@@ -130,6 +132,7 @@ class NASA(Guidance):
 
     name = "nasa"
     scale_range = (0.0, 3.0)  # the paper's sweep goes to 1.5 and quality falls past ~1; 3 leaves room to explore
+    bench_scale = 0.5
 
     def cross_attention(self, q, kv, alphas):
         if kv.num_prompts == 1 or not any(alphas):
@@ -144,6 +147,7 @@ class NAG(Guidance):
     name = "nag"
     scale_range = (1.0, 20.0)
     max_negatives = 1
+    bench_scale = 5.0  # NAG guides only for nag_scale > 1
 
     def __init__(self, tau: float = 2.5, blend: float = 0.25, sigma_end: float = 0.0):
         self.tau, self.blend, self.sigma_end = tau, blend, sigma_end
@@ -164,6 +168,7 @@ class VSF(Guidance):
     name = "vsf"
     scale_range = (0.0, 5.0)
     max_negatives = 1
+    bench_scale = 1.0
 
     def __init__(self, bias: float = -0.1):
         self.bias = bias
@@ -185,6 +190,7 @@ class CFG(Guidance):
     in_attention = False
     scale_range = (0.0, 20.0)
     max_negatives = 1
+    bench_scale = 3.0
 
     def cross_attention(self, q, kv, alphas):
         return attend(q, *kv.positive())  # each CFG pass is plain attention on its own prompt

@@ -71,3 +71,30 @@ def test_ctrl_c_keeps_finished_blocks(tmp_path, tiny_generator, monkeypatch):
     assert result.interrupted and result.blocks == 1
     assert read_video(out).shape[0] == 9  # the first block's frames, playable
     assert np.all(read_video(out) >= 0)
+
+
+def test_method_choices_come_from_the_guidance_registry(monkeypatch, capsys):
+    """A method added to guidance.METHODS is offered by every command at once; upstream's hook takes only
+    those acting inside cross-attention."""
+    from nasa_video import guidance
+    from nasa_video.cli import build_parser
+
+    class Mine(guidance.NASA):
+        name = "mine"
+
+    class MineOutside(guidance.CFG):
+        name = "mine-outside"
+
+    monkeypatch.setitem(guidance.METHODS, "mine", Mine)
+    monkeypatch.setitem(guidance.METHODS, "mine-outside", MineOutside)
+    parser = build_parser()
+    assert parser.parse_args(["generate", "--prompt", "x", "--guidance", "mine-outside"]).guidance == "mine-outside"
+    assert parser.parse_args(["upstream", "causvid", "--guidance", "mine"]).guidance == "mine"
+    assert parser.parse_args(["eval", "videos", "--prompts", "p", "--out", "o", "--methods", "mine"]).methods == ["mine"]
+    for bad in (["upstream", "causvid", "--guidance", "mine-outside"], ["bench", "flops", "--methods", "nope"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--help"])
+    assert "--guidance {cfg,mine,mine-outside,nag,nasa,none,vsf}" in capsys.readouterr().out
