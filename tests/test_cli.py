@@ -98,3 +98,14 @@ def test_method_choices_come_from_the_guidance_registry(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["generate", "--help"])
     assert "--guidance {cfg,mine,mine-outside,nag,nasa,none,vsf}" in capsys.readouterr().out
+
+
+def test_building_the_parser_imports_no_torch():
+    """Argument errors must not wait for torch: the command modules import it only inside their handlers."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from nasa_video.cli import build_parser; build_parser(); "
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
