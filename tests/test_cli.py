@@ -90,7 +90,8 @@ def test_method_choices_come_from_the_guidance_registry(monkeypatch, capsys):
     parser = build_parser()
     assert parser.parse_args(["generate", "--prompt", "x", "--guidance", "mine-outside"]).guidance == "mine-outside"
     assert parser.parse_args(["upstream", "causvid", "--guidance", "mine"]).guidance == "mine"
-    assert parser.parse_args(["eval", "videos", "--prompts", "p", "--out", "o", "--methods", "mine"]).methods == ["mine"]
+    videos = parser.parse_args(["eval", "videos", "--prompts", "p", "--out", "o", "--methods", "mine"])
+    assert videos.methods == ["mine"]
     for bad in (["upstream", "causvid", "--guidance", "mine-outside"], ["bench", "flops", "--methods", "nope"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
