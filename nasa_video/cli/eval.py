@@ -15,6 +15,12 @@ DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate negative guidance", formatter_class=DEFAULTS)
     what = p.add_subparsers(dest="what", required=True)
+    _register_removal(what)
+    _register_generation(what)
+    _register_scoring(what)
+
+
+def _register_removal(what) -> None:
     r = what.add_parser("removal", help="removal benchmark with ground truth on the bundled model",
                         formatter_class=DEFAULTS)
     r.add_argument("--model", default="toy", help="toy / toy-nasa-t: the bundled world with its exact detector; "
@@ -40,6 +46,10 @@ def register(sub) -> None:
     r.add_argument("--seeds", type=int, default=4, help="seeds per pair")
     r.add_argument("--device", default="cpu")
     r.set_defaults(func=removal)
+
+
+def _register_generation(what) -> None:
+    """The commands that generate a run folder (resumable, sharded over torchrun ranks)."""
     v = what.add_parser("videos", help="generate an evaluation set: prompts x methods x samples, resumable, "
                                        "sharded over torchrun ranks", formatter_class=DEFAULTS)
     _generation_args(v, "prompt file: one per line, or a JSON list (VBench info files)", required=True)
@@ -53,6 +63,10 @@ def register(sub) -> None:
     vb.add_argument("--score-device", default="cuda")
     vb.add_argument("--score-only", action="store_true", help="score what is already generated")
     vb.set_defaults(func=vbench_long)
+
+
+def _register_scoring(what) -> None:
+    """The commands that score what exists: a run folder, labelled frames, the toy detector."""
     c = what.add_parser("clip", help="CLIP+ / CLIP- of every finished video in an evaluation folder")
     c.add_argument("--out", required=True, help="the folder of `eval videos` / `eval removal` / `eval vbench-long`")
     c.add_argument("--clip", default=None)
