@@ -17,12 +17,9 @@ from .model.cache import TextCache
 from .model.interface import build_from_config, generator_section
 
 
-# A scale at which each method is switched on (NAG guides only for nag_scale > 1).
-ACTIVE_SCALE = {"nag": 5.0}
-
-
 def video_flops(cfg, method: str, negatives: int = 1) -> int:
-    """FLOPs of the generator for one video of cfg.video.latent_frames frames with the given guidance."""
+    """FLOPs of the generator for one video of cfg.video.latent_frames frames with the given guidance, at
+    the method's bench_scale (a scale at which it guides: NAG only for nag_scale > 1)."""
     if not make_guidance(method).in_attention:  # CFG: a plain pass for each of its two contexts
         return 2 * video_flops(cfg, "none")
     g = generator_section(cfg)[1]
@@ -43,7 +40,7 @@ def video_flops(cfg, method: str, negatives: int = 1) -> int:
             x = torch.zeros(1, g["in_channels"], fpb, h, w)
             t = torch.full((1, fpb), 500.0)
             with FlopCounterMode(display=False) as counter, torch.no_grad():
-                model.set_text(text.guide(guidance, ACTIVE_SCALE.get(method, 1.0)))
+                model.set_text(text.guide(guidance, guidance.bench_scale))
                 model(x, t, block * fpb, cache)
             total += counter.get_total_flops() * passes_per_block
     return int(total)
@@ -68,8 +65,17 @@ def flops_report(model: str = "causvid", methods=("none", "nasa", "nag", "vsf", 
             "resolution": [int(cfg.video.height), int(cfg.video.width)], "methods": results}
 
 
+def flops_table(report: dict) -> str:
+    """flops_report() as the text table `nasa-video bench flops` prints."""
+    lines = [f"{report['model']}: {report['latent_frames']} latent frames at {report['resolution'][0]}x"
+             f"{report['resolution'][1]}, steps {report['steps']} + cache pass, one video",
+             f"{'method':8} {'TFLOPs':>10} {'ratio':>8} {'memory GiB':>11}"]
+    for name, r in report["methods"].items():
+        lines.append(f"{name:8} {r['flops'] / 1e12:10.2f} {r['ratio']:8.4f} {r['memory_bytes'] / 2**30:11.2f}")
+    return "\n".join(lines)
+
+
 # ---- wall time ------------------------------------------------------------------------------------------------
-BENCH_SCALE = {"none": 0.0, "nasa": 0.5, "nag": 5.0, "vsf": 1.0, "cfg": 3.0}
 MID = {"generator": {"num_attention_heads": 8, "attention_head_dim": 64, "ffn_dim": 2048, "num_layers": 4},
        "video": {"height": 128, "width": 128}}
 
@@ -115,13 +121,13 @@ def random_weight_generator(model: str, device: str, dtype: str, overrides: dict
 
 
 def time_video(gen, method: str, decode: bool) -> tuple[float, float]:
-    """(seconds for one video, seconds to its first block)."""
+    """(seconds for one video, seconds to its first block), at the method's bench_scale."""
     import time
 
     start = time.perf_counter()
     first = None
-    for chunk in gen.stream("a fox running through snow", "blurry, low quality", BENCH_SCALE[method], method,
-                            decode=decode):
+    scale = make_guidance(method).bench_scale
+    for chunk in gen.stream("a fox running through snow", "blurry, low quality", scale, method, decode=decode):
         if first is None:
             first = time.perf_counter() - start
     return time.perf_counter() - start, first
@@ -152,3 +158,35 @@ def speed_report(gen, methods, repeats: int = 5, decode: bool = False) -> dict:
                   "fps": frames / med, "first_block_s": statistics.median(firsts[m])}
     return {"model": gen.cfg.name, "device": str(gen.device), "dtype": str(gen.dtype), "repeats": repeats,
             "decode": decode, "frames": frames, "methods": out}
+
+
+def speed_benchmark(model: str, methods, repeats: int = 5, device: str = "auto", dtype: str = "auto",
+                    attention: str = "auto", decode: bool = False) -> dict:
+    """speed_report() on a random-weight generator of `model` ("mid": the tiny config at MID size), with the
+    attention backend it ran and, on CUDA, the peak GPU memory."""
+    from . import attention as attention_backend
+
+    backend = attention_backend.set_backend(attention)
+    model, overrides = ("tiny", MID) if model == "mid" else (model, None)
+    gen = random_weight_generator(model, device, dtype, overrides)
+    if gen.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(gen.device)
+    report = speed_report(gen, methods, repeats, decode)
+    report["attention"] = backend
+    if gen.device.type == "cuda":
+        report["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(gen.device)
+    return report
+
+
+def speed_table(report: dict, model: str) -> str:
+    """speed_benchmark() as the text table `nasa-video bench speed` prints; model: the name asked for."""
+    lines = [f"{model} (random weights) on {report['device']} {report['dtype']}, attention {report['attention']}, "
+             f"{report['frames']} frames, decode {'on' if report['decode'] else 'off'}, "
+             f"{report['repeats']} interleaved runs",
+             f"{'method':8} {'median s':>9} {'min-max s':>15} {'ratio':>7} {'fps':>8} {'first block s':>14}"]
+    for name, r in report["methods"].items():
+        lines.append(f"{name:8} {r['median_s']:9.3f} {r['min_s']:7.3f}-{r['max_s']:<7.3f} {r['ratio']:7.3f} "
+                     f"{r['fps']:8.2f} {r['first_block_s']:14.3f}")
+    if "peak_gpu_memory_bytes" in report:
+        lines.append(f"peak GPU memory {report['peak_gpu_memory_bytes'] / 2**30:.2f} GiB")
+    return "\n".join(lines)

@@ -198,6 +198,7 @@ class Guidance:
     in_attention = True
     scale_range = (0.0, 0.0)
     max_negatives: int | None = None
+    bench_scale = 0.0  # the scale `nasa-video bench` runs it at: one at which the method guides
 
     def cross_attention(self, q: torch.Tensor, kv: TextKV, alphas: Sequence[float]) -> torch.Tensor:
         """The guided attention output [B, S, H, D] of query q [B, S, H, D]. A method defines this, or prepare()
@@ -252,6 +253,7 @@ class NoGuidance(Guidance):
 
     name = "none"
     scale_range = (-float("inf"), float("inf"))
+    bench_scale = 0.0
 
     def prepare(self, kv, alphas):
         return PlainPlan(*kv.positive())
@@ -264,6 +266,7 @@ class NASA(Guidance):
 
     name = "nasa"
     scale_range = (0.0, 3.0)  # the paper's sweep goes to 1.5 and quality falls past ~1; 3 leaves room to explore
+    bench_scale = 0.5
 
     def prepare(self, kv, alphas):
         if kv.num_prompts == 1 or not any(alphas):
@@ -277,6 +280,7 @@ class NAG(Guidance):
     name = "nag"
     scale_range = (1.0, 20.0)
     max_negatives = 1
+    bench_scale = 5.0  # NAG guides only for nag_scale > 1
 
     def __init__(self, tau: float = 2.5, blend: float = 0.25, sigma_end: float = 0.0):
         self.tau, self.blend, self.sigma_end = tau, blend, sigma_end
@@ -296,6 +300,7 @@ class VSF(Guidance):
     name = "vsf"
     scale_range = (0.0, 5.0)
     max_negatives = 1
+    bench_scale = 1.0
 
     def __init__(self, bias: float = -0.1):
         self.bias = bias
@@ -314,6 +319,7 @@ class CFG(Guidance):
     in_attention = False
     scale_range = (0.0, 20.0)
     max_negatives = 1
+    bench_scale = 3.0
 
     def prepare(self, kv, alphas):
         return PlainPlan(*kv.positive())  # each CFG pass is plain attention on its own prompt

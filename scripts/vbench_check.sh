@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export NASA_VIDEO_VBENCH_ENV=${NASA_VIDEO_VBENCH_ENV:-$HOME/.cache/nasa-video/vbench-env}
-.venv/bin/python -c "from nasa_video.vbench_env import ensure_env; print(ensure_env())"
+.venv/bin/python -c "from nasa_video.eval.vbench import ensure_env; print(ensure_env())"
 exec .venv/bin/python -m pytest tests/test_evaluate.py -k real_vbench -v "$@"

@@ -97,3 +97,43 @@ def test_ctrl_c_keeps_finished_blocks(tmp_path, tiny_generator, monkeypatch):
     assert first_block.frames.shape == kept.shape
     assert mean_error(kept, first_block.frames) < 3  # those frames, in order, not a blank or garbled file
     assert mean_error(kept, first_block.frames) < 0.25 * mean_error(kept, first_block.frames[::-1])
+
+
+
+def test_method_choices_come_from_the_guidance_registry(monkeypatch, capsys):
+    """A method added to guidance.METHODS is offered by every command at once; upstream's hook takes only
+    those acting inside cross-attention."""
+    from nasa_video import guidance
+    from nasa_video.cli import build_parser
+
+    class Mine(guidance.NASA):
+        name = "mine"
+
+    class MineOutside(guidance.CFG):
+        name = "mine-outside"
+
+    monkeypatch.setitem(guidance.METHODS, "mine", Mine)
+    monkeypatch.setitem(guidance.METHODS, "mine-outside", MineOutside)
+    parser = build_parser()
+    assert parser.parse_args(["generate", "--prompt", "x", "--guidance", "mine-outside"]).guidance == "mine-outside"
+    assert parser.parse_args(["upstream", "causvid", "--guidance", "mine"]).guidance == "mine"
+    videos = parser.parse_args(["eval", "videos", "--prompts", "p", "--out", "o", "--methods", "mine"])
+    assert videos.methods == ["mine"]
+    for bad in (["upstream", "causvid", "--guidance", "mine-outside"], ["bench", "flops", "--methods", "nope"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--help"])
+    assert "--guidance {cfg,mine,mine-outside,nag,nasa,none,vsf}" in capsys.readouterr().out
+
+
+def test_building_the_parser_imports_no_torch():
+    """Argument errors must not wait for torch: the command modules import it only inside their handlers."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from nasa_video.cli import build_parser; build_parser(); "
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)

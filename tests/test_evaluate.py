@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from nasa_video.errors import UserError
-from nasa_video.evaluate import (finished, judge_removal, plan, plan_removal, read_prompts, run_jobs, shard,
-                                 video_stem, write_manifest)
+from nasa_video.eval.jobs import finished, plan, read_prompts, run_jobs, shard, video_stem, write_manifest
+from nasa_video.eval.removal import judge_removal, plan_removal
 from nasa_video.video_io import read_video
 
 PROMPTS = ["a red circle", "a blue square: at night?", "x" * 400]
@@ -111,7 +111,7 @@ def test_read_prompts_text_and_vbench_json(tmp_path):
 
 
 def test_missing_clip_weights_name_the_file_and_the_place(tmp_path):
-    from nasa_video.clip_score import ClipScorer
+    from nasa_video.eval.clip import ClipScorer
 
     with pytest.raises(UserError, match=r"config\.json.*model\.safetensors.*--clip"):
         ClipScorer(tmp_path / "empty")
@@ -131,7 +131,8 @@ def reference_clip(scorer, frames, texts):
 
 
 def test_clip_scores_and_judge_end_to_end(tiny_generator, tmp_path):
-    from nasa_video.clip_score import ClipScorer, calibrate, removal_success
+    from nasa_video.eval.clip import ClipScorer, calibrate
+    from nasa_video.eval.removal import removal_success
 
     scorer = ClipScorer(make_tiny_clip(tmp_path / "clip"))
     pairs = [("a photo of a pet", "cat", "dog"), ("a photo of a person", "old", "young")]
@@ -196,6 +197,44 @@ class KnownScorer:
 
     def clip_plus_minus(self, frames, positive, negative):
         return {"clip_plus": float(frames.mean()), "clip_minus": -float(frames.mean())}
+
+
+def test_metrics_share_one_interface_and_the_cli_writes_what_they_score(tiny_generator, tmp_path, capsys):
+    """CLIP+ / CLIP-, the removal judge and VBench-Long are Metrics (score(run folder) -> dict); `eval clip` and
+    `eval calibrate` on a run made here, with the tiny random CLIP."""
+    from PIL import Image
+
+    from nasa_video.cli import main
+    from nasa_video.eval.clip import ClipMetric, ClipScorer
+    from nasa_video.eval.metric import Metric
+    from nasa_video.eval.removal import RemovalJudge
+    from nasa_video.eval.vbench import VBenchLong
+
+    scorer = ClipScorer(make_tiny_clip(tmp_path / "clip"))
+    pairs = [("a photo of a pet", "cat", "dog")]
+    jobs = plan_removal(pairs, METHODS, samples=1)
+    run_jobs(tiny_generator, jobs, tmp_path / "r", progress=False)
+    judge, clip = RemovalJudge(scorer, jobs, pairs, progress=False), ClipMetric(scorer)
+    assert all(isinstance(m, Metric) for m in (judge, clip, VBenchLong(["aesthetic_quality"])))
+    assert judge.score(tmp_path / "r") == judge_removal(scorer, jobs, pairs, tmp_path / "r", progress=False)
+    scores = clip.score(tmp_path / "r")
+    assert set(scores["methods"]) == {"none", "nasa@0.5"} and all(r["videos"] == 1 for r in scores["methods"].values())
+
+    assert main(["eval", "clip", "--out", str(tmp_path / "r"), "--clip", str(tmp_path / "clip"),
+                 "--json", str(tmp_path / "clip.json")]) == 0
+    assert json.loads((tmp_path / "clip.json").read_text())["methods"] == scores["methods"]
+    assert "nasa@0.5: CLIP+" in capsys.readouterr().out
+    frames = read_video(jobs[0].path(tmp_path / "r"))
+    labels = []
+    for i, shows in enumerate([True, False, True, False]):
+        Image.fromarray(frames[i]).save(tmp_path / f"{i}.png")
+        labels.append({"image": str(tmp_path / f"{i}.png"), "negative": "cat", "contrast": "dog", "shows": shows})
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    assert main(["eval", "calibrate", "--labels", str(tmp_path / "labels.json"), "--clip", str(tmp_path / "clip")]) == 0
+    assert json.loads(capsys.readouterr().out)["frames"] == 4
+    assert main(["eval", "clip", "--out", str(tmp_path / "empty"), "--clip", str(tmp_path / "clip"),
+                 "--json", str(tmp_path / "x.json")]) == 2
+    assert "no finished videos" in capsys.readouterr().err
 
 
 FAKE_VBENCH = r'''#!/usr/bin/env bash

@@ -160,7 +160,7 @@ def make_ode_pairs(config: str | os.PathLike, prompts: list[str], out: str | os.
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from ..evaluate import generation_device, rank_and_world
+    from ..eval.jobs import generation_device, rank_and_world
     from ..loading import build_generator, resolve_device
 
     tc = TrainingConfig.load(config)

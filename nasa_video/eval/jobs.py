@@ -17,10 +17,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from .errors import UserError
-from .video_io import write_json
+from ..errors import UserError
+from ..video_io import write_json
 
 
 @dataclass(frozen=True)
@@ -135,60 +133,13 @@ def run_jobs(gen, jobs: list[VideoJob], out: Path, progress: bool = True, on_don
     return {"planned": len(jobs), "skipped": done, "made": made}
 
 
-def plan_removal(pairs: list[tuple[str, str, str]], methods: list[tuple[str, float]], samples: int,
-                 base_seed: int = 0) -> list[VideoJob]:
-    """(positive, negative concept, contrast) pairs: the negative prompt is the concept itself."""
-    return [VideoJob(m, float(s), pos, i, base_seed + 1000 * k + i, neg,
-                     name=f"{video_stem(pos, 120)} -- minus {video_stem(neg, 40)}")
-            for (m, s) in methods for k, (pos, neg, _) in enumerate(pairs) for i in range(samples)]
+def method_scales(methods: list[str], scales: list[float],
+                  per_method: dict[str, list[float]] | None = None) -> list[tuple[str, float]]:
+    """(method, scale) pairs: each method at `scales`, or at its own per_method[method] list ("none" once at 0);
+    every scale checked against its method's range."""
+    from ..guidance import make_guidance
 
-
-def judge_removal(scorer, jobs: list[VideoJob], pairs, out: Path, threshold: float = 0.5,
-                  progress: bool = True) -> dict:
-    """Removal success per method and per pair, with CLIP+ / CLIP- of each video, from the finished videos."""
-    from tqdm import tqdm
-
-    from .clip_score import removal_success
-    from .video_io import read_video
-
-    contrast = {(pos, neg): c for pos, neg, c in pairs}
-    rows: dict[str, dict] = {}
-    for job in tqdm(jobs, desc="judge", unit="video", disable=not progress):
-        if not finished(job, out):
-            raise UserError(f"{job.path(out)} is missing: generate first (rerun the same command)")
-        frames = read_video(job.path(out))
-        p = scorer.negative_probability(frames, job.negative, contrast[(job.prompt, job.negative)])
-        clip = scorer.clip_plus_minus(frames, job.prompt, job.negative)
-        row = rows.setdefault(job.label, {"method": job.method, "scale": job.scale, "videos": []})
-        row["videos"].append({"prompt": job.prompt, "negative": job.negative, "sample": job.sample,
-                              "success": removal_success(p, threshold), "negative_frames": float((p > threshold).mean()),
-                              **clip})
-    methods = {}
-    for label, row in rows.items():
-        videos = row["videos"]
-        per_pair = {}
-        for v in videos:
-            per_pair.setdefault(f"{v['prompt']} / -{v['negative']}", []).append(v["success"])
-        methods[label] = {"method": row["method"], "scale": row["scale"], "videos": len(videos),
-                          "success": float(np.mean([v["success"] for v in videos])),
-                          "clip_plus": float(np.mean([v["clip_plus"] for v in videos])),
-                          "clip_minus": float(np.mean([v["clip_minus"] for v in videos])),
-                          "per_pair": {k: float(np.mean(v)) for k, v in per_pair.items()}}
-    return {"judge": {"model": str(scorer.folder), "threshold": threshold,
-                      "rule": "success when at most 10% of frames show the negative"}, "methods": methods}
-
-
-def methods_from_args(methods: list[str], scales: list[float], scales_for: list[str]) -> list[tuple[str, float]]:
-    """--methods with --scales, or per-method --scales-for METHOD=S1,S2; every scale checked against its method."""
-    from .guidance import make_guidance
-
-    per_method = {}
-    for item in scales_for:
-        name, _, values = item.partition("=")
-        try:
-            per_method[name] = [float(v) for v in values.split(",") if v]
-        except ValueError:
-            raise UserError(f"--scales-for {item!r}: use METHOD=S1,S2 with numbers") from None
+    per_method = per_method or {}
     out = [(m, 0.0) if m == "none" else (m, s) for m in methods
            for s in ([0.0] if m == "none" else per_method.get(m, scales))]
     for method, scale in out:
@@ -206,19 +157,34 @@ def generation_device() -> str:
     return "cpu"
 
 
-def generate_for_evaluation(args, jobs: list[VideoJob], out: Path, extra: dict | None = None) -> dict:
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which generator makes the videos: a model config name or YAML, its weights, and where it runs
+    (device None: cuda:LOCAL_RANK under torchrun, else the first GPU, else the CPU)."""
+    model: str
+    checkpoint: str | None = None
+    wan: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+
+
+def all_finished(jobs: list[VideoJob], out: Path) -> bool:
+    return all(finished(j, out) for j in jobs)
+
+
+def generate_for_evaluation(jobs: list[VideoJob], out: Path, spec: ModelSpec, extra: dict | None = None) -> dict:
     """Build the generator, write the manifest, make this rank's share of the missing videos."""
-    from .pipeline import StreamingGenerator
+    from ..pipeline import StreamingGenerator
 
     rank, world = rank_and_world()
     if rank == 0 or not (out / "manifest.json").exists():
-        write_manifest(out, jobs, {"model": args.model, "checkpoint": args.checkpoint, "wan": args.wan,
+        write_manifest(out, jobs, {"model": spec.model, "checkpoint": spec.checkpoint, "wan": spec.wan,
                                    "world_size": world, **(extra or {})})
     mine = shard(jobs, rank, world)
-    if all(finished(j, out) for j in mine):
+    if all_finished(mine, out):
         return {"planned": len(mine), "skipped": len(mine), "made": 0, "rank": rank, "world": world}
-    gen = StreamingGenerator.from_config(args.model, args.checkpoint, args.wan, args.device or generation_device(),
-                                         args.dtype)
+    gen = StreamingGenerator.from_config(spec.model, spec.checkpoint, spec.wan, spec.device or generation_device(),
+                                         spec.dtype)
     for text in sorted({t for j in mine for t in (j.prompt, j.negative) if t}):
         gen.text.encode(text)  # a prompt over the token limit fails now, not after hours of videos
     if rank == 0:

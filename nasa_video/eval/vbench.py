@@ -1,8 +1,8 @@
 """VBench-Long scoring in its own Python environment.
 
 vbench 0.1.5 pins transformers 4.33.2 and numpy<2, which cannot live beside this project's diffusers, so
-`nasa-video eval vbench-long` creates (once) and reuses a virtual environment for it and runs
-nasa_video/vbench_runner.py there, a standalone script that imports only vbench. Weights come from
+the VBenchLong metric (`nasa-video eval vbench-long`) creates (once) and reuses a virtual environment for it
+and runs nasa_video/eval/vbench_runner.py there, a standalone script that imports only vbench. Weights come from
 $VBENCH_CACHE_DIR (default ~/.cache/vbench) with local=True, so scoring runs offline once they are in place.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 DEFAULT_ENV = Path.home() / ".cache" / "nasa-video" / "vbench-env"
 RUNNER = Path(__file__).with_name("vbench_runner.py")
@@ -61,7 +61,7 @@ def ensure_env(env: Path | None = None, python: str = sys.executable, quiet: boo
     return env
 
 
-def score(env: Path, videos: Path, dimensions: list[str], out: Path, device: str = "cuda") -> dict:
+def score_methods(env: Path, videos: Path, dimensions: list[str], out: Path, device: str = "cuda") -> dict:
     """Run the runner in the vbench environment on each method folder; returns {method: {dimension: score}}."""
     results = {}
     out.mkdir(parents=True, exist_ok=True)
@@ -103,34 +103,38 @@ def vbench_prompts(env: Path, dimensions: list[str]) -> list[str]:
     return list(dict.fromkeys(e["prompt_en"] for e in info if set(e.get("dimension", [])) & set(dimensions)))
 
 
-def run_vbench_long(args) -> int:
-    """`nasa-video eval vbench-long`: generate (sharded, resumable), then score in the vbench env, then table."""
-    from . import evaluate as ev
-    from .video_io import write_json
+class VBenchLong:
+    """The VBench-Long metric: each method folder of a run scored by vbench in its own environment (built on
+    first use; env None: $NASA_VIDEO_VBENCH_ENV or ~/.cache/nasa-video/vbench-env)."""
 
-    out = Path(args.out)
-    env = None
-    if args.prompts:
-        prompts = ev.read_prompts(args.prompts)
-    else:
-        env = ensure_env(args.vbench_env)
-        prompts = vbench_prompts(env, args.dimensions)
-    jobs = ev.plan(prompts, ev.methods_from_args(args.methods, args.scales, args.scales_for), args.samples,
-                   args.negative, args.seed)
-    if not args.score_only:
-        report = ev.generate_for_evaluation(args, jobs, out, {"prompts": args.prompts or "vbench",
-                                                              "dimensions": args.dimensions})
-        print(json.dumps(report))
-    if not all(ev.finished(j, out) for j in jobs):
-        print("not every video is finished (other ranks still running?): run the command again to score")
-        return 0
-    if ev.rank_and_world()[0] != 0:
-        return 0
-    env = env or ensure_env(args.vbench_env)
-    results = score(env, out / "videos", args.dimensions, out / "vbench", args.score_device)
-    text = table(results, args.dimensions)
-    write_json(out / "vbench_long.json", {"dimensions": args.dimensions, "methods": results,
-                                          "published": PUBLISHED})
-    (out / "vbench_long.md").write_text(text + "\n")
-    print(text)
-    return 0
+    name = "vbench-long"
+
+    def __init__(self, dimensions: list[str], env: str | os.PathLike | None = None, device: str = "cuda"):
+        self.dimensions, self.device = list(dimensions), device
+        self._env_arg, self._env = env, None
+
+    @property
+    def env(self) -> Path:
+        if self._env is None:
+            self._env = ensure_env(self._env_arg)
+        return self._env
+
+    def prompts(self) -> list[str]:
+        """VBench's own prompts for these dimensions."""
+        return vbench_prompts(self.env, self.dimensions)
+
+    def score(self, run: str | os.PathLike) -> dict:
+        run = Path(run)
+        results = score_methods(self.env, run / "videos", self.dimensions, run / "vbench", self.device)
+        return {"dimensions": self.dimensions, "methods": results, "published": PUBLISHED}
+
+
+def write_report(run: str | os.PathLike, result: dict) -> str:
+    """VBenchLong's result as run/vbench_long.json and the table as run/vbench_long.md; returns the table."""
+    from ..video_io import write_json
+
+    run = Path(run)
+    text = table(result["methods"], result["dimensions"])
+    write_json(run / "vbench_long.json", result)
+    (run / "vbench_long.md").write_text(text + "\n")
+    return text

@@ -1,4 +1,4 @@
-"""Score one folder of videos with VBench-Long. Runs INSIDE the vbench environment (see vbench_env.py):
+"""Score one folder of videos with VBench-Long. Runs INSIDE the vbench environment (see vbench.py):
 it imports vbench only, never nasa_video.
 
     python vbench_runner.py --videos DIR --out RESULT.json --dimensions aesthetic_quality imaging_quality

@@ -1,5 +1,5 @@
 """CLIP over video frames: CLIP+ / CLIP- (alignment with the positive / negative prompt) and a zero-shot
-judge for removal on real models.
+judge for removal on real models (its pairs and rule: removal.py).
 
 Model: openai/clip-vit-large-patch14 (transformers CLIPModel) read from a local folder: --clip PATH, else
 $NASA_VIDEO_CLIP, else ~/.cache/nasa-video/clip-vit-large-patch14. Nothing is downloaded.
@@ -7,21 +7,21 @@ $NASA_VIDEO_CLIP, else ~/.cache/nasa-video/clip-vit-large-patch14. Nothing is do
 Judge: for a pair (negative concept, contrast concept) each frame is scored with CLIP's zero-shot softmax
 over "a photo of {negative}" and "a photo of {contrast}"; the frame shows the negative when its probability
 is above the threshold (0.5 unless calibrated on frames whose answer is known). A video counts as a removal
-success when at most 10% of its frames show the negative (the bundled benchmark's rule).
+success when at most 10% of its frames show the negative (the bundled benchmark's rule; removal.py).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 CLIP_FILES = ("config.json", "preprocessor_config.json", "vocab.json", "merges.txt")
 DEFAULT_CLIP = Path.home() / ".cache" / "nasa-video" / "clip-vit-large-patch14"
-SHOWN_FRAMES_MAX = 0.1
 
 
 def clip_folder(path: str | os.PathLike | None = None) -> Path:
@@ -88,10 +88,6 @@ class ClipScorer:
         return logits.softmax(-1)[:, 0].cpu().numpy()
 
 
-def removal_success(probabilities: np.ndarray, threshold: float = 0.5) -> bool:
-    return float((probabilities > threshold).mean()) <= SHOWN_FRAMES_MAX
-
-
 def calibrate(probabilities: np.ndarray, labels: np.ndarray) -> dict:
     """The threshold that best separates frames known to show the negative (labels True) from frames known
     not to; returns it with its agreement and the agreement at 0.5."""
@@ -105,17 +101,43 @@ def calibrate(probabilities: np.ndarray, labels: np.ndarray) -> dict:
             "agreement_at_0.5": float(((probabilities > 0.5) == labels).mean()), "frames": int(len(labels))}
 
 
-# The paper's image pairs, and video pairs with a concrete contrast for the zero-shot judge.
-REMOVAL_PAIRS = [
-    # (positive prompt, negative concept, contrast concept)
-    ("A photo of a person", "male", "female"),
-    ("A photo of a person", "female", "male"),
-    ("A photo of a person", "young", "old"),
-    ("A photo of a person", "old", "young"),
-    ("A photo of a pet", "cat", "dog"),
-    ("A photo of a pet", "dog", "cat"),
-    ("A video of a pet running on the grass", "dog", "cat"),
-    ("A video of a person dancing in a studio", "man", "woman"),
-    ("A video of a vehicle driving on a road", "car", "motorcycle"),
-    ("A video of a mountain landscape", "snow", "green grass"),
-]
+def calibrate_labels(scorer: ClipScorer, labels: str | os.PathLike) -> dict:
+    """calibrate() on a JSON file of frames whose answer is known:
+    [{"image": path, "negative": "cat", "contrast": "dog", "shows": true}, ...]."""
+    from PIL import Image
+
+    items = json.loads(Path(labels).read_text())
+    probs = [float(scorer.negative_probability(np.asarray(Image.open(i["image"]).convert("RGB"))[None],
+                                               i["negative"], i["contrast"])[0]) for i in items]
+    return calibrate(np.array(probs), np.array([bool(i["shows"]) for i in items]))
+
+
+class ClipMetric:
+    """CLIP+ / CLIP- of every finished video of a run folder (prompt and negative from its sidecar), averaged
+    per method label."""
+
+    name = "clip"
+
+    def __init__(self, scorer: ClipScorer):
+        self.scorer = scorer
+
+    def score(self, run: str | os.PathLike) -> dict:
+        from ..video_io import read_video
+
+        rows: dict[str, list[dict]] = {}
+        for sidecar in sorted(Path(run).glob("videos/*/*.json")):
+            job = json.loads(sidecar.read_text())
+            scores = self.scorer.clip_plus_minus(read_video(sidecar.with_suffix(".mp4")), job["prompt"],
+                                                 job["negative"])
+            rows.setdefault(sidecar.parent.name, []).append(scores)
+        if not rows:
+            raise UserError(f"no finished videos under {run}/videos")
+        methods = {label: {"videos": len(v), "clip_plus": float(np.mean([x["clip_plus"] for x in v])),
+                           "clip_minus": float(np.mean([x["clip_minus"] for x in v]))} for label, v in rows.items()}
+        return {"clip": str(self.scorer.folder), "methods": methods}
+
+
+def clip_summary(result: dict) -> str:
+    """ClipMetric's result, one line per method."""
+    return "\n".join(f"{label}: CLIP+ {r['clip_plus']:.2f}  CLIP- {r['clip_minus']:.2f}  ({r['videos']} videos)"
+                     for label, r in result["methods"].items())

@@ -1,0 +1,48 @@
+"""`nasa-video bench flops | speed`: the cost of each guidance method."""
+from __future__ import annotations
+
+from .common import all_methods, method_argument
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="cost of the guidance methods")
+    kind = bench.add_subparsers(dest="kind", required=True)
+    flops = kind.add_parser("flops", help="FLOPs and memory per video, counted on the meta device")
+    flops.add_argument("--model", default="causvid")
+    method_argument(flops, "--methods", nargs="+", default=None)  # None: every method
+    flops.add_argument("--json", default=None)
+    flops.set_defaults(func=bench_flops)
+    speed = kind.add_parser("speed", help="wall time per video, interleaved runs, ratio to none")
+    speed.add_argument("--model", default="tiny", help="tiny | mid (a mid-size random config) | causvid | ...")
+    method_argument(speed, "--methods", nargs="+", default=None)  # None: every method
+    speed.add_argument("--repeats", type=int, default=5)
+    speed.add_argument("--device", default="auto")
+    speed.add_argument("--dtype", default="auto")
+    speed.add_argument("--attention", default="auto")
+    speed.add_argument("--decode", action="store_true", help="include the VAE decode")
+    speed.add_argument("--json", default=None)
+    speed.set_defaults(func=bench_speed)
+
+
+def bench_flops(args) -> int:
+    from ..bench import flops_report, flops_table
+    from ..video_io import write_json
+
+    methods = list(dict.fromkeys(["none"] + (args.methods or all_methods())))
+    report = flops_report(args.model, methods)
+    print(flops_table(report))
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+def bench_speed(args) -> int:
+    from ..bench import speed_benchmark, speed_table
+    from ..video_io import write_json
+
+    report = speed_benchmark(args.model, args.methods or all_methods(), args.repeats, args.device, args.dtype,
+                             args.attention, args.decode)
+    print(speed_table(report, args.model))
+    if args.json:
+        write_json(args.json, report)
+    return 0
