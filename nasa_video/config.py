@@ -96,3 +96,20 @@ def model_spec(cfg: DictConfig) -> ModelSpec:
     return ModelSpec(str(cfg.get("name", "model")), _read(VideoSpec, cfg.video, "video"),
                      _read(SamplingSpec, cfg.sampling, "sampling"), _read(CacheSpec, cfg.cache, "cache"),
                      _read(GuidanceSpec, cfg.guidance, "guidance"))
+
+
+# ---- frame counts (pure: the CLI checks --frames before anything heavy is imported) ----------------------
+def pixel_frames(latent_frames: int, temporal_stride: int = 4) -> int:
+    return 1 + temporal_stride * (latent_frames - 1)
+
+
+def latent_frames_for(frames: int, frames_per_block: int, temporal_stride: int = 4) -> int:
+    """Pixel frame count -> latent frames; it must be 1 + 4 (L - 1) with L a whole number of blocks."""
+    latent = (frames - 1) / temporal_stride + 1
+    if frames < 1 or latent != int(latent) or int(latent) % frames_per_block:
+        step = temporal_stride * frames_per_block
+        lower = max(pixel_frames(frames_per_block, temporal_stride),
+                    pixel_frames(((frames - 1) // step) * frames_per_block or frames_per_block, temporal_stride))
+        raise UserError(f"--frames {frames} is not a whole number of blocks: use {step}k - {temporal_stride - 1} "
+                        f"frames, e.g. {lower} or {lower + step}")
+    return int(latent)

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
@@ -40,7 +39,9 @@ def load_config(model: str = "toy", overrides: dict | None = None) -> DictConfig
     return cfg
 
 
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str | None, device: "torch.device") -> "torch.dtype":
+    import torch
+
     if name is None or name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -50,7 +51,9 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return table[name]
 
 
-def resolve_device(name: str | None) -> torch.device:
+def resolve_device(name: str | None) -> "torch.device":
+    import torch
+
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -68,6 +71,8 @@ def resolve_device(name: str | None) -> torch.device:
 
 def build_generator(cfg: DictConfig, device, dtype, checkpoint: str | None = None):
     """The config's generator (its generator.arch, Wan by default): random, bundled or checkpoint weights."""
+    import torch
+
     from .model.checkpoint import load_generator_weights
     from .model.interface import architecture, build_from_config, empty_from_config, generator_section
 
@@ -138,6 +143,7 @@ def register_text_encoder(name: str, builder: Callable) -> None:
 
 def _wan_vae(cfg: DictConfig, device, dtype, wan: str | None):
     """Wan's AutoencoderKLWan: random weights from weights.vae (source random), else the Wan folder's (fp32)."""
+    import torch
     from diffusers import AutoencoderKLWan
 
     if cfg.weights.source == "random":

@@ -22,7 +22,7 @@ from . import attention
 from .errors import UserError
 from .guidance import Guidance, NoGuidance, ScaleSchedule, ScaleSpec, make_guidance, parse_negatives
 from .loading import build_generator, build_vae_and_text, load_config, resolve_device, resolve_dtype
-from .config import model_spec
+from .config import latent_frames_for, model_spec, pixel_frames  # noqa: F401 (re-exported)
 from .memory import check_fits
 from .model.cache import TextCache
 from .schedule import FlowSchedule, prediction_of
@@ -79,22 +79,6 @@ def method_from_config(cfg: DictConfig, name: str | None = None, **settings) -> 
     section = (cfg.guidance.get("settings") or {}).get(name) or {}
     configured = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else dict(section)
     return make_guidance(name, **{**configured, **{k: v for k, v in settings.items() if v is not None}})
-
-
-def pixel_frames(latent_frames: int, temporal_stride: int = 4) -> int:
-    return 1 + temporal_stride * (latent_frames - 1)
-
-
-def latent_frames_for(frames: int, frames_per_block: int, temporal_stride: int = 4) -> int:
-    """Pixel frame count -> latent frames; it must be 1 + 4 (L - 1) with L a whole number of blocks."""
-    latent = (frames - 1) / temporal_stride + 1
-    if frames < 1 or latent != int(latent) or int(latent) % frames_per_block:
-        step = temporal_stride * frames_per_block
-        lower = max(pixel_frames(frames_per_block, temporal_stride),
-                    pixel_frames(((frames - 1) // step) * frames_per_block or frames_per_block, temporal_stride))
-        raise UserError(f"--frames {frames} is not a whole number of blocks: use {step}k - {temporal_stride - 1} "
-                        f"frames, e.g. {lower} or {lower + step}")
-    return int(latent)
 
 
 def resolve_compile(compile: bool | None, device) -> bool:

@@ -1,26 +1,26 @@
 """`nasa-video bench flops | speed`: the cost of each guidance method."""
 from __future__ import annotations
 
-from .common import all_methods, method_argument
+from .common import all_methods, attention, device, dtype, json_path, method_argument, positive_int
 
 
 def register(sub) -> None:
     bench = sub.add_parser("bench", help="cost of the guidance methods")
     kind = bench.add_subparsers(dest="kind", required=True)
     flops = kind.add_parser("flops", help="FLOPs and memory per video, counted on the meta device")
-    flops.add_argument("--model", default="causvid")
+    flops.add_argument("--model", default="causvid", help="a model config (counted at its full size)")
     method_argument(flops, "--methods", nargs="+", default=None)  # None: every method
-    flops.add_argument("--json", default=None)
+    flops.add_argument("--json", default=None, type=json_path, help="also write the report as JSON")
     flops.set_defaults(func=bench_flops)
     speed = kind.add_parser("speed", help="wall time per video, interleaved runs, ratio to none")
     speed.add_argument("--model", default="tiny", help="tiny | mid (a mid-size random config) | causvid | ...")
     method_argument(speed, "--methods", nargs="+", default=None)  # None: every method
-    speed.add_argument("--repeats", type=int, default=5)
-    speed.add_argument("--device", default="auto")
-    speed.add_argument("--dtype", default="auto")
-    speed.add_argument("--attention", default="auto")
+    speed.add_argument("--repeats", type=positive_int, default=5, help="interleaved rounds per method")
+    speed.add_argument("--device", type=device, default="auto")
+    speed.add_argument("--dtype", type=dtype, default="auto")
+    speed.add_argument("--attention", type=attention, default="auto")
     speed.add_argument("--decode", action="store_true", help="include the VAE decode")
-    speed.add_argument("--json", default=None)
+    speed.add_argument("--json", default=None, type=json_path, help="also write the report as JSON")
     speed.set_defaults(func=bench_speed)
 
 

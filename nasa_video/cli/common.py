@@ -56,3 +56,139 @@ def method_scales(args) -> list[tuple[str, float]]:
     from ..eval.jobs import method_scales as pairs
 
     return pairs(args.methods, args.scales, scales_for(args.scales_for))
+
+
+# ---- argument parsing that fails in one line, before anything heavy is imported ------------------------------
+import argparse  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with every error as one line (`nasa-video: error: ...`, exit 2) naming where to look."""
+
+    def error(self, message: str):
+        command = self.prog.replace("nasa-video", "").strip()
+        hint = f"; see `nasa-video {command} --help`" if command else "; see `nasa-video --help`"
+        self.exit(2, f"nasa-video: error: {message}{hint}\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default once, and only where there is one to say (not None, False or an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == [] \
+            or action.default is argparse.SUPPRESS
+        if "default" in text or nothing or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def finite(text: str) -> float:
+    value = _number(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def weight(text: str) -> float:
+    value = _number(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a usable weight: use a finite number >= 0")
+    return value
+
+
+SEED_LIMIT = 2 ** 63  # torch.Generator seeds are signed 64-bit
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: use a whole number in [0, 2^63)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def port(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port: use 1-65535")
+    return value
+
+
+def nonempty(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty: give some text")
+    return value
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def device(text: str) -> str:
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device nasa-video runs on: use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def dtype(text: str) -> str:
+    if text not in ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"):
+        raise argparse.ArgumentTypeError(f"unknown --dtype {text!r}: use auto, fp32, bf16 or fp16")
+    return text
+
+
+def attention(text: str) -> str:
+    if text not in ("auto", "sdpa", "flash2", "flash3"):
+        raise argparse.ArgumentTypeError(f"{text!r}: use auto, sdpa, flash2 or flash3")
+    return text
+
+
+def setting(text: str) -> tuple[str, float]:
+    """--guidance-setting KEY=VALUE: a method's own knob (tau=2.5, blend=0.25, sigma_end=0.2, bias=-0.1)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: use KEY=VALUE, e.g. tau=2.5")
+    return key, finite(value)
+
+
+def json_path(text: str) -> str:
+    """An output .json whose folder exists and is writable: checked before the work that would fill it."""
+    import os
+    from pathlib import Path
+
+    path = Path(text)
+    if path.suffix.lower() != ".json":
+        raise argparse.ArgumentTypeError(f"{text} must end in .json")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: not writable")
+    return text
+
+
+def check_model(name: str) -> None:
+    """A bundled model name or an existing YAML, checked without loading anything heavy."""
+    from ..loading import load_config
+
+    load_config(name)  # omegaconf only; a one-line UserError names the choices

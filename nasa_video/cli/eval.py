@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from .common import method_argument, method_scales
+from .common import (HelpFormatter, device, dtype, finite, json_path, method_argument, method_scales, positive_int,
+                     seed)
 
-DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
+DEFAULTS = HelpFormatter
 
 
 def register(sub) -> None:
@@ -25,12 +26,12 @@ def _register_removal(what) -> None:
                         formatter_class=DEFAULTS)
     r.add_argument("--model", default="toy", help="toy / toy-nasa-t: the bundled world with its exact detector; "
                                                   "causvid / self-forcing / a YAML: the CLIP-judged pairs (needs --out)")
-    r.add_argument("--json", required=True, help="results as JSON")
+    r.add_argument("--json", required=True, type=json_path, help="results as JSON")
     r.add_argument("--checkpoint", default=None)
     r.add_argument("--wan", default=None)
-    r.add_argument("--dtype", default="auto")
+    r.add_argument("--dtype", type=dtype, default="auto")
     r.add_argument("--out", default=None, help="real models: folder for the videos (resumable, sharded with torchrun)")
-    r.add_argument("--samples", type=int, default=4, help="real models: videos per pair and method")
+    r.add_argument("--samples", type=positive_int, default=4, help="real models: videos per pair and method")
     r.add_argument("--clip", default=None, help="real models: CLIP ViT-L/14 folder (default $NASA_VIDEO_CLIP or "
                                                 "~/.cache/nasa-video/clip-vit-large-patch14)")
     r.add_argument("--threshold", type=float, default=0.5, help="real models: the judge's threshold (calibrate "
@@ -39,12 +40,12 @@ def _register_removal(what) -> None:
     r.add_argument("--plot", default=None, help="PNG of success and retention against alpha (default: beside the JSON)")
     method_argument(r, "--methods", nargs="+", default=["none", "nasa"],
                     help="methods to compare; --scales applies to each guided method (check its range)")
-    r.add_argument("--scales", nargs="+", type=float, default=[0.25, 0.5, 1.0, 1.5, 2.0, 3.0])
+    r.add_argument("--scales", nargs="+", type=finite, default=[0.25, 0.5, 1.0, 1.5, 2.0, 3.0])
     r.add_argument("--scales-for", action="append", default=[], metavar="METHOD=S1,S2",
                    help="scales for one method instead of --scales (e.g. nag=2,4 cfg=2,4)")
-    r.add_argument("--pairs", type=int, default=48, help="prompt pairs (at least 40 for the reported figures)")
-    r.add_argument("--seeds", type=int, default=4, help="seeds per pair")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--pairs", type=positive_int, default=48, help="prompt pairs (at least 40 for the reported figures)")
+    r.add_argument("--seeds", type=positive_int, default=4, help="seeds per pair")
+    r.add_argument("--device", type=device, default="cpu")
     r.set_defaults(func=removal)
 
 
@@ -70,7 +71,7 @@ def _register_scoring(what) -> None:
     c = what.add_parser("clip", help="CLIP+ / CLIP- of every finished video in an evaluation folder")
     c.add_argument("--out", required=True, help="the folder of `eval videos` / `eval removal` / `eval vbench-long`")
     c.add_argument("--clip", default=None)
-    c.add_argument("--json", required=True)
+    c.add_argument("--json", required=True, type=json_path)
     c.set_defaults(func=clip)
     k = what.add_parser("calibrate", help="the judge's threshold from frames whose answer is known")
     k.add_argument("--labels", required=True, help='JSON: [{"image": path, "negative": "cat", "contrast": "dog", '
@@ -78,8 +79,8 @@ def _register_scoring(what) -> None:
     k.add_argument("--clip", default=None)
     k.set_defaults(func=calibrate)
     d = what.add_parser("detector", help="detector agreement with the world's ground truth on codec reconstructions")
-    d.add_argument("--videos", type=int, default=200)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--videos", type=positive_int, default=200)
+    d.add_argument("--seed", type=seed, default=0)
     d.set_defaults(func=detector)
 
 
@@ -88,15 +89,15 @@ def _generation_args(p, prompts_help: str, required: bool) -> None:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--wan", default=None)
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK under torchrun, else cuda / cpu")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", type=dtype, default="auto")
     p.add_argument("--prompts", required=required, help=prompts_help)
     p.add_argument("--negative", default="low quality, bad anatomy, blurry, distortion, ugly, low resolution, "
                                          "unclear details", help="the paper's VBench-Long negative prompt")
     method_argument(p, "--methods", nargs="+", default=["none", "nasa"])
-    p.add_argument("--scales", nargs="+", type=float, default=[0.5])
+    p.add_argument("--scales", nargs="+", type=finite, default=[0.5])
     p.add_argument("--scales-for", action="append", default=[], metavar="METHOD=S1,S2")
-    p.add_argument("--samples", type=int, default=5, help="videos per prompt and method (VBench uses 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=positive_int, default=5, help="videos per prompt and method (VBench uses 5)")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", required=True)
 
 

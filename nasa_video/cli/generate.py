@@ -6,62 +6,87 @@ import sys
 import time
 
 from ..errors import UserError
-from .common import method_argument
+from .common import (HelpFormatter, attention, device, dtype, finite, method_argument, nonempty, positive_int,
+                     seed, setting, weight)
 
 DEFAULT_OUT = "outputs/nasa-video.mp4"
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate an MP4 from a prompt, with negative prompt(s)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative", action="append", default=[],
+                       formatter_class=HelpFormatter)
+    p.add_argument("--prompt", required=True, type=nonempty, help="what the video shows")
+    p.add_argument("--negative", action="append", default=[], type=nonempty,
                    help="negative prompt; repeat for several (summed: Z+ - sum_i w_i alpha Z-_i)")
-    p.add_argument("--negative-weight", type=float, action="append", default=[],
-                   help="weight of each --negative, in order (default 1 each)")
-    p.add_argument("--scale", type=float, default=None, help="guidance scale alpha (default: the model config's)")
-    method_argument(p, "--guidance", default=None,
-                    help="default: the model config's. --scale is alpha for nasa, nag_scale s for nag (s > 1), "
-                         "s for vsf, w for cfg")
+    p.add_argument("--negative-weight", type=weight, action="append", default=[],
+                   help="weight w_i of each --negative, in order (default: 1 each)")
+    p.add_argument("--scale", type=finite, default=None,
+                   help="guidance scale (default: the model config's): alpha for nasa, nag_scale s for nag (s > 1), "
+                        "s for vsf, w for cfg")
+    method_argument(p, "--guidance", default=None, help="the guidance method (default: the model config's)")
+    p.add_argument("--guidance-setting", type=setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="a method's own setting, over the config's guidance.settings: tau, blend, sigma_end (nag); "
+                        "bias (vsf)")
     p.add_argument("--model", default="toy", help="toy (the bundled shapes-world model) | toy-nasa-t | causvid | "
                                                   "self-forcing | tiny (random weights) | a config YAML")
     p.add_argument("--checkpoint", default=None, help="generator weights: CausVid / Self-Forcing .pt, Wan or diffusers")
     p.add_argument("--wan", default=None, help="Diffusers-format Wan2.1-T2V-1.3B folder or hub id (VAE, umT5)")
-    p.add_argument("--frames", type=int, default=None, help="video frames: 12k - 3 for Wan (81 = 7 blocks; default: the config's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=DEFAULT_OUT)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--attention", default="auto", help="auto | sdpa | flash2 | flash3")
+    p.add_argument("--frames", type=positive_int, default=None,
+                   help="video frames: 12k - 3 for Wan (81 = 7 blocks; default: the config's)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed, in [0, 2^63)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="the MP4 to write")
+    p.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N (auto: cuda if visible)")
+    p.add_argument("--dtype", type=dtype, default="auto", help="fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--attention", type=attention, default="auto", help="auto | sdpa | flash2 | flash3")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the repeated block (default: on for CUDA, off for the CPU)")
     p.add_argument("--rolling", action="store_true", help="rolling self-attention cache (streams past the cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=generate)
 
 
-def generate(args) -> int:
-    from ..pipeline import StreamingGenerator
+def check_arguments(args) -> None:
+    """Everything that can be checked before torch loads: counts, the model's config, the frame count, the
+    output path, ffmpeg."""
+    from ..config import latent_frames_for
+    from ..loading import load_config
     from ..video_io import check_output_path, ffmpeg_exe
 
-    ffmpeg_exe()
-    check_output_path(args.out, create_parent=args.out == DEFAULT_OUT)
     if args.negative_weight and len(args.negative_weight) != len(args.negative):
         raise UserError(f"{len(args.negative_weight)} --negative-weight for {len(args.negative)} --negative; "
                         f"give one weight per negative prompt or none")
+    cfg = load_config(args.model)
+    if args.frames is not None:
+        latent = latent_frames_for(args.frames, int(cfg.video.frames_per_block), int(cfg.video.vae_stride[0]))
+        capacity = int(cfg.cache.capacity_frames)
+        if latent > capacity and not (args.rolling or cfg.cache.rolling):
+            raise UserError(f"--frames {args.frames} needs {latent} latent frames but the cache holds {capacity}; "
+                            f"use --rolling or fewer frames")
+    check_output_path(args.out, create_parent=args.out == DEFAULT_OUT)
+    ffmpeg_exe()
+
+
+def generate(args) -> int:
+    check_arguments(args)
+    from ..pipeline import StreamingGenerator, method_from_config
+
     weights = args.negative_weight or [1.0] * len(args.negative)
     negatives = list(zip(args.negative, weights))
     started = time.perf_counter()
     gen = StreamingGenerator.from_config(args.model, args.checkpoint, args.wan, args.device, args.dtype,
-                                         args.attention)
-    if gen.cfg.weights.source == "random":
-        print(f"note: model '{gen.cfg.name}' has RANDOM weights (untrained): the video is noise. "
-              f"Pass --model causvid --checkpoint ... for the real model.", file=sys.stderr)
+                                         args.attention, compile=args.compile)
+    method = method_from_config(gen.cfg, args.guidance, **dict(args.guidance_setting))
+    if args.scale is not None and not negatives and method.in_attention:
+        raise UserError(f"--scale {args.scale:g} has no effect without a negative prompt ({method.name} steers away "
+                        f"from it): add --negative TEXT, or drop --scale")
     loaded = time.perf_counter() - started
-    result = gen.generate(args.prompt, args.out, negatives, args.scale, args.guidance, args.frames, args.seed,
+    result = gen.generate(args.prompt, args.out, negatives, args.scale, method, args.frames, args.seed,
                           args.rolling or None, progress=not args.quiet)
-    guidance = args.guidance or gen.cfg.guidance.method
-    scale = gen.cfg.guidance.scale if args.scale is None else args.scale
-    summary = (f"{result.frames} frames ({result.blocks} blocks) with {guidance}"
-               f"{f' alpha={scale}' if negatives and guidance != 'none' else ''}; load {loaded:.1f}s, "
+    scale = gen.spec.guidance.scale if args.scale is None else args.scale
+    guided = method.name != "none" and (negatives or not method.in_attention)
+    how = f"with {method.name} scale={scale:g}" if guided else "without guidance (no negative prompt)" \
+        if method.name != "none" else "without guidance"
+    summary = (f"{result.frames} frames ({result.blocks} blocks) {how}; load {loaded:.1f}s, "
                f"first block {result.first_block_seconds:.1f}s, generation {result.seconds:.1f}s")
     if result.interrupted:
         if result.path:
@@ -70,4 +95,7 @@ def generate(args) -> int:
             print("interrupted before the first block finished: nothing written")
         return 130
     print(f"wrote {result.path}: {summary}")
+    if gen.cfg.weights.source == "random":
+        print(f"note: model '{gen.cfg.name}' has RANDOM weights (untrained): the video is noise. "
+              f"Pass --model causvid --checkpoint ... for the real model.")
     return 0

@@ -5,21 +5,22 @@ import argparse
 import sys
 
 from ..errors import UserError
+from .common import HelpFormatter, attention, device, dtype, port, positive_int
 
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="a live page: stream a video, change the negative prompt while it plays",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--model", default="toy", help="as for generate")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--wan", default=None)
+    p.add_argument("--checkpoint", default=None, help="as for generate")
+    p.add_argument("--wan", default=None, help="as for generate")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes the server")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=port, default=7860, help="port to listen on")
     p.add_argument("--clips", default="outputs/clips", help="server-side folder for saved MP4s")
-    p.add_argument("--max-blocks", type=int, default=60, help="longest finite video a client may ask for")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--attention", default="auto")
+    p.add_argument("--max-blocks", type=positive_int, default=60, help="longest finite video a client may ask for")
+    p.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", type=dtype, default="auto", help="fp32 | bf16 | fp16 (auto: bf16 on CUDA)")
+    p.add_argument("--attention", type=attention, default="auto", help="auto | sdpa | flash2 | flash3")
     p.set_defaults(func=serve)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from ..errors import UserError
+from .common import seed
 
 DEFAULT_OUT = "toy-training"
 
@@ -18,7 +19,7 @@ def register(sub) -> None:
     train.add_argument("--prompts", default=None, help="ode-pairs: a prompt file (one per line, or a JSON list)")
     train.add_argument("--dry-run", action="store_true", help="dmd: build at full size on the meta device, check shapes")
     train.add_argument("--out", default=DEFAULT_OUT, help="training folder (stages resume from it)")
-    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--seed", type=seed, default=None, help="default: the training config's")
     train.add_argument("--smoke", action="store_true", help="a few iterations of each stage (a test)")
     train.add_argument("--export", default=None, metavar="DIR",
                        help="then copy the shippable files to DIR (nasa_video/toy/weights to ship them)")

@@ -1,7 +1,7 @@
 """`nasa-video upstream causvid | self-forcing [options] -- [upstream's own arguments]`."""
 from __future__ import annotations
 
-from .common import method_argument
+from .common import finite, method_argument, nonempty
 
 
 def register(sub) -> None:
@@ -11,8 +11,8 @@ def register(sub) -> None:
                                    "--scale 0.5 -- --config_path configs/wan_causal_dmd.yaml --checkpoint_folder "
                                    "ckpt --output_folder out --prompt_file_path prompts.txt")
     p.add_argument("which", choices=["causvid", "self-forcing"])
-    p.add_argument("--negative", action="append", default=[])
-    p.add_argument("--scale", type=float, default=0.5)
+    p.add_argument("--negative", action="append", default=[], type=nonempty, help="negative prompt; repeat for several")
+    p.add_argument("--scale", type=finite, default=0.5, help="the guidance scale")
     method_argument(p, "--guidance", in_attention_only=True, default="nasa")  # the hook patches cross-attention
     p.add_argument("--repo", default=None, help="upstream checkout (default: third_party/... or $NASA_VIDEO_CAUSVID "
                                                 "/ $NASA_VIDEO_SELF_FORCING)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -50,7 +51,9 @@ def read_weights(path: str | os.PathLike) -> dict:
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on the pickle's protocol: the error below says enough
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors from untrusted or truncated files
         raise UserError(f"cannot read {path} as a weights-only torch file ({type(exc).__name__}); "
                         f"re-save it as .safetensors or a plain state dict") from None
