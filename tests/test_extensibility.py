@@ -16,6 +16,7 @@ class HalfNASA(Guidance):
 
     name = "half-nasa"
     scale_range = (0.0, 6.0)
+    bench_scale = 1.0
     calls = 0
 
     def __init__(self, divisor: float = 2.0):
@@ -36,13 +37,14 @@ def half_nasa():
 
 
 def test_a_registered_method_streams_through_the_pipeline(half_nasa, tiny_generator):
-    """half-nasa at scale 1 is NASA at scale 0.5, to the last bit (the same arithmetic), and it really ran."""
+    """half-nasa at scale 1 is NASA at scale 0.5 (NASA's fused path folds alpha into V: equal to rounding), and
+    it really ran."""
     negative = [("red circle", 1.0), ("blue square", 0.5)]
     mine = [c.latents for c in tiny_generator.stream(PROMPT, negative, scale=1.0, guidance="half-nasa", seed=2)]
     reference = [c.latents for c in tiny_generator.stream(PROMPT, negative, scale=0.5, guidance="nasa", seed=2)]
     plain = [c.latents for c in tiny_generator.stream(PROMPT, negative, scale=0.5, guidance="none", seed=2)]
     assert half_nasa.calls > 0
-    assert all(torch.equal(a, b) for a, b in zip(mine, reference))
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(mine, reference))
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(mine, plain))
     # its own setting, from the API (config settings are the same mechanism)
     from nasa_video.pipeline import method_from_config
@@ -50,7 +52,7 @@ def test_a_registered_method_streams_through_the_pipeline(half_nasa, tiny_genera
     quarter = method_from_config(tiny_generator.cfg, "half-nasa", divisor=4.0)
     fourth = [c.latents for c in tiny_generator.stream(PROMPT, negative, scale=1.0, guidance=quarter, seed=2)]
     quarter_ref = [c.latents for c in tiny_generator.stream(PROMPT, negative, scale=0.25, guidance="nasa", seed=2)]
-    assert all(torch.equal(a, b) for a, b in zip(fourth, quarter_ref))
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(fourth, quarter_ref))
 
 
 def test_a_registered_method_runs_from_the_cli(half_nasa, tmp_path):
