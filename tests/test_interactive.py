@@ -147,3 +147,33 @@ def test_latent_output_writes_safetensors(gen, tmp_path):
     assert torch.equal(latents, torch.cat([c.latents for c in chunks], 2))
     with pytest.raises(UserError, match="the video has 4 blocks"):
         gen.generate(PROMPT, out, prompt_at={4: NEW}, output_type="latent")
+
+
+CLI = ["generate", "--model", "tiny", "--prompt", PROMPT, "--negative", "snow", "--quiet", "--device", "cpu"]
+
+
+def test_cli_prompt_at_runs_and_reports_the_recache(tmp_path, capsys):
+    from nasa_video.cli import main
+    from nasa_video.video_io import read_video
+    out = tmp_path / "switch.mp4"
+    assert main(CLI + ["--out", str(out), "--prompt-at", f"1:{NEW}", "--recache"]) == 0
+    said = capsys.readouterr().out
+    assert "1 prompt switch, re-cache" in said and "(1 re-cache)" in said, said
+    assert read_video(out).shape == (21, 64, 64, 3)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompt-at", "boat"], "use BLOCK:TEXT"),
+    (["--prompt-at", "x:boat"], "not a block number"),
+    (["--prompt-at", "0:boat"], "block 0 is --prompt"),
+    (["--prompt-at", "1: "], "has no text"),
+    (["--prompt-at", "2:boat"], "the video has 2 blocks"),
+    (["--prompt-at", "1:boat", "--prompt-at", "1:sea"], "more than once"),
+    (["--recache"], "add --prompt-at"),
+])
+def test_cli_bad_prompt_at_is_one_line(tmp_path, capsys, extra, message):
+    from nasa_video.cli import main
+    assert main(CLI + ["--out", str(tmp_path / "x.mp4")] + extra) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("nasa-video: error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
