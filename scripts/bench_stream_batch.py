@@ -23,7 +23,8 @@ def main() -> None:
 
     torch.set_grad_enabled(False)
     gen = StreamingGenerator.from_config(args.model, device=args.device, dtype=args.dtype, attention_backend="sdpa")
-    specs = [dict(prompt=f"a red circle and a blue square {i}", negative=[("red circle", 1.0)] * (i % 3),
+    shapes = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+    specs = [dict(prompt=f"{shapes[i % 4]} moving left", negative=[("red circle", 1.0)] * (i % 3),
                   scale=0.2 * (i % 3), seed=i) for i in range(args.streams)]
 
     def sequential():
