@@ -31,7 +31,10 @@ from .vae import as_codec, to_uint8
 
 @dataclass
 class FrameChunk:
-    """One block's output. frames: [T, H, W, 3] uint8 (None when decode=False)."""
+    """One block's output. frames: [T, H, W, 3] uint8 (None when decode=False). latents: the block's clean latents
+    [1, C, F, h, w] (float32, CPU), always returned, decoded or not: concatenate them on dim 2 for the video's.
+    prompt: the positive prompt the block was made with. recache_seconds: time spent before this block re-caching
+    the self-attention window under a new prompt (set_prompt(..., recache=True)); 0 when none ran."""
 
     block: int
     first_frame: int  # index in the video of frames[0]
@@ -42,6 +45,8 @@ class FrameChunk:
     scale: float
     denoise_seconds: float
     decode_seconds: float
+    prompt: str = ""
+    recache_seconds: float = 0.0
 
 
 @dataclass
@@ -52,6 +57,8 @@ class GenerationResult:
     seconds: float
     first_block_seconds: float
     interrupted: bool = False
+    recache_seconds: float = 0.0  # total spent re-caching at prompt switches
+    recaches: int = 0
 
 
 _PLAIN = NoGuidance()
@@ -87,6 +94,40 @@ def resolve_compile(compile: bool | None, device) -> bool:
     if compile is None:
         return torch.device(device).type == "cuda"
     return bool(compile)
+
+
+EMBEDS = "<prompt_embeds>"
+
+
+def check_embeds(embeds, text_dim: int, what: str = "prompt_embeds") -> torch.Tensor:
+    """A text encoder output [1, L, text_dim] (as TextEncoder.encode returns it), checked and made float32."""
+    if not isinstance(embeds, torch.Tensor):
+        raise UserError(f"{what} must be a tensor [1, L, {text_dim}], not {type(embeds).__name__}")
+    if embeds.dim() != 3 or embeds.shape[0] != 1 or embeds.shape[2] != text_dim or embeds.shape[1] == 0:
+        raise UserError(f"{what} has shape {list(embeds.shape)}; the text encoder's output is [1, L, {text_dim}]")
+    if not torch.isfinite(embeds).all():
+        raise UserError(f"{what} holds NaN or infinite values")
+    return embeds.detach().float()
+
+
+def embeds_length(embeds: torch.Tensor) -> int:
+    """Real token count of an encoder output whose padding rows are zero (Wan's convention): last non-zero row + 1."""
+    rows = embeds[0].abs().sum(-1).nonzero()
+    return int(rows[-1]) + 1 if len(rows) else embeds.shape[1]
+
+
+def negative_embeds_items(embeds, text_dim: int) -> list[tuple[str, float, torch.Tensor]]:
+    """negative_prompt_embeds: a tensor, a list of tensors, or a list of (tensor, weight) -> [(label, weight, tensor)]."""
+    if embeds is None:
+        return []
+    if isinstance(embeds, torch.Tensor):
+        embeds = [embeds]
+    items = []
+    for i, item in enumerate(embeds):
+        tensor, weight = item if isinstance(item, (tuple, list)) else (item, 1.0)
+        items.append((f"<negative_prompt_embeds {i}>", float(weight),
+                      check_embeds(tensor, text_dim, f"negative_prompt_embeds[{i}]")))
+    return items
 
 
 def _sync(device: torch.device) -> None:
@@ -154,30 +195,67 @@ class StreamingGenerator:
         return bool(getattr(self.model, "compiled", False))
 
     # ---- the stream -------------------------------------------------------------------------------------
-    def stream(self, prompt: str, negative=None, scale: ScaleSpec | None = None, guidance: str | Guidance | None = None,
-               frames: int | None = None, seed: int = 0, rolling: bool | None = None, decode: bool = True) -> "Stream":
-        """An iterator of FrameChunk, one per block. frames=None: the config's length (unbounded if rolling)."""
-        return Stream(self, prompt, negative, scale, guidance, frames, seed, rolling, decode)
+    def stream(self, prompt: str | None, negative=None, scale: ScaleSpec | None = None,
+               guidance: str | Guidance | None = None, frames: int | None = None, seed: int = 0,
+               rolling: bool | None = None, decode: bool = True, *, prompt_embeds: torch.Tensor | None = None,
+               negative_prompt_embeds=None, latents=None, generator: torch.Generator | None = None) -> "Stream":
+        """An iterator of FrameChunk, one per block. frames=None: the config's length (unbounded if rolling).
 
-    def generate(self, prompt: str, out: str | os.PathLike, negative=None, scale: ScaleSpec | None = None,
+        Research inputs (diffusers' names): prompt_embeds [1, L, text_dim] instead of the prompt's text (the text
+        encoder's output; prompt may then be None or a label); negative_prompt_embeds: a tensor, a list of tensors
+        or of (tensor, weight) pairs, added to the text negatives; latents: the initial noise of every block, a
+        tensor [1, C, F, h, w] covering the video (block i takes frames [i*fpb, (i+1)*fpb)) or a list of per-block
+        tensors [1, C, fpb, h, w]; generator: a torch.Generator on the device for all random draws instead of
+        `seed` (with latents, it draws only the re-noising and context noise). decode=False: no VAE; each
+        FrameChunk still carries its latents."""
+        return Stream(self, prompt, negative, scale, guidance, frames, seed, rolling, decode,
+                      prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, latents=latents,
+                      generator=generator)
+
+    def stream_batch(self, specs, guidance: str | Guidance | None = None, frames: int | None = None,
+                     rolling: bool | None = None, decode: bool = True) -> "StreamBatch":
+        """Several streams in one forward per step; see StreamBatch. specs: dicts of Stream's per-video arguments
+        (prompt, negative, scale, seed, prompt_embeds, negative_prompt_embeds, latents, generator)."""
+        from .batch import StreamBatch
+
+        return StreamBatch(self, specs, guidance, frames, rolling, decode)
+
+    def generate(self, prompt: str | None, out: str | os.PathLike, negative=None, scale: ScaleSpec | None = None,
                  guidance: str | Guidance | None = None, frames: int | None = None, seed: int = 0,
-                 rolling: bool | None = None, progress: bool = True) -> GenerationResult:
-        """Write an MP4 as the blocks arrive (temp file, renamed at the end). Ctrl-C keeps the finished blocks."""
+                 rolling: bool | None = None, progress: bool = True, *, prompt_at: dict[int, str] | None = None,
+                 recache: bool = False, output_type: str = "mp4", **inputs) -> GenerationResult:
+        """Write an MP4 as the blocks arrive (temp file, renamed at the end). Ctrl-C keeps the finished blocks.
+
+        prompt_at: {block: prompt} switches the positive prompt from that block on (Stream.set_prompt), re-caching
+        the window at each switch when recache. output_type="latent": no decode; `out` gets a .safetensors with
+        "latents" [1, C, F, h, w] float32. inputs: Stream's research inputs (prompt_embeds, negative_prompt_embeds,
+        latents, generator)."""
+        if output_type not in ("mp4", "latent"):
+            raise UserError(f"output_type {output_type!r}: use 'mp4' or 'latent'")
+        if output_type == "latent":
+            return self._generate_latents(prompt, out, negative, scale, guidance, frames, seed, rolling, prompt_at,
+                                          recache, **inputs)
         from tqdm import tqdm
 
         from .video_io import Mp4Writer
 
         writer = Mp4Writer(out, fps=self.spec.video.fps)
         zoom = self.spec.video.display_scale  # small models' frames, enlarged for viewing
-        stream = self.stream(prompt, negative, scale, guidance, frames, seed, rolling)
+        stream = self.stream(prompt, negative, scale, guidance, frames, seed, rolling, **inputs)
+        switches = _check_prompt_at(prompt_at, stream)
         bar = tqdm(total=getattr(stream, "num_blocks", None), unit="block", disable=not progress, desc="generating")
         start, first, written, blocks = time.perf_counter(), 0.0, 0, 0
+        recache_seconds, recaches = 0.0, 0
         interrupted = False
         try:
             for chunk in stream:
                 writer.write(chunk.frames.repeat(zoom, axis=1).repeat(zoom, axis=2) if zoom > 1 else chunk.frames)
                 written += len(chunk.frames)
                 blocks += 1
+                recache_seconds += chunk.recache_seconds
+                recaches += chunk.recache_seconds > 0
+                if chunk.block + 1 in switches:
+                    stream.set_prompt(switches[chunk.block + 1], recache=recache)
                 if blocks == 1:
                     first = time.perf_counter() - start
                 bar.update(1)
@@ -198,17 +276,63 @@ class StreamingGenerator:
         else:
             writer.abort()
         return GenerationResult(str(out) if written else None, written, blocks, time.perf_counter() - start,
-                                first, interrupted)
+                                first, interrupted, recache_seconds, recaches)
+
+    def _generate_latents(self, prompt, out, negative, scale, guidance, frames, seed, rolling, prompt_at, recache,
+                          **inputs) -> GenerationResult:
+        """output_type="latent": the clean latents of the whole video in one .safetensors (written atomically)."""
+        from safetensors.torch import save_file
+
+        stream = self.stream(prompt, negative, scale, guidance, frames, seed, rolling, decode=False, **inputs)
+        switches = _check_prompt_at(prompt_at, stream)
+        start, first, latents, recache_seconds, recaches = time.perf_counter(), 0.0, [], 0.0, 0
+        for chunk in stream:
+            latents.append(chunk.latents)
+            if len(latents) == 1:
+                first = time.perf_counter() - start
+            recache_seconds += chunk.recache_seconds
+            recaches += chunk.recache_seconds > 0
+            if chunk.block + 1 in switches:
+                stream.set_prompt(switches[chunk.block + 1], recache=recache)
+        video = torch.cat(latents, dim=2).contiguous()
+        tmp = f"{out}.partial"
+        save_file({"latents": video}, tmp, metadata={"prompt": str(prompt), "seed": str(seed),
+                                                     "frames_per_block": str(stream.fpb)})
+        os.replace(tmp, out)
+        return GenerationResult(str(out), video.shape[2], len(latents), time.perf_counter() - start, first, False,
+                                recache_seconds, recaches)
+
+
+def _check_prompt_at(prompt_at, stream) -> dict[int, str]:
+    """{block: prompt} checked against the stream: blocks >= 1 (block 0 is the prompt) and inside the video."""
+    switches = dict(prompt_at or {})
+    for block, text in switches.items():
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise UserError(f"--prompt-at {block}: the block must be a whole number >= 1 (block 0 is --prompt)")
+        if stream.num_blocks is not None and block >= stream.num_blocks:
+            raise UserError(f"--prompt-at {block}: the video has {stream.num_blocks} blocks (0..{stream.num_blocks - 1})")
+        check_prompt(text, f"prompt at block {block}")
+        stream.gen.text.check_readable(text, f"prompt at block {block}")
+    return switches
 
 
 class Stream:
-    """One video in progress. set_negative() / set_scale() take effect from the next block: only the
-    negative text K/V are rebuilt, the self-attention cache (the video so far) is kept."""
+    """One video in progress. set_prompt() / set_negative() / set_scale() take effect from the next block and
+    compose: only the changed text K/V are rebuilt, the self-attention cache (the video so far) is kept, unless
+    set_prompt(..., recache=True) asks to recompute it under the new prompt."""
 
-    def __init__(self, gen: StreamingGenerator, prompt, negative, scale, guidance, frames, seed, rolling, decode):
+    def __init__(self, gen: StreamingGenerator, prompt, negative, scale, guidance, frames, seed, rolling, decode,
+                 prompt_embeds=None, negative_prompt_embeds=None, latents=None, generator=None):
         cfg, spec = gen.cfg, gen.spec
-        check_prompt(prompt)
-        check_seed(seed)
+        text_dim = gen.model.config.text_dim
+        if prompt_embeds is None:
+            check_prompt(prompt)
+        else:
+            prompt_embeds = check_embeds(prompt_embeds, text_dim).to(gen.device)
+        if generator is None:
+            check_seed(seed)
+        elif not isinstance(generator, torch.Generator) or generator.device.type != gen.device.type:
+            raise UserError(f"generator must be a torch.Generator on {gen.device.type} (the stream's device)")
         self.gen, self.decode = gen, decode
         self.fpb = spec.video.frames_per_block
         self.rolling = spec.cache.rolling if rolling is None else rolling
@@ -227,55 +351,137 @@ class Stream:
         # CFG always refreshes both caches with their own contexts; attention methods follow the config.
         in_cache = spec.guidance.in_cache_pass or not self.guidance.in_attention
         self.cache_pass_guidance = self.guidance if in_cache else _PLAIN
-        self.seed = seed
+        self.seed, self.generator = seed, generator
         self.latent_hw = (spec.video.height // gen.spatial_stride, spec.video.width // gen.spatial_stride)
-        gen.text.check_readable(prompt)
+        self.latents = self._check_latents(latents)
+        if prompt_embeds is None:
+            gen.text.check_readable(prompt)
+            prompt_embeds = gen.text.encode(prompt)
+        self.prompt = prompt if isinstance(prompt, str) and prompt.strip() else EMBEDS
         with torch.no_grad():
-            self.text_cache = TextCache(gen.model, gen.text.encode(prompt))
+            self.text_cache = TextCache(gen.model, prompt_embeds)
         self._pending: tuple | None = None
+        self._pending_prompt: tuple | None = None
         self.negatives: list[tuple[str, float]] = []
+        self._negative_items: list[tuple] = []  # (label, weight, embeddings or None for text)
+        self._negative_key: list = []
         self.schedule = ScaleSchedule(spec.guidance.scale)
-        self.set_negative(negative, spec.guidance.scale if scale is None else scale)
+        self.set_negative(negative, spec.guidance.scale if scale is None else scale, negative_prompt_embeds)
         self._apply_pending()
+        self.kv_cache: tuple | None = None  # the self-attention cache(s) of the running video (set by iteration)
+        self.held: dict[int, torch.Tensor] = {}  # start frame -> the cache pass's input, for blocks in the cache
+        self.recaches: list[tuple[int, float]] = []  # (block, seconds) of each re-cache done
+
+    def _check_latents(self, latents):
+        """latents: None, a tensor [1, C, F, h, w], or a list of per-block tensors [1, C, fpb, h, w]."""
+        if latents is None:
+            return None
+        channels, (h, w) = self.gen.model.config.in_channels, self.latent_hw
+        blocks = [latents] if isinstance(latents, torch.Tensor) else list(latents)
+        for i, item in enumerate(blocks):
+            frames = self.fpb if not isinstance(latents, torch.Tensor) else None
+            if (not isinstance(item, torch.Tensor) or item.dim() != 5 or item.shape[0] != 1
+                    or tuple(item.shape[1:2]) + tuple(item.shape[3:]) != (channels, h, w)
+                    or (frames is not None and item.shape[2] != frames)):
+                shape = list(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
+                want = f"[1, {channels}, {frames or 'F'}, {h}, {w}]"
+                raise UserError(f"latents{'' if frames is None else f'[{i}]'} has shape {shape}; this model's "
+                                f"initial noise is {want}")
+        covered = blocks[0].shape[2] // self.fpb if isinstance(latents, torch.Tensor) else len(blocks)
+        if self.latent_total is not None and covered < self.num_blocks:
+            raise UserError(f"latents cover {covered} blocks but the video has {self.num_blocks}: give "
+                            f"{self.latent_total} latent frames")
+        return latents
+
+    def _initial_noise(self, block: int, shape, rng: torch.Generator) -> torch.Tensor:
+        device = self.gen.device
+        if self.latents is None:
+            return torch.randn(shape, generator=rng, device=device, dtype=torch.float32)
+        if isinstance(self.latents, torch.Tensor):
+            piece = self.latents[:, :, block * self.fpb:(block + 1) * self.fpb]
+        else:
+            piece = self.latents[block] if block < len(self.latents) else self.latents[:0]
+        if piece.shape[2] != self.fpb:
+            raise UserError(f"the given latents end before block {block}; the stream ends here")
+        return piece.to(device=device, dtype=torch.float32)
 
     @property
     def num_blocks(self) -> int | None:
         return None if self.latent_total is None else self.latent_total // self.fpb
 
-    def set_negative(self, negative, scale: ScaleSpec | None = None) -> None:
-        """Replace the negative prompt(s) (str, list of str, or (text, weight) pairs) from the next block."""
-        negatives = parse_negatives(negative)
-        self.guidance.check_negatives(len(negatives))
+    def set_prompt(self, prompt: str | None = None, recache: bool = False,
+                   prompt_embeds: torch.Tensor | None = None) -> None:
+        """Replace the positive prompt (text, or the encoder's output prompt_embeds [1, L, text_dim]) from the next
+        block; the negatives and scale are kept (and set_negative / set_scale compose with it).
+
+        recache=False: later blocks attend to the video so far as it was cached (under the old prompt).
+        recache=True (LongLive's KV re-cache): before the next block, the cache pass is re-run over the clean
+        latents of every block still in the self-attention cache, oldest first, under the new prompt, so the
+        cached window's K/V agree with the new prompt. Cost: one forward per cached block (up to the cache's
+        capacity / frames_per_block), reported in the next FrameChunk's recache_seconds."""
+        if prompt_embeds is None:
+            check_prompt(prompt)
+            self.gen.text.check_readable(prompt)
+            embeds = self.gen.text.encode(prompt)  # fail now, not in the middle of a block
+            label = prompt
+        else:
+            embeds = check_embeds(prompt_embeds, self.gen.model.config.text_dim).to(self.gen.device)
+            label = prompt if isinstance(prompt, str) and prompt.strip() else EMBEDS
+        self._pending_prompt = (label, embeds, bool(recache))
+
+    def set_negative(self, negative, scale: ScaleSpec | None = None, negative_prompt_embeds=None) -> None:
+        """Replace the negative prompt(s) (str, list of str, or (text, weight) pairs, and/or negative_prompt_embeds:
+        a tensor [1, L, text_dim], a list of them or of (tensor, weight) pairs) from the next block."""
+        items = [(t, w, None) for t, w in parse_negatives(negative)]
+        items += negative_embeds_items(negative_prompt_embeds, self.gen.model.config.text_dim)
+        self._queue_negatives(items, scale)
+
+    def _queue_negatives(self, items: list[tuple], scale: ScaleSpec | None) -> None:
+        self.guidance.check_negatives(len(items))
         schedule = self.schedule if scale is None else ScaleSchedule(scale)
         for value in schedule.values():
             self.guidance.check_scale(value)
-        for text, weight in negatives:
+        for text, weight, embeds in items:
             if weight != 1.0:
                 self.guidance.check_weight(weight, schedule.values())
-            self.gen.text.check_readable(text, "negative prompt")
-            self.gen.text.encode(text)  # fail now (e.g. too many tokens), not in the middle of a block
-        self._pending = (negatives, schedule)
+            if embeds is None:
+                self.gen.text.check_readable(text, "negative prompt")
+                self.gen.text.encode(text)  # fail now (e.g. too many tokens), not in the middle of a block
+        self._pending = (items, schedule)
 
     def set_scale(self, scale: ScaleSpec) -> None:
-        self.set_negative(self.negatives if self._pending is None else self._pending[0], scale)
+        self._queue_negatives(self._negative_items if self._pending is None else self._pending[0], scale)
 
-    def _apply_pending(self) -> None:
-        if self._pending is None:
-            return
-        negatives, self.schedule = self._pending
-        self._pending = None
-        texts, weights = [t for t, _ in negatives], [w for _, w in negatives]
-        if texts != self.text_cache.negative_texts:
+    def _apply_pending(self) -> bool:
+        """Apply the queued changes; True when a re-cache is due before the next block."""
+        recache = False
+        if self._pending_prompt is not None:
+            label, embeds, recache = self._pending_prompt
+            self._pending_prompt = None
             with torch.no_grad():
-                self.text_cache.set_negatives(texts, weights, [self.gen.text.encode(t) for t in texts],
-                                              [self.gen.text.token_count(t) for t in texts])
+                self.text_cache.set_positive(embeds)
+            self.prompt = label
+        if self._pending is None:
+            return recache
+        items, self.schedule = self._pending
+        self._pending = None
+        texts, weights = [t for t, _, _ in items], [w for _, w, _ in items]
+        key = [t if e is None else id(e) for t, _, e in items]
+        if key != self._negative_key:
+            text = self.gen.text
+            embeddings = [text.encode(t) if e is None else e.to(self.gen.device) for t, _, e in items]
+            lengths = [text.token_count(t) if e is None else embeds_length(e) for t, _, e in items]
+            with torch.no_grad():
+                self.text_cache.set_negatives(texts, weights, embeddings, lengths)
                 if not self.guidance.in_attention:
-                    self.uncond_cache = TextCache(self.gen.model, self.gen.text.encode(texts[0] if texts else ""))
+                    self.uncond_cache = TextCache(self.gen.model, embeddings[0] if embeddings else text.encode(""))
         if not self.guidance.in_attention and self.uncond_cache is None:
             with torch.no_grad():
                 self.uncond_cache = TextCache(self.gen.model, self.gen.text.encode(""))
         self.text_cache.weights = weights
-        self.negatives = negatives
+        self.negatives = [(t, w) for t, w, _ in items]
+        self._negative_items, self._negative_key = items, key
+        return recache
 
     def __iter__(self) -> Iterator[FrameChunk]:
         return self._run()
@@ -292,12 +498,13 @@ class Stream:
         # CFG's unconditional pass needs its own self-attention cache, refreshed with its own context.
         kv_cache = tuple(model.new_kv_cache(1, capacity, h, w, self.rolling, spec.cache.sink_frames, gen.dtype,
                                             device) for _ in range(1 if self.guidance.in_attention else 2))
-        rng = torch.Generator(device=device).manual_seed(int(self.seed))
+        self.kv_cache, self.held = kv_cache, {}
+        rng = self.generator if self.generator is not None else torch.Generator(device=device).manual_seed(int(self.seed))
         channels = model.config.in_channels
         gen.decoder.reset()
         block, first_frame = 0, 0
         while self.num_blocks is None or block < self.num_blocks:
-            self._apply_pending()
+            recache_seconds = self.recache(block) if self._apply_pending() else 0.0
             start = block * self.fpb
             if start + self.fpb > self.max_latent_frames:  # an endless (rolling) stream reached the position limit
                 raise UserError(f"the stream reached latent frame {start}, the last position {gen.cfg.name} "
@@ -311,9 +518,42 @@ class Stream:
                 frames = to_uint8(gen.decoder.decode(x0))[0].numpy()
             t2 = time.perf_counter()
             yield FrameChunk(block, first_frame, (start, start + self.fpb), frames, x0.float().cpu(),
-                             list(self.negatives), self.schedule(block, len(gen.steps) - 1), t1 - t0, t2 - t1)
+                             list(self.negatives), self.schedule(block, len(gen.steps) - 1), t1 - t0, t2 - t1,
+                             self.prompt, recache_seconds)
             first_frame += 0 if frames is None else len(frames)
             block += 1
+
+    @torch.no_grad()
+    def recache(self, block: int) -> float:
+        """Re-run the cache pass of every block still in the self-attention cache (before `block`), oldest first,
+        under the current text cache: each rewrites its own slots and attends to the (re-cached) slots before it,
+        as its first cache pass did. Only the positive branch's cache (CFG's unconditional one keeps its context).
+        Returns the seconds it took (also kept in self.recaches)."""
+        gen, cache = self.gen, self.kv_cache[0] if self.kv_cache else None
+        if cache is None:
+            return 0.0
+        t0 = time.perf_counter()
+        guidance = self.cache_pass_guidance if self.guidance.in_attention else _PLAIN
+        context_t = gen.spec.sampling.context_noise
+        last = len(gen.steps) - 1
+        for start in sorted(self.held):
+            context = self.held[start]
+            t = torch.full((1, self.fpb), float(context_t), device=gen.device)
+            scale = guidance.scale_at(self.schedule(start // self.fpb, last), float(gen.flow.sigma(t[:, :1].cpu()).max()))
+            gen.model.set_text(self.text_cache.guide(guidance, scale))
+            gen.model(context, t, start, cache)
+        _sync(gen.device)
+        seconds = time.perf_counter() - t0
+        self.recaches.append((block, seconds))
+        return seconds
+
+    def _hold(self, start: int, context: torch.Tensor) -> None:
+        """Keep the cache pass's input of a block while the block's frames are in the cache (for a re-cache)."""
+        cache = self.kv_cache[0]
+        self.held[start] = context
+        for s in list(self.held):
+            if cache._held_at(list(range(s, s + self.fpb))) is None:
+                del self.held[s]
 
     def _predict(self, x, t, scale: float, start: int, kv_cache: tuple, guidance: Guidance) -> torch.Tensor:
         """One denoising prediction (v, or x0 for x0-prediction models): a single guided pass, or CFG's two
@@ -337,7 +577,7 @@ class Stream:
         def t_of(value: float) -> torch.Tensor:
             return torch.full(shape[:1] + shape[2:3], float(value), device=device)
 
-        x = torch.randn(shape, generator=rng, device=device, dtype=torch.float32)
+        x = self._initial_noise(block, shape, rng)
         x0 = x
         for step, t_value in enumerate(gen.steps):
             t = t_of(t_value)
@@ -354,4 +594,6 @@ class Stream:
             context = flow.add_noise(x0, noise, t_of(context_t))
         self._predict(context, t_of(context_t), self.schedule(block, len(gen.steps) - 1), start, kv_cache,
                        self.cache_pass_guidance)
+        if kv_cache is self.kv_cache:
+            self._hold(start, context)
         return x0

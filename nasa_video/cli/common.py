@@ -142,6 +142,22 @@ def nonempty(value: str) -> str:
     return value
 
 
+def prompt_at(text: str) -> tuple[int, str]:
+    """BLOCK:TEXT for --prompt-at: a block >= 1 and some text."""
+    block, sep, prompt = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: use BLOCK:TEXT, e.g. 3:a boat at sea")
+    try:
+        number = int(block)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{block!r} is not a block number: use BLOCK:TEXT with a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"block {number}: use a block >= 1 (block 0 is --prompt)")
+    if not prompt.strip():
+        raise argparse.ArgumentTypeError(f"block {number} has no text: use BLOCK:TEXT")
+    return number, prompt
+
+
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 

@@ -7,7 +7,7 @@ import time
 
 from ..errors import UserError
 from .common import (HelpFormatter, attention, device, dtype, finite, method_argument, nonempty, positive_int,
-                     seed, setting, weight)
+                     prompt_at, seed, setting, weight)
 
 DEFAULT_OUT = "outputs/nasa-video.mp4"
 
@@ -16,6 +16,11 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate an MP4 from a prompt, with negative prompt(s)",
                        formatter_class=HelpFormatter)
     p.add_argument("--prompt", required=True, type=nonempty, help="what the video shows")
+    p.add_argument("--prompt-at", action="append", default=[], type=prompt_at, metavar="BLOCK:TEXT",
+                   help="switch the prompt to TEXT from block BLOCK on (>= 1); repeat for a schedule")
+    p.add_argument("--recache", action="store_true",
+                   help="at each --prompt-at switch, recompute the cached frames' self-attention K/V under the new "
+                        "prompt (one forward per cached block; the time is reported)")
     p.add_argument("--negative", action="append", default=[], type=nonempty,
                    help="negative prompt; repeat for several (summed: Z+ - sum_i w_i alpha Z-_i)")
     p.add_argument("--negative-weight", type=weight, action="append", default=[],
@@ -56,12 +61,25 @@ def check_arguments(args) -> None:
         raise UserError(f"{len(args.negative_weight)} --negative-weight for {len(args.negative)} --negative; "
                         f"give one weight per negative prompt or none")
     cfg = load_config(args.model)
+    latent = int(cfg.video.latent_frames)
     if args.frames is not None:
         latent = latent_frames_for(args.frames, int(cfg.video.frames_per_block), int(cfg.video.vae_stride[0]))
         capacity = int(cfg.cache.capacity_frames)
         if latent > capacity and not (args.rolling or cfg.cache.rolling):
             raise UserError(f"--frames {args.frames} needs {latent} latent frames but the cache holds {capacity}; "
                             f"use --rolling or fewer frames")
+    blocks = [block for block, _ in args.prompt_at]
+    repeated = sorted({b for b in blocks if blocks.count(b) > 1})
+    if repeated:
+        raise UserError(f"--prompt-at names block {repeated[0]} more than once: one prompt per block")
+    endless = args.frames is None and (args.rolling or cfg.cache.rolling)
+    total = latent // int(cfg.video.frames_per_block)
+    late = [b for b in blocks if b >= total]
+    if late and not endless:
+        raise UserError(f"--prompt-at {late[0]}: the video has {total} blocks (0..{total - 1}); "
+                        f"use an earlier block or more --frames")
+    if args.recache and not args.prompt_at:
+        raise UserError("--recache acts at a prompt switch: add --prompt-at BLOCK:TEXT, or drop --recache")
     check_output_path(args.out, create_parent=args.out == DEFAULT_OUT)
     ffmpeg_exe()
 
@@ -81,13 +99,19 @@ def generate(args) -> int:
                         f"from it): add --negative TEXT, or drop --scale")
     loaded = time.perf_counter() - started
     result = gen.generate(args.prompt, args.out, negatives, args.scale, method, args.frames, args.seed,
-                          args.rolling or None, progress=not args.quiet)
+                          args.rolling or None, progress=not args.quiet, prompt_at=dict(args.prompt_at),
+                          recache=args.recache)
     scale = gen.spec.guidance.scale if args.scale is None else args.scale
     guided = method.name != "none" and (negatives or not method.in_attention)
     how = f"with {method.name} scale={scale:g}" if guided else "without guidance (no negative prompt)" \
         if method.name != "none" else "without guidance"
     summary = (f"{result.frames} frames ({result.blocks} blocks) {how}; load {loaded:.1f}s, "
                f"first block {result.first_block_seconds:.1f}s, generation {result.seconds:.1f}s")
+    if args.prompt_at:
+        summary += f"; {len(args.prompt_at)} prompt switch{'es' if len(args.prompt_at) > 1 else ''}"
+        if args.recache:
+            summary += f", re-cache {result.recache_seconds:.2f}s in all ({result.recaches} re-cache" \
+                       f"{'s' if result.recaches != 1 else ''})"
     if result.interrupted:
         if result.path:
             print(f"interrupted: kept the {result.blocks} finished blocks in {result.path} ({summary})")

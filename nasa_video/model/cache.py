@@ -53,8 +53,14 @@ class SelfAttentionCache:
 
     def place(self, start_frame: int, num_frames: int) -> None:
         """Choose the slots of the block [start_frame, start_frame + num_frames); roll the cache if needed.
-        Repeated passes over the same block reuse its slots."""
+        Repeated passes over the same block reuse its slots; a pass over an earlier block still held (a re-cache at a
+        prompt switch) rewrites that block's slots and attends to the slots up to its end, as it did the first time."""
         block = list(range(start_frame, start_frame + num_frames))
+        held = self._held_at(block)
+        if held is not None and self.frames[-num_frames:] != block:  # a re-cache pass over an earlier held block
+            tpf = self.tokens_per_frame
+            self.slots = (held * tpf, (held + num_frames) * tpf)
+            return
         if self.frames[-num_frames:] != block:
             if self.frames and start_frame != self.frames[-1] + 1:
                 raise ValueError(f"blocks must arrive in order: cache ends at frame {self.frames[-1]}, got {start_frame}")
@@ -64,6 +70,13 @@ class SelfAttentionCache:
             self.frames += block
         end = len(self.frames) * self.tokens_per_frame
         self.slots = (end - num_frames * self.tokens_per_frame, end)
+
+    def _held_at(self, block: list[int]) -> int | None:
+        """The slot index of the first frame of `block` when every frame of it is held in order, else None."""
+        if not block or block[0] not in self.frames:
+            return None
+        first = self.frames.index(block[0])
+        return first if self.frames[first:first + len(block)] == block else None
 
     def _evict(self, count: int, frames_needed: int) -> None:
         if not self.rolling:
@@ -108,6 +121,9 @@ class TextCache:
         self.negative_texts: list[str] = []
         self.weights: list[float] = []
         self.negative_builds = 0
+        self.positive_builds = 1
+        self._negative_kv: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per negative, per layer
+        self._lengths: list[int] | None = None
         self.setting = GuidanceSetting(NoGuidance())
         self._set_layers([TextKV(k, v, self.heads) for k, v in self.positive])
 
@@ -122,12 +138,23 @@ class TextCache:
                       lengths: list[int] | None = None) -> None:
         """lengths: real token count of each negative (VSF drops the padding)."""
         self.negative_texts, self.weights = list(texts), list(weights)
-        if not embeddings:
+        self._negative_kv = [self.model.text_kv(e) for e in embeddings]
+        self._lengths = lengths
+        if embeddings:
+            self.negative_builds += 1
+        self._merge()
+
+    def set_positive(self, embedding: torch.Tensor) -> None:
+        """Replace the positive prompt (encoder output [1, L, text_dim]); the negatives' K/V are kept."""
+        self.positive = self.model.text_kv(embedding)
+        self.positive_builds += 1
+        self._merge()
+
+    def _merge(self) -> None:
+        if not self._negative_kv:
             self._set_layers([TextKV(k, v, self.heads) for k, v in self.positive])
             return
-        negatives = [self.model.text_kv(e) for e in embeddings]
-        self.negative_builds += 1
-        self._set_layers([merge_text_kv(positive, [neg[layer] for neg in negatives], self.heads, lengths)
+        self._set_layers([merge_text_kv(positive, [neg[layer] for neg in self._negative_kv], self.heads, self._lengths)
                           for layer, positive in enumerate(self.positive)])
 
     def alphas(self, scale: float) -> list[float]:
