@@ -272,31 +272,10 @@ def bench_flops(args) -> int:
 
 
 def bench_speed(args) -> int:
-    import torch
+    from .bench import run_speed
 
-    from .video_io import write_json
-    from . import attention
-    from .bench import MID, random_weight_generator, speed_report
-
-    backend = attention.set_backend(args.attention)
-    model, overrides = ("tiny", MID) if args.model == "mid" else (args.model, None)
-    gen = random_weight_generator(model, args.device, args.dtype, overrides)
-    if gen.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(gen.device)
-    report = speed_report(gen, args.methods, args.repeats, args.decode)
-    report["attention"] = backend
-    if gen.device.type == "cuda":
-        report["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(gen.device)
-    print(f"{args.model} (random weights) on {report['device']} {report['dtype']}, attention {backend}, "
-          f"{report['frames']} frames, decode {'on' if args.decode else 'off'}, {args.repeats} interleaved runs")
-    print(f"{'method':8} {'median s':>9} {'min-max s':>15} {'ratio':>7} {'fps':>8} {'first block s':>14}")
-    for name, r in report["methods"].items():
-        print(f"{name:8} {r['median_s']:9.3f} {r['min_s']:7.3f}-{r['max_s']:<7.3f} {r['ratio']:7.3f} "
-              f"{r['fps']:8.2f} {r['first_block_s']:14.3f}")
-    if "peak_gpu_memory_bytes" in report:
-        print(f"peak GPU memory {report['peak_gpu_memory_bytes'] / 2**30:.2f} GiB")
-    if args.json:
-        write_json(args.json, report)
+    run_speed(args.model, args.methods, args.repeats, args.device, args.dtype, args.attention, args.decode,
+              args.json, args.profile, args.vae_dtype, args.overlap_decode)
     return 0
 
 
@@ -392,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     speed.add_argument("--dtype", default="auto")
     speed.add_argument("--attention", default="auto")
     speed.add_argument("--decode", action="store_true", help="include the VAE decode")
+    speed.add_argument("--vae-dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
+    speed.add_argument("--overlap-decode", action=argparse.BooleanOptionalAction, default=None,
+                       help="decode block k while block k+1 is denoised (default: on for CUDA)")
+    speed.add_argument("--profile", default=None, metavar="PATH",
+                       help="also write one block's top kernels per method, grouped (JSON at PATH, markdown beside)")
     speed.add_argument("--json", default=None)
     argv = list(sys.argv[1:] if argv is None else argv)
     upstream_args = []
