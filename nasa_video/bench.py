@@ -73,14 +73,14 @@ def layer_extrapolated_flops(cfg, method: str, negatives: int = 1) -> int:
         return video_flops(cfg, method, negatives)
     counts = []
     for n in (1, 2):
-        small = OmegaConf.merge(cfg, OmegaConf.create({generator_section(cfg)[0]: {"num_layers": n}}))
+        small = OmegaConf.merge(cfg, OmegaConf.create({"generator": {"num_layers": n}}))
         counts.append(video_flops(small, method, negatives))
     return counts[0] + (layers - 1) * (counts[1] - counts[0])
 
 
 def flops_report(model: str = "causvid", methods=("none", "nasa", "nag", "vsf", "cfg")) -> dict:
     cfg = load_config(model)
-    results = {m: {"flops": video_flops(cfg, m), "memory_bytes": memory_bytes(cfg, m)} for m in methods}
+    results = {m: {"flops": layer_extrapolated_flops(cfg, m), "memory_bytes": memory_bytes(cfg, m)} for m in methods}
     base = results["none"]["flops"] if "none" in results else None
     for r in results.values():
         r["ratio"] = r["flops"] / base if base else None

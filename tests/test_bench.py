@@ -136,10 +136,15 @@ def test_peak_table(name, peak):
     assert bench.peak_tflops(name) == peak
 
 
-def test_layer_extrapolated_flops_equal_the_full_count():
+def test_layer_extrapolated_flops_equal_the_full_count(monkeypatch):
     cfg = load_config("tiny", {"generator": {"num_layers": 3}})
-    for method in ("none", "nasa", "cfg"):
-        assert bench.layer_extrapolated_flops(cfg, method) == video_flops(cfg, method)
+    full = {method: video_flops(cfg, method) for method in ("none", "nasa", "cfg")}
+    counted = []
+    real = bench.video_flops
+    monkeypatch.setattr(bench, "video_flops", lambda c, *a: counted.append(int(c.generator.num_layers)) or real(c, *a))
+    for method, flops in full.items():
+        assert bench.layer_extrapolated_flops(cfg, method) == flops
+    assert set(counted) == {1, 2}  # counted on the small copies only
 
 
 def test_kernel_groups():
