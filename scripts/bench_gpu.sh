@@ -90,6 +90,6 @@ for f in sorted(out.glob("speed-*.json")):
         tf, share = v.get("achieved_tflops"), v.get("peak_share")
         print(f"| {f.stem[6:]} | {r.get('attention')} | {r.get('compile')} | {vae} | {m} | {v['median_s']:.3f} | "
               f"{v['fps']:.1f} | {v['fps_without_decode'] or 0:.1f} | {v['first_block_s']:.3f} | "
-              f"{'-' if tf is None else f'{tf:.0f}'} | {'-' if share is None else f'{share:.0%}'} | {v['ratio']:.3f} |")
+              f"{'-' if tf is None else f'{tf:.3g}'} | {'-' if share is None else f'{share:.0%}'} | {v['ratio']:.3f} |")
 EOF
 log "done in $((SECONDS - start))s; figures in $out"
