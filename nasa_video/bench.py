@@ -8,6 +8,10 @@ Memory is computed: weights, self-attention KV cache(s) and text K/V.
 """
 from __future__ import annotations
 
+import statistics
+import time
+from dataclasses import dataclass
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -55,9 +59,25 @@ def memory_bytes(cfg, method: str, dtype=torch.bfloat16, negatives: int = 1) -> 
     return int(estimate["weights"] + estimate["kv_cache"] + estimate["text_cache"])
 
 
+def layer_extrapolated_flops(cfg, method: str, negatives: int = 1) -> int:
+    """video_flops of cfg, counted on 1- and 2-layer copies and extrapolated to its layer count: every layer has
+    the same shapes at every pass, so the count is affine in the layers (tests/test_bench.py checks it) and the
+    full CausVid count takes two small counts instead of one 30-layer one."""
+    from omegaconf import OmegaConf
+
+    layers = int(generator_section(cfg)[1]["num_layers"])
+    if layers <= 2:
+        return video_flops(cfg, method, negatives)
+    counts = []
+    for n in (1, 2):
+        small = OmegaConf.merge(cfg, OmegaConf.create({"generator": {"num_layers": n}}))
+        counts.append(video_flops(small, method, negatives))
+    return counts[0] + (layers - 1) * (counts[1] - counts[0])
+
+
 def flops_report(model: str = "causvid", methods=("none", "nasa", "nag", "vsf", "cfg")) -> dict:
     cfg = load_config(model)
-    results = {m: {"flops": video_flops(cfg, m), "memory_bytes": memory_bytes(cfg, m)} for m in methods}
+    results = {m: {"flops": layer_extrapolated_flops(cfg, m), "memory_bytes": memory_bytes(cfg, m)} for m in methods}
     base = results["none"]["flops"] if "none" in results else None
     for r in results.values():
         r["ratio"] = r["flops"] / base if base else None
@@ -98,8 +118,9 @@ class RandomTextEncoder:
         return torch.randn(1, self.max_length, self.dim, generator=g).to(self.device)
 
 
-def random_weight_generator(model: str, device: str, dtype: str, overrides: dict | None = None):
-    """A StreamingGenerator of a config with random generator and VAE weights (no downloads)."""
+def random_weight_generator(model: str, device: str, dtype: str, overrides: dict | None = None, **options):
+    """A StreamingGenerator of a config with random generator and VAE weights (no downloads). options go to
+    StreamingGenerator (vae_dtype, overlap_decode, ...)."""
     from diffusers import AutoencoderKLWan
 
     from .loading import build_generator, resolve_device, resolve_dtype
@@ -117,76 +138,262 @@ def random_weight_generator(model: str, device: str, dtype: str, overrides: dict
     cfg.weights.source = "random"
     cfg.weights.seed = 0
     generator = build_generator(cfg, device_, dtype_)
-    return StreamingGenerator(cfg, generator, vae, text, device_, dtype_)
+    compile = options.pop("compile", False)
+    gen = StreamingGenerator(cfg, generator, vae, text, device_, dtype_, **options)
+    gen.set_compile(compile)
+    return gen
 
 
-def time_video(gen, method: str, decode: bool) -> tuple[float, float]:
-    """(seconds for one video, seconds to its first block), at the method's bench_scale."""
-    import time
+# bf16 dense (no structured sparsity) tensor-core peaks, TFLOP/s, by a substring of torch's device name; the first
+# match wins. Sources: NVIDIA's datasheets, which print the sparse figure (dense = half): H100 SXM 1,979 -> 989
+# and H100 PCIe 1,513 -> 756 ("NVIDIA H100 Tensor Core GPU" datasheet), H200 1,979 -> 989 ("NVIDIA H200 Tensor
+# Core GPU" datasheet), A100 312 dense ("NVIDIA A100 Tensor Core GPU" datasheet), L40S 362 dense / 733 sparse
+# ("NVIDIA L40S" datasheet), RTX 4090 165.2 dense with FP32 accumulate ("NVIDIA Ada GPU Architecture"
+# whitepaper, appendix). Variants with other clocks (H100 NVL, H200 NVL) are left unknown rather than guessed.
+# What a chip reaches is lower: an 8192^3 bf16 matmul reaches ~790 TFLOP/s on an H200 (docs: REFERENCE.md 5).
+PEAK_BF16_TFLOPS: tuple[tuple[str, float | None], ...] = (
+    ("H100 NVL", None), ("H100 PCIe", 756.0), ("H100", 989.0),
+    ("H200 NVL", None), ("H200", 989.0),
+    ("A100", 312.0), ("L40S", 362.0), ("RTX 4090", 165.0),
+)
 
+
+def peak_tflops(device_name: str | None) -> float | None:
+    """The bf16 dense peak of a device by its name (torch.cuda.get_device_name), None where unknown (a CPU)."""
+    if not device_name:
+        return None
+    for key, peak in PEAK_BF16_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+@dataclass
+class VideoTiming:
+    """One timed video. denoise_s: the blocks' denoising (the DiT), decode_s: the decodes' own time,
+    decode_wait_s: what the loop waited for them (decode_s - decode_wait_s ran beside the denoising)."""
+
+    seconds: float
+    first_block_s: float
+    denoise_s: float = 0.0
+    decode_s: float = 0.0
+    decode_wait_s: float = 0.0
+    peak_memory_bytes: int | None = None
+
+
+def time_video(gen, method: str, decode: bool) -> VideoTiming:
+    cuda = gen.device.type == "cuda" if isinstance(gen.device, torch.device) else False
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(gen.device)
     start = time.perf_counter()
     first = None
+    denoise = decode_s = wait = 0.0
     scale = make_guidance(method).bench_scale
     for chunk in gen.stream("a fox running through snow", "blurry, low quality", scale, method, decode=decode):
         if first is None:
             first = time.perf_counter() - start
-    return time.perf_counter() - start, first
+        denoise += chunk.denoise_seconds
+        decode_s += chunk.decode_seconds
+        wait += chunk.decode_wait_seconds
+    seconds = time.perf_counter() - start
+    return VideoTiming(seconds, first, denoise, decode_s, wait,
+                       torch.cuda.max_memory_allocated(gen.device) if cuda else None)
 
 
-def speed_report(gen, methods, repeats: int = 5, decode: bool = False) -> dict:
-    """Interleaved runs (the method order rotates each round), median and spread, ratio to none."""
-    import statistics
+def throughput(frames: int, timings: list[VideoTiming], flops: int | None, peak: float | None) -> dict:
+    """A method's figures from its timed runs (medians): seconds, fps with and without the decode, the split
+    denoise / decode / overlap, achieved TFLOP/s = FLOPs / DiT (denoising) time and its share of the peak."""
+    med = statistics.median(t.seconds for t in timings)
+    denoise = statistics.median(t.denoise_s for t in timings)
+    decode = statistics.median(t.decode_s for t in timings)
+    wait = statistics.median(t.decode_wait_s for t in timings)
+    achieved = flops / denoise / 1e12 if flops and denoise > 0 else None
+    memory = [t.peak_memory_bytes for t in timings if t.peak_memory_bytes is not None]
+    return {
+        "median_s": med, "min_s": min(t.seconds for t in timings), "max_s": max(t.seconds for t in timings),
+        "fps": frames / med, "first_block_s": statistics.median(t.first_block_s for t in timings),
+        "fps_without_decode": frames / denoise if denoise > 0 else None,
+        "denoise_s": denoise, "decode_s": decode, "decode_wait_s": wait, "overlap_s": max(0.0, decode - wait),
+        "other_s": max(0.0, med - denoise - wait),  # text caches, host work, the loop itself
+        "flops": flops, "achieved_tflops": achieved,
+        "peak_share": achieved / peak if achieved is not None and peak else None,
+        "peak_memory_bytes": max(memory) if memory else None,
+    }
 
-    methods = list(dict.fromkeys(["none"] + list(methods)))
-    for method in methods:  # warm-up: allocator, kernels, text caches
-        time_video(gen, method, decode)
-    runs = {m: [] for m in methods}
-    firsts = {m: [] for m in methods}
-    for r in range(repeats):
-        for method in methods[r % len(methods):] + methods[:r % len(methods)]:
-            total, first = time_video(gen, method, decode)
-            runs[method].append(total)
-            firsts[method].append(first)
-    base = statistics.median(runs["none"])
+
+def _compile_flag(gen) -> bool:
+    """Whether the generator runs compiled (an attribute `compile` or `compiled` where it has one)."""
+    for name in ("compile", "compiled"):
+        value = getattr(gen, name, None)
+        if isinstance(value, bool):
+            return value
+    return False
+
+
+def speed_report(gen, methods, repeats: int = 5, decode: bool = False, flops: dict | None = None) -> dict:
+    """Interleaved runs (the method order rotates each round), median and spread, ratio to none, throughput.
+    flops: FLOPs per video by method (default: counted for gen.cfg on the meta device)."""
+    from . import attention
     from .pipeline import pixel_frames
 
+    methods = list(dict.fromkeys(["none"] + list(methods)))
+    if flops is None:
+        flops = {m: layer_extrapolated_flops(gen.cfg, m) for m in methods}
+    warmup = {}
+    for method in methods:  # warm-up: allocator, kernels, text caches, and the compile when compiled
+        started = time.perf_counter()
+        time_video(gen, method, decode)
+        warmup[method] = time.perf_counter() - started
+    runs = {m: [] for m in methods}
+    for r in range(repeats):
+        for method in methods[r % len(methods):] + methods[:r % len(methods)]:
+            runs[method].append(time_video(gen, method, decode))
     frames = pixel_frames(int(gen.cfg.video.latent_frames), gen.temporal_stride)
-    out = {}
-    for m in methods:
-        med = statistics.median(runs[m])
-        out[m] = {"median_s": med, "min_s": min(runs[m]), "max_s": max(runs[m]), "ratio": med / base,
-                  "fps": frames / med, "first_block_s": statistics.median(firsts[m])}
-    return {"model": gen.cfg.name, "device": str(gen.device), "dtype": str(gen.dtype), "repeats": repeats,
-            "decode": decode, "frames": frames, "methods": out}
-
-
-def speed_benchmark(model: str, methods, repeats: int = 5, device: str = "auto", dtype: str = "auto",
-                    attention: str = "auto", decode: bool = False) -> dict:
-    """speed_report() on a random-weight generator of `model` ("mid": the tiny config at MID size), with the
-    attention backend it ran and, on CUDA, the peak GPU memory."""
-    from . import attention as attention_backend
-
-    backend = attention_backend.set_backend(attention)
-    model, overrides = ("tiny", MID) if model == "mid" else (model, None)
-    gen = random_weight_generator(model, device, dtype, overrides)
-    if gen.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(gen.device)
-    report = speed_report(gen, methods, repeats, decode)
-    report["attention"] = backend
-    if gen.device.type == "cuda":
-        report["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(gen.device)
+    name = device_name(gen.device)
+    peak = peak_tflops(name) if str(gen.device).startswith("cuda") else None
+    out = {m: throughput(frames, runs[m], flops.get(m), peak) for m in methods}
+    base = out["none"]["median_s"]
+    for m, r in out.items():
+        r["ratio"] = r["median_s"] / base
+        r["warmup_s"] = warmup[m]  # the first video's time (with --compile: the compile), kept out of the figures
+    memory = [r["peak_memory_bytes"] for r in out.values() if r["peak_memory_bytes"] is not None]
+    report = {"model": gen.cfg.name, "device": str(gen.device), "device_name": name, "dtype": str(gen.dtype),
+              "repeats": repeats, "decode": decode, "frames": frames, "methods": out,
+              "attention": attention.backend(), "compile": _compile_flag(gen), "peak_tflops": peak,
+              "vae_dtype": str(gen.vae_dtype).replace("torch.", "") if getattr(gen, "vae_dtype", None) else None,
+              "overlap_decode": bool(getattr(gen, "overlap_decode", False)) and decode}
+    if memory:
+        report["peak_gpu_memory_bytes"] = max(memory)
     return report
 
 
-def speed_table(report: dict, model: str) -> str:
-    """speed_benchmark() as the text table `nasa-video bench speed` prints; model: the name asked for."""
-    lines = [f"{model} (random weights) on {report['device']} {report['dtype']}, attention {report['attention']}, "
-             f"{report['frames']} frames, decode {'on' if report['decode'] else 'off'}, "
-             f"{report['repeats']} interleaved runs",
-             f"{'method':8} {'median s':>9} {'min-max s':>15} {'ratio':>7} {'fps':>8} {'first block s':>14}"]
+def format_speed_report(report: dict, label: str | None = None) -> str:
+    """The report as the terminal shows it."""
+    def num(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    lines = [f"{label or report['model']} on {report['device']} ({report['device_name']}) {report['dtype']}, "
+             f"attention {report['attention']}, compile {'on' if report['compile'] else 'off'}, {report['frames']} "
+             f"frames, decode {'on' if report['decode'] else 'off'}"
+             + (f" (VAE {report['vae_dtype']}, overlapped {'yes' if report['overlap_decode'] else 'no'})"
+                if report["decode"] else "") + f", {report['repeats']} interleaved runs",
+             f"{'method':8} {'median s':>9} {'min-max s':>15} {'ratio':>7} {'fps':>7} {'fps DiT':>8} "
+             f"{'first s':>8} {'denoise s':>9} {'decode s':>8} {'overlap s':>9} {'TFLOP/s':>8} {'of peak':>7}"]
     for name, r in report["methods"].items():
         lines.append(f"{name:8} {r['median_s']:9.3f} {r['min_s']:7.3f}-{r['max_s']:<7.3f} {r['ratio']:7.3f} "
-                     f"{r['fps']:8.2f} {r['first_block_s']:14.3f}")
-    if "peak_gpu_memory_bytes" in report:
+                     f"{r['fps']:7.2f} {num(r['fps_without_decode'], '8.2f')} {r['first_block_s']:8.3f} "
+                     f"{r['denoise_s']:9.3f} {r['decode_s']:8.3f} {r['overlap_s']:9.3f} "
+                     f"{num(r['achieved_tflops'], '8.2f')} {num(r['peak_share'], '7.1%')}")
+    if report.get("peak_gpu_memory_bytes") is not None:
         lines.append(f"peak GPU memory {report['peak_gpu_memory_bytes'] / 2**30:.2f} GiB")
+    if report["peak_tflops"] is None:
+        lines.append("peak TFLOP/s of this device unknown (bench.PEAK_BF16_TFLOPS): no share of peak")
     return "\n".join(lines)
+
+
+# ---- where one block's time goes ------------------------------------------------------------------------------
+KERNEL_GROUPS = (
+    ("attention", ("attention", "attn", "flash", "fmha", "sdpa", "softmax")),
+    ("matrix products", ("gemm", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear",
+                         "cutlass", "xmma", "cublas", "nvjet", "conv")),
+)
+
+
+def kernel_group(name: str) -> str:
+    """attention / matrix products / element-wise (everything else: norms, copies, casts, activations)."""
+    low = name.lower()
+    for group, keys in KERNEL_GROUPS:
+        if any(key in low for key in keys):
+            return group
+    return "element-wise"
+
+
+def group_kernels(rows: list[tuple[str, float, int]], top: int = 15) -> dict:
+    """rows (name, seconds of self time, calls) -> time per group, shares, and the top kernels."""
+    total = sum(seconds for _, seconds, _ in rows) or 1.0
+    groups = {"attention": 0.0, "matrix products": 0.0, "element-wise": 0.0}
+    for name, seconds, _ in rows:
+        groups[kernel_group(name)] += seconds
+    ranked = sorted(rows, key=lambda r: -r[1])[:top]
+    return {"total_s": sum(s for _, s, _ in rows), "groups": groups,
+            "shares": {g: v / total for g, v in groups.items()},
+            "top": [{"name": n, "group": kernel_group(n), "seconds": s, "calls": c, "share": s / total}
+                    for n, s, c in ranked]}
+
+
+def profile_block(gen, method: str, block: int = 1, top: int = 15) -> dict:
+    """torch.profiler over the denoising of one block (block 1 by default: it reads a cached block), DiT only:
+    GPU kernels' device time on CUDA, aten ops' self CPU time elsewhere, grouped by kernel_group."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = gen.device.type == "cuda"
+    stream = iter(gen.stream("a fox running through snow", "blurry, low quality", make_guidance(method).bench_scale, method,
+                             decode=False))
+    for _ in range(block):
+        next(stream)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        next(stream)
+    stream.close()
+    rows = []
+    for event in prof.key_averages():
+        if cuda:
+            if event.device_type != DeviceType.CUDA:
+                continue
+            us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        else:
+            us = event.self_cpu_time_total
+        if us > 0:
+            rows.append((event.key, us / 1e6, int(event.count)))
+    return {"block": block, "timing": "GPU kernel time" if cuda else "CPU self time of aten ops",
+            **group_kernels(rows, top)}
+
+
+def format_profile(profiles: dict) -> str:
+    """Markdown: per method, time per group and the top kernels."""
+    lines = []
+    for method, p in profiles.items():
+        lines += [f"## {method}: block {p['block']}, {p['timing']}, {p['total_s'] * 1e3:.1f} ms", "",
+                  "| group | ms | share |", "|---|---|---|"]
+        lines += [f"| {g} | {p['groups'][g] * 1e3:.2f} | {p['shares'][g]:.1%} |" for g in p["groups"]]
+        lines += ["", "| kernel | group | calls | ms | share |", "|---|---|---|---|---|"]
+        lines += [f"| `{k['name'][:90]}` | {k['group']} | {k['calls']} | {k['seconds'] * 1e3:.2f} | {k['share']:.1%} |"
+                  for k in p["top"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_speed(model: str, methods, repeats: int = 5, device: str = "auto", dtype: str = "auto",
+              attention_backend: str = "auto", decode: bool = False, json_path: str | None = None,
+              profile_path: str | None = None, vae_dtype: str | None = None, overlap_decode: bool | None = None,
+              **options) -> dict:
+    """`nasa-video bench speed`: random weights (model `mid` = the tiny config at a mid size), the report printed
+    and written (--json), and with profile_path one block's kernels per method (JSON there, markdown beside)."""
+    from pathlib import Path
+
+    from . import attention
+    from .video_io import write_json
+
+    attention.set_backend(attention_backend)
+    name, overrides = ("tiny", MID) if model == "mid" else (model, None)
+    gen = random_weight_generator(name, device, dtype, overrides, vae_dtype=vae_dtype,
+                                  overlap_decode=overlap_decode, **options)
+    report = speed_report(gen, methods, repeats, decode)
+    print(format_speed_report(report, f"{model} (random weights)"))
+    if profile_path:
+        profiles = {m: profile_block(gen, m) for m in report["methods"]}
+        write_json(profile_path, profiles)
+        table = Path(profile_path).with_suffix(".md")
+        table.write_text(format_profile(profiles))
+        print(format_profile(profiles))
+        report["profile"] = str(profile_path)
+        print(f"wrote {profile_path} and {table}")
+    if json_path:
+        write_json(json_path, report)
+    return report

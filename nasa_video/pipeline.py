@@ -6,6 +6,11 @@
                             x_{t_{i+1}} = (1 - s) x0 + s * fresh noise      (not after the last step)
         one cache pass over the clean x0 at t = context_noise (writes the K/V later blocks read)
         streaming VAE decode -> uint8 frames, yielded at once
+
+With overlap_decode (the default on CUDA) block k is decoded on a worker (its own CUDA stream) while block
+k + 1 is denoised, and its chunk is yielded once block k + 1's denoising is done; frames and their order are
+those of the sequential loop. The first block is the exception: it is decoded and yielded before block 1
+starts, so the first-block latency is the sequential one (denoise + decode of block 0, nothing waited for).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from .config import latent_frames_for, model_spec, pixel_frames  # noqa: F401 (r
 from .memory import check_fits
 from .model.cache import TextCache
 from .schedule import FlowSchedule, prediction_of
-from .vae import as_codec, to_uint8
+from .vae import OverlappedDecoder, as_codec, decode_now, resolve_vae_dtype, set_codec_dtype
 
 
 @dataclass
@@ -44,7 +49,8 @@ class FrameChunk:
     negative: list[tuple[str, float]]
     scale: float
     denoise_seconds: float
-    decode_seconds: float
+    decode_seconds: float  # the decode's own time (on the worker when overlapped)
+    decode_wait_seconds: float = 0.0  # what the loop waited for it: all of it sequentially, less when overlapped
     prompt: str = ""
     recache_seconds: float = 0.0
 
@@ -131,14 +137,18 @@ def negative_embeds_items(embeds, text_dim: int) -> list[tuple[str, float, torch
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for this thread's stream (not the whole device: an overlapped decode runs on another stream)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 class StreamingGenerator:
     """Text-to-video with negative prompts, streamed block by block. Build with from_config()."""
 
-    def __init__(self, cfg: DictConfig, model, vae, text_encoder, device, dtype):
+    def __init__(self, cfg: DictConfig, model, vae, text_encoder, device, dtype, vae_dtype=None,
+                 overlap_decode: bool | None = None):
+        """vae_dtype: auto (None) = bf16 on CUDA, fp32 elsewhere (vae.BF16_DECODE_TOLERANCE); overlap_decode:
+        decode block k while block k + 1 is denoised (None = on for CUDA)."""
         self.cfg, self.model, self.vae, self.text = cfg, model, vae, text_encoder
         self.spec = model_spec(cfg)  # the config's sections, typed and read once
         self.device, self.dtype = torch.device(device), dtype
@@ -147,6 +157,8 @@ class StreamingGenerator:
         self.steps = self.flow.step_list(list(sampling.steps), sampling.warp)
         self.prediction = prediction_of(cfg)  # what the network outputs
         self.codec = as_codec(vae)
+        self.vae_dtype = set_codec_dtype(self.codec, resolve_vae_dtype(vae_dtype, self.device))
+        self.overlap_decode = self.device.type == "cuda" if overlap_decode is None else bool(overlap_decode)
         self.decoder = self.codec.streaming_decoder()
         self.temporal_stride, self.spatial_stride, z_dim = (self.codec.temporal_stride, self.codec.spatial_stride,
                                                             self.codec.z_dim)
@@ -157,10 +169,13 @@ class StreamingGenerator:
     def from_config(cls, model: str = "toy", checkpoint: str | None = None, wan: str | None = None,
                     device: str | None = None, dtype: str | None = None, attention_backend: str = "auto",
                     overrides: dict | None = None, check_memory: bool = True,
-                    compile: bool | None = None) -> "StreamingGenerator":
+                    compile: bool | None = None, vae_dtype: str | None = None,
+                    overlap_decode: bool | None = None) -> "StreamingGenerator":
         """compile: torch.compile the generator's repeated block (one compiled code for all layers; see
         CausalWanTransformer.compile_blocks). None: on for CUDA, off elsewhere; True also works on the CPU
-        (inductor). The first block of each cache length pays the compile: warm up before timing."""
+        (inductor). The first block of each cache length pays the compile: warm up before timing.
+        vae_dtype: auto (None) = bf16 on CUDA, fp32 elsewhere; overlap_decode: decode block k while block k + 1
+        is denoised (None = on for CUDA)."""
         cfg = load_config(model, overrides)
         device_ = resolve_device(device)
         dtype_ = resolve_dtype(dtype, device_)
@@ -174,7 +189,7 @@ class StreamingGenerator:
             check_fits(cfg, device_, dtype_)
         vae, text = build_vae_and_text(cfg, device_, dtype_, wan)
         generator = build_generator(cfg, device_, dtype_, checkpoint)
-        gen = cls(cfg, generator, vae, text, device_, dtype_)
+        gen = cls(cfg, generator, vae, text, device_, dtype_, vae_dtype, overlap_decode)
         gen.set_compile(compile)
         return gen
 
@@ -198,7 +213,8 @@ class StreamingGenerator:
     def stream(self, prompt: str | None, negative=None, scale: ScaleSpec | None = None,
                guidance: str | Guidance | None = None, frames: int | None = None, seed: int = 0,
                rolling: bool | None = None, decode: bool = True, *, prompt_embeds: torch.Tensor | None = None,
-               negative_prompt_embeds=None, latents=None, generator: torch.Generator | None = None) -> "Stream":
+               negative_prompt_embeds=None, latents=None, generator: torch.Generator | None = None,
+               overlap_decode: bool | None = None) -> "Stream":
         """An iterator of FrameChunk, one per block. frames=None: the config's length (unbounded if rolling).
 
         Research inputs (diffusers' names): prompt_embeds [1, L, text_dim] instead of the prompt's text (the text
@@ -210,7 +226,7 @@ class StreamingGenerator:
         FrameChunk still carries its latents."""
         return Stream(self, prompt, negative, scale, guidance, frames, seed, rolling, decode,
                       prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, latents=latents,
-                      generator=generator)
+                      generator=generator, overlap_decode=overlap_decode)
 
     def stream_batch(self, specs, guidance: str | Guidance | None = None, frames: int | None = None,
                      rolling: bool | None = None, decode: bool = True) -> "StreamBatch":
@@ -322,7 +338,8 @@ class Stream:
     set_prompt(..., recache=True) asks to recompute it under the new prompt."""
 
     def __init__(self, gen: StreamingGenerator, prompt, negative, scale, guidance, frames, seed, rolling, decode,
-                 prompt_embeds=None, negative_prompt_embeds=None, latents=None, generator=None):
+                 prompt_embeds=None, negative_prompt_embeds=None, latents=None, generator=None,
+                 overlap_decode: bool | None = None):
         cfg, spec = gen.cfg, gen.spec
         text_dim = gen.model.config.text_dim
         if prompt_embeds is None:
@@ -334,6 +351,8 @@ class Stream:
         elif not isinstance(generator, torch.Generator) or generator.device.type != gen.device.type:
             raise UserError(f"generator must be a torch.Generator on {gen.device.type} (the stream's device)")
         self.gen, self.decode = gen, decode
+        # Overlapped, a negative set after chunk k (k >= 1) applies from block k + 2: block k + 1 is already made.
+        self.overlap_decode = gen.overlap_decode if overlap_decode is None else bool(overlap_decode)
         self.fpb = spec.video.frames_per_block
         self.rolling = spec.cache.rolling if rolling is None else rolling
         if frames is None:
@@ -502,26 +521,60 @@ class Stream:
         rng = self.generator if self.generator is not None else torch.Generator(device=device).manual_seed(int(self.seed))
         channels = model.config.in_channels
         gen.decoder.reset()
-        block, first_frame = 0, 0
-        while self.num_blocks is None or block < self.num_blocks:
-            recache_seconds = self.recache(block) if self._apply_pending() else 0.0
-            start = block * self.fpb
-            if start + self.fpb > self.max_latent_frames:  # an endless (rolling) stream reached the position limit
-                raise UserError(f"the stream reached latent frame {start}, the last position {gen.cfg.name} "
-                                f"encodes ({self.max_latent_frames}); it ends here")
-            t0 = time.perf_counter()
-            x0 = self._denoise_block(kv_cache, rng, start, (1, channels, self.fpb, h, w))
-            _sync(device)
-            t1 = time.perf_counter()
-            frames = None
-            if self.decode:
-                frames = to_uint8(gen.decoder.decode(x0))[0].numpy()
-            t2 = time.perf_counter()
-            yield FrameChunk(block, first_frame, (start, start + self.fpb), frames, x0.float().cpu(),
-                             list(self.negatives), self.schedule(block, len(gen.steps) - 1), t1 - t0, t2 - t1,
-                             self.prompt, recache_seconds)
+        worker = OverlappedDecoder(gen.decoder, device) if self.decode and self.overlap_decode else None
+        pending = None  # overlapped: (the chunk's fields, the Future of its frames) of the block being decoded
+        first_frame = 0
+
+        def finish(fields: dict, frames, decode_s: float, wait_s: float) -> FrameChunk:
+            nonlocal first_frame
+            chunk = FrameChunk(first_frame=first_frame, frames=frames, decode_seconds=decode_s,
+                               decode_wait_seconds=wait_s, **fields)
             first_frame += 0 if frames is None else len(frames)
-            block += 1
+            return chunk
+
+        def collect(fields: dict, future) -> FrameChunk:
+            t = time.perf_counter()
+            frames, decode_s = future.result()
+            return finish(fields, frames, decode_s, time.perf_counter() - t)
+
+        block = 0
+        try:
+            while self.num_blocks is None or block < self.num_blocks:
+                recache_seconds = self.recache(block) if self._apply_pending() else 0.0
+                start = block * self.fpb
+                if start + self.fpb > self.max_latent_frames:  # an endless (rolling) stream reached the position limit
+                    if pending is not None:  # the block made before the limit is still the caller's
+                        yield collect(*pending)
+                        pending = None
+                    raise UserError(f"the stream reached latent frame {start}, the last position {gen.cfg.name} "
+                                    f"encodes ({self.max_latent_frames}); it ends here")
+                t0 = time.perf_counter()
+                x0 = self._denoise_block(kv_cache, rng, start, (1, channels, self.fpb, h, w))
+                _sync(device)
+                denoise_s = time.perf_counter() - t0
+                fields = dict(block=block, latent_frames=(start, start + self.fpb), latents=x0.float().cpu(),
+                              negative=list(self.negatives), scale=self.schedule(block, len(gen.steps) - 1),
+                              denoise_seconds=denoise_s, prompt=self.prompt, recache_seconds=recache_seconds)
+                if not self.decode:
+                    yield finish(fields, None, 0.0, 0.0)
+                elif worker is None:
+                    frames, decode_s = decode_now(gen.decoder, x0)
+                    yield finish(fields, frames, decode_s, decode_s)
+                else:
+                    future = worker.submit(x0)  # decodes while the next block is denoised
+                    if pending is not None:  # the previous block, decoded while this one was denoised
+                        yield collect(*pending)
+                        pending = None
+                    if block == 0:  # first-block latency: yield it now rather than after block 1's denoising
+                        yield collect(fields, future)
+                    else:
+                        pending = (fields, future)
+                block += 1
+            if pending is not None:
+                yield collect(*pending)
+        finally:
+            if worker is not None:
+                worker.close()
 
     @torch.no_grad()
     def recache(self, block: int) -> float:

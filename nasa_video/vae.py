@@ -8,9 +8,23 @@ decoded. Other codecs (the bundled model's) implement the protocol themselves.
 """
 from __future__ import annotations
 
+import copy
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
+
+from .errors import UserError
+
+# bf16 decode is the default on CUDA because its output stays within this distance of the fp32 decode, in
+# pixel units of the [-1, 1] range (1 uint8 level = 2/255 = 0.0078), measured on random Wan VAE weights
+# (tests/test_decode.py pins the tiny VAE; scripts/vae_precision.py and scripts/bench_gpu.sh measure the
+# full-width one). fp32 stays selectable (vae_dtype="fp32", --vae-dtype fp32).
+BF16_DECODE_TOLERANCE = {"max_abs": 0.125, "mean_abs": 0.01}
+VAE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 class BlockDecoder(Protocol):
@@ -45,6 +59,21 @@ class WanVAECodec:
         self.z_dim = cfg.z_dim
         self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        """Decode in this dtype (the latents are de-normalised in fp32, then cast; the pixels come back fp32)."""
+        from diffusers.utils import logging
+
+        verbosity = logging.get_verbosity()  # quiet diffusers' "keep in float32" notice: the Wan VAE lists none
+        logging.set_verbosity_error()
+        try:
+            self.vae.to(dtype)
+        finally:
+            logging.set_verbosity(verbosity)
 
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Generator latents are per-channel standardised; the VAE wants raw latents."""
@@ -103,6 +132,89 @@ def one_shot_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Reference: the codec's whole-video decode, for checking the streaming decoder."""
     with torch.no_grad():
         return as_codec(vae).decode_video(latents)
+
+
+def resolve_vae_dtype(name, device) -> torch.dtype:
+    """auto (None): bf16 on CUDA (within BF16_DECODE_TOLERANCE of fp32), fp32 elsewhere (CPU bf16 convolutions
+    are slower than fp32 on many CPUs, and the CPU is where exact reference runs happen)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None or name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in VAE_DTYPES:
+        raise UserError(f"unknown VAE dtype {name!r}; use auto, fp32 or bf16")
+    return VAE_DTYPES[name]
+
+
+def set_codec_dtype(codec, dtype: torch.dtype) -> torch.dtype | None:
+    """Cast a codec's weights to dtype; returns the dtype it decodes in, or None for a codec without a
+    set_dtype (the bundled model's exact rearrangement has no weights to cast)."""
+    if hasattr(codec, "set_dtype"):
+        codec.set_dtype(dtype)
+        return dtype
+    return None
+
+
+@torch.no_grad()
+def decode_precision(vae, latents: torch.Tensor, frames_per_block: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """How far a streaming decode in `dtype` lands from the fp32 one, on these latents [1, C, L, h, w] decoded
+    block by block (the pipeline's path). Pixel errors in the [-1, 1] range; uint8 levels as frames are saved."""
+    outputs = {}
+    for name, d in (("fp32", torch.float32), ("test", dtype)):
+        codec = copy.deepcopy(as_codec(vae))
+        set_codec_dtype(codec, d)
+        decoder = codec.streaming_decoder()
+        decoder.reset()
+        outputs[name] = torch.cat([decoder.decode(latents[:, :, i:i + frames_per_block]).float()
+                                   for i in range(0, latents.shape[2], frames_per_block)], dim=2)
+    diff = (outputs["test"] - outputs["fp32"]).abs()
+    levels = (to_uint8(outputs["test"]).int() - to_uint8(outputs["fp32"]).int()).abs()
+    report = {"dtype": str(dtype).replace("torch.", ""), "max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+              "max_uint8": int(levels.max()), "mean_uint8": float(levels.float().mean()),
+              "reference_std": float(outputs["fp32"].std()), "tolerance": dict(BF16_DECODE_TOLERANCE)}
+    report["within_tolerance"] = (report["max_abs"] <= BF16_DECODE_TOLERANCE["max_abs"]
+                                  and report["mean_abs"] <= BF16_DECODE_TOLERANCE["mean_abs"])
+    return report
+
+
+def decode_now(decoder: BlockDecoder, latents: torch.Tensor) -> tuple[np.ndarray, float]:
+    """Decode one block where the loop runs: (uint8 frames [T, H, W, 3], seconds)."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        frames = to_uint8(decoder.decode(latents))[0].numpy()
+    return frames, time.perf_counter() - start
+
+
+class OverlappedDecoder:
+    """A BlockDecoder run beside the denoising loop, so block k decodes while block k+1 is denoised.
+
+    One worker thread: blocks are decoded one at a time and in the order submitted, which the decoder's
+    causal state needs. On CUDA the worker has its own stream, made to wait on an event recorded on the
+    submitting thread's stream (the latents are ready on the GPU before the decode reads them); the frames'
+    copy to the host only synchronises that side stream, never the denoising one. On the CPU the worker's
+    torch ops release the GIL and run beside the loop's. submit() -> a Future of (frames, seconds)."""
+
+    def __init__(self, decoder: BlockDecoder, device):
+        self.decoder, self.device = decoder, torch.device(device)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="nasa-video-decode")
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def submit(self, latents: torch.Tensor) -> Future:
+        event = None
+        if self.stream is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        return self.pool.submit(self._decode, latents, event)
+
+    def _decode(self, latents: torch.Tensor, event) -> tuple[np.ndarray, float]:
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            if event is not None:
+                self.stream.wait_event(event)
+            return decode_now(self.decoder, latents)
+
+    def close(self) -> None:
+        """Let a decode in flight finish (the decoder's state stays whole), then stop the worker."""
+        self.pool.shutdown(wait=True)
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:

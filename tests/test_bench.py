@@ -1,5 +1,6 @@
-"""FLOPs are counted on the meta device, at the real CausVid size, in seconds."""
+"""FLOPs are counted on the meta device, at the real CausVid size, in seconds; the speed report's figures."""
 import pytest
+import torch
 
 import nasa_video.bench as bench
 from nasa_video.bench import flops_report, memory_bytes, video_flops
@@ -59,7 +60,7 @@ def test_speed_report_statistics(monkeypatch):
 
     def fake_time_video(gen, method, decode):
         calls.append(method)
-        return next(times[method]), 0.5
+        return bench.VideoTiming(next(times[method]), 0.5)
 
     class Gen:
         cfg = load_config("tiny")
@@ -88,3 +89,97 @@ def test_speed_report_on_the_causvid_code_path():
         assert r["median_s"] > 0 and r["first_block_s"] > 0
         assert r["ratio"] == pytest.approx(r["median_s"] / methods["none"]["median_s"])
         assert r["fps"] == pytest.approx(9 / r["median_s"])
+        assert r["denoise_s"] > 0 and r["decode_s"] > 0 and r["fps_without_decode"] == pytest.approx(9 / r["denoise_s"])
+        assert r["achieved_tflops"] == pytest.approx(r["flops"] / r["denoise_s"] / 1e12) and r["flops"] > 0
+        assert r["peak_share"] is None and r["peak_memory_bytes"] is None  # a CPU: no known peak, no CUDA memory
+        assert r["denoise_s"] + r["decode_wait_s"] <= r["median_s"] * 1.01
+    assert methods["cfg"]["flops"] == 2 * methods["none"]["flops"]
+    assert (report["attention"], report["compile"], report["peak_tflops"]) == ("sdpa", False, None)
+    assert report["vae_dtype"] == "float32" and report["overlap_decode"] is False
+
+
+def test_speed_report_throughput_on_scripted_timings(monkeypatch):
+    """Known FLOPs and timings: TFLOP/s = FLOPs / denoising time; the split denoise + waited decode + other is
+    the video's time, overlap = decode - waited; no peak on a CPU."""
+    runs = {"none": bench.VideoTiming(9.0, 1.0, 6.0, 4.0, 1.0), "cfg": bench.VideoTiming(15.0, 2.0, 12.0, 4.0, 1.5)}
+
+    class Gen:
+        cfg = load_config("tiny")
+        temporal_stride = 4
+        device, dtype = "cpu", "fp32"
+        vae_dtype, overlap_decode = torch.float32, True
+
+    monkeypatch.setattr(bench, "time_video", lambda gen, method, decode: runs[method])
+    report = bench.speed_report(Gen(), ["cfg"], repeats=1, decode=True, flops={"none": 3e12, "cfg": 6e12})
+    none, cfg = report["methods"]["none"], report["methods"]["cfg"]
+    assert none["achieved_tflops"] == pytest.approx(0.5) and cfg["achieved_tflops"] == pytest.approx(0.5)
+    assert none["peak_share"] is None and report["peak_tflops"] is None and report["device_name"] == "cpu"
+    assert (none["denoise_s"], none["decode_s"], none["decode_wait_s"], none["overlap_s"]) == (6.0, 4.0, 1.0, 3.0)
+    assert none["denoise_s"] + none["decode_wait_s"] + none["other_s"] == none["median_s"] == 9.0
+    assert cfg["overlap_s"] == 2.5 and cfg["ratio"] == pytest.approx(15 / 9)
+    assert none["fps"] == report["frames"] / 9.0 and none["fps_without_decode"] == report["frames"] / 6.0
+    assert report["overlap_decode"] is True and report["vae_dtype"] == "float32" and report["compile"] is False
+    assert "TFLOP/s" in bench.format_speed_report(report)
+
+
+def test_peak_share_with_a_known_chip():
+    r = bench.throughput(81, [bench.VideoTiming(2.5, 0.3, 2.0, 0.0, 0.0, 10 * 2**30)], int(792e12), 989.0)
+    assert r["achieved_tflops"] == pytest.approx(396.0) and r["peak_share"] == pytest.approx(396.0 / 989.0)
+    assert r["peak_memory_bytes"] == 10 * 2**30
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                        ("NVIDIA L40S", 362.0), ("NVIDIA GeForce RTX 4090", 165.0),
+                                        ("NVIDIA H100 NVL", None), ("Tesla T4", None), ("cpu", None), (None, None)])
+def test_peak_table(name, peak):
+    assert bench.peak_tflops(name) == peak
+
+
+def test_layer_extrapolated_flops_equal_the_full_count(monkeypatch):
+    cfg = load_config("tiny", {"generator": {"num_layers": 3}})
+    full = {method: video_flops(cfg, method) for method in ("none", "nasa", "cfg")}
+    counted = []
+    real = bench.video_flops
+    monkeypatch.setattr(bench, "video_flops", lambda c, *a: counted.append(int(c.generator.num_layers)) or real(c, *a))
+    for method, flops in full.items():
+        assert bench.layer_extrapolated_flops(cfg, method) == flops
+    assert set(counted) == {1, 2}  # counted on the small copies only
+
+
+def test_kernel_groups():
+    rows = [("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 3.0, 30), ("nvjet_tst_192x192_64x3", 2.0, 90),
+            ("sm90_xmma_gemm_bf16bf16_bf16f32", 1.0, 10), ("fmha_cutlassF_bf16_aligned", 1.0, 2),
+            ("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>", 1.5, 300),
+            ("aten::_scaled_dot_product_flash_attention_for_cpu", 0.5, 4), ("aten::addmm", 0.5, 8),
+            ("aten::native_layer_norm", 0.5, 8)]
+    out = bench.group_kernels(rows, top=3)
+    assert out["groups"] == {"attention": 4.5, "matrix products": 3.5, "element-wise": 2.0}
+    assert out["shares"]["attention"] == pytest.approx(0.45)
+    assert [k["name"][:10] for k in out["top"]] == ["cudnn_gene", "nvjet_tst_", "void at::n"]
+
+
+def test_bench_speed_profile_writes_the_grouped_table(tmp_path, capsys):
+    """`bench speed --profile`: one block's aten ops per method, grouped, as JSON and markdown; the --json report
+    has today's fields and the new ones."""
+    import json
+
+    from nasa_video.cli import main
+
+    prof, out = tmp_path / "kernels.json", tmp_path / "speed.json"
+    assert main(["bench", "speed", "--model", "tiny", "--methods", "nasa", "--repeats", "1", "--device", "cpu",
+                 "--profile", str(prof), "--json", str(out)]) == 0
+    profiles = json.loads(prof.read_text())
+    assert set(profiles) == {"none", "nasa"}
+    for p in profiles.values():
+        assert p["block"] == 1 and set(p["groups"]) == {"attention", "matrix products", "element-wise"}
+        assert p["groups"]["attention"] > 0 and p["groups"]["matrix products"] > 0 and len(p["top"]) == 15
+        assert sum(p["shares"].values()) == pytest.approx(1.0)
+    assert "| attention |" in (tmp_path / "kernels.md").read_text()
+    report = json.loads(out.read_text())
+    assert {"model", "device", "dtype", "repeats", "decode", "frames", "methods", "attention", "compile"} <= set(report)
+    for r in report["methods"].values():
+        assert {"median_s", "min_s", "max_s", "ratio", "fps", "first_block_s", "achieved_tflops", "peak_share",
+                "denoise_s", "decode_s"} <= set(r)
+        assert r["peak_share"] is None and r["decode_s"] == 0.0
+    assert "matrix products" in capsys.readouterr().out

@@ -1,6 +1,8 @@
 """`nasa-video bench flops | speed`: the cost of each guidance method."""
 from __future__ import annotations
 
+import argparse
+
 from .common import all_methods, attention, device, dtype, json_path, method_argument, positive_int
 
 
@@ -20,6 +22,13 @@ def register(sub) -> None:
     speed.add_argument("--dtype", type=dtype, default="auto")
     speed.add_argument("--attention", type=attention, default="auto")
     speed.add_argument("--decode", action="store_true", help="include the VAE decode")
+    speed.add_argument("--vae-dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
+    speed.add_argument("--overlap-decode", action=argparse.BooleanOptionalAction, default=None,
+                       help="decode block k while block k+1 is denoised (default: on for CUDA)")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the repeated block (default: on for CUDA); the warm-up is reported apart")
+    speed.add_argument("--profile", default=None, metavar="PATH", type=json_path,
+                       help="also write one block's top kernels per method, grouped (JSON at PATH, markdown beside)")
     speed.add_argument("--json", default=None, type=json_path, help="also write the report as JSON")
     speed.set_defaults(func=bench_speed)
 
@@ -37,12 +46,8 @@ def bench_flops(args) -> int:
 
 
 def bench_speed(args) -> int:
-    from ..bench import speed_benchmark, speed_table
-    from ..video_io import write_json
+    from ..bench import run_speed
 
-    report = speed_benchmark(args.model, args.methods or all_methods(), args.repeats, args.device, args.dtype,
-                             args.attention, args.decode)
-    print(speed_table(report, args.model))
-    if args.json:
-        write_json(args.json, report)
+    run_speed(args.model, args.methods or all_methods(), args.repeats, args.device, args.dtype, args.attention,
+              args.decode, args.json, args.profile, args.vae_dtype, args.overlap_decode, compile=args.compile)
     return 0
