@@ -130,9 +130,12 @@ def positive_int(text: str) -> int:
 
 
 def port(text: str) -> int:
-    value = positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port: use 1-65535")
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"--port {text} is not a port: use 1-65535")
     return value
 
 
