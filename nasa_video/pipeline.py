@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -219,7 +220,7 @@ class Stream:
         self.max_latent_frames = gen.model.max_frame_positions  # temporal positions the generator can encode
         # A rolling stream re-bases its positions (see _position) and never runs out; a fixed cache cannot.
         self.endless = self.rolling and hasattr(gen.model, "shift_positions")
-        self.rebases: list[int] = []  # blocks before which the positions were re-based
+        self.rebases: deque[int] = deque(maxlen=1024)  # the latest blocks before which positions were re-based
         if self.latent_total is not None and self.latent_total > self.max_latent_frames and not self.endless:
             most = pixel_frames(self.max_latent_frames // self.fpb * self.fpb, gen.temporal_stride)
             raise UserError(f"{pixel_frames(self.latent_total, gen.temporal_stride)} frames need {self.latent_total} "
