@@ -3,7 +3,6 @@
 The RoPE table is made small through config overrides so that re-bases happen every few blocks; the rule
 (nasa_video.pipeline.Stream._position) is the same at CausVid's 1024 positions."""
 import os
-import time
 import tracemalloc
 
 import numpy as np
