@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -360,7 +361,10 @@ class Stream:
         else:
             self.latent_total = latent_frames_for(int(frames), self.fpb, gen.temporal_stride)
         self.max_latent_frames = gen.model.max_frame_positions  # temporal positions the generator can encode
-        if self.latent_total is not None and self.latent_total > self.max_latent_frames:
+        # A rolling stream re-bases its positions (see _position) and never runs out; a fixed cache cannot.
+        self.endless = self.rolling and hasattr(gen.model, "shift_positions")
+        self.rebases: deque[int] = deque(maxlen=1024)  # the latest blocks before which positions were re-based
+        if self.latent_total is not None and self.latent_total > self.max_latent_frames and not self.endless:
             most = pixel_frames(self.max_latent_frames // self.fpb * self.fpb, gen.temporal_stride)
             raise UserError(f"{pixel_frames(self.latent_total, gen.temporal_stride)} frames need {self.latent_total} "
                             f"latent frames but {cfg.name} encodes positions for {self.max_latent_frames}; "
@@ -538,18 +542,20 @@ class Stream:
             return finish(fields, frames, decode_s, time.perf_counter() - t)
 
         block = 0
+        offset = 0  # positions taken off by re-bases so far: the block at latent frame `start` sits at start - offset
         try:
             while self.num_blocks is None or block < self.num_blocks:
                 recache_seconds = self.recache(block) if self._apply_pending() else 0.0
                 start = block * self.fpb
-                if start + self.fpb > self.max_latent_frames:  # an endless (rolling) stream reached the position limit
-                    if pending is not None:  # the block made before the limit is still the caller's
+                try:
+                    offset = self._position(kv_cache, start, offset, capacity)
+                except UserError:  # a fixed cache reached the position limit: the block made before it is the caller's
+                    if pending is not None:
                         yield collect(*pending)
                         pending = None
-                    raise UserError(f"the stream reached latent frame {start}, the last position {gen.cfg.name} "
-                                    f"encodes ({self.max_latent_frames}); it ends here")
+                    raise
                 t0 = time.perf_counter()
-                x0 = self._denoise_block(kv_cache, rng, start, (1, channels, self.fpb, h, w))
+                x0 = self._denoise_block(kv_cache, rng, start - offset, (1, channels, self.fpb, h, w), block)
                 _sync(device)
                 denoise_s = time.perf_counter() - t0
                 fields = dict(block=block, latent_frames=(start, start + self.fpb), latents=x0.float().cpu(),
@@ -608,6 +614,27 @@ class Stream:
             if cache._held_at(list(range(s, s + self.fpb))) is None:
                 del self.held[s]
 
+    def _position(self, kv_cache: tuple, start: int, offset: int, capacity: int) -> int:
+        """The position offset for the block at latent frame `start`. When the block would pass the RoPE table, a
+        rolling stream re-bases: the cached non-sink frames move back by delta = position - (capacity - fpb), so
+        the window left after this block's eviction sits right after the sink frames, as when the cache first
+        filled, and the block goes at capacity - fpb. Relative positions inside the window are unchanged; the
+        sinks keep positions 0..sink-1, so only the sink-to-window distance changes (back to what it was then).
+        A fixed cache (or a generator without shift_positions) stops here with one line."""
+        position = start - offset
+        if position + self.fpb <= self.max_latent_frames:
+            return offset
+        if not self.endless or capacity > self.max_latent_frames:
+            raise UserError(f"the stream reached latent frame {start}, the last position {self.gen.cfg.name} "
+                            f"encodes ({self.max_latent_frames}); it ends here")
+        delta = position - (capacity - self.fpb)
+        for cache in kv_cache:
+            self.gen.model.shift_positions(cache, delta)
+        sink = kv_cache[0].sink_frames  # the blocks kept for a re-cache move with their frames
+        self.held = {(s if s < sink else s - delta): context for s, context in self.held.items()}
+        self.rebases.append(start // self.fpb)
+        return offset + delta
+
     def _predict(self, x, t, scale: float, start: int, kv_cache: tuple, guidance: Guidance) -> torch.Tensor:
         """One denoising prediction (v, or x0 for x0-prediction models): a single guided pass, or CFG's two
         passes (each with its own caches)."""
@@ -622,10 +649,12 @@ class Stream:
         v_neg = model(x, t, start, kv_cache[1])
         return guidance.combine(v_pos, v_neg, scale)
 
-    def _denoise_block(self, kv_cache: tuple, rng: torch.Generator, start: int, shape) -> torch.Tensor:
+    def _denoise_block(self, kv_cache: tuple, rng: torch.Generator, start: int, shape,
+                       block: int | None = None) -> torch.Tensor:
+        """start: the block's first temporal position (its latent frame less any re-base); block: its index."""
         gen = self.gen
         flow, device = gen.flow, gen.device
-        block = start // self.fpb
+        block = start // self.fpb if block is None else block
 
         def t_of(value: float) -> torch.Tensor:
             return torch.full(shape[:1] + shape[2:3], float(value), device=device)

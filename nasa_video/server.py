@@ -13,6 +13,15 @@ HTTP + one WebSocket per video, on Starlette under uvicorn:
 
 One generation at a time per device: jobs wait in a FIFO queue, and every torch call (text encoding for
 validation included) runs on one worker thread, so requests never race on the model.
+
+Same origin only (SameOrigin): an HTTP request or WebSocket handshake that carries an Origin header other than
+the page's own (the Host it was sent to) is refused with 403, so another web site open in the user's browser
+cannot drive the GPU. A request without Origin is a non-browser client (curl, a script) and is served, except an
+unsafe-method request whose Sec-Fetch-Site says it came from another site. Bound to loopback, the server also
+refuses Host names other than localhost / 127.0.0.1 / [::1] (DNS rebinding).
+
+Bounded memory: a job keeps no frames. Each block is written to the job's spool (H.264 segments on disk) as it
+comes and sent to the page; a save joins the segments into one MP4 without re-encoding.
 """
 from __future__ import annotations
 
@@ -24,12 +33,16 @@ import logging
 import math
 import re
 import secrets
+import shutil
+import subprocess
+import tempfile
 import time
 import warnings
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -45,7 +58,7 @@ class Limits:
     max_prompt_chars: int = 400
     max_negatives: int = 4
     max_blocks: int = 60          # a finite video; 0 asks for "until stopped" (rolling cache)
-    max_endless_blocks: int = 2000  # an endless stream still ends somewhere
+    max_endless_blocks: int = 2000  # per job (device time); positions re-base, so a rolling stream can run that long
     max_queue: int = 16
     unclaimed_job_seconds: float = 120.0  # a job nobody connects to is dropped
     kept_videos: int = 8          # finished videos whose frames can still be saved
@@ -65,7 +78,7 @@ class Job:
     seed: int
     blocks: int  # 0: until stopped
     created: float = field(default_factory=time.monotonic)
-    frames: list[np.ndarray] = field(default_factory=list)
+    clip: "ClipSpool | None" = None  # the frames so far, on disk (set when the job starts)
     cancelled: bool = False
     controls: list[dict] = field(default_factory=list)
 
@@ -180,6 +193,59 @@ class DeviceQueue:
             self._changed.notify_all()
 
 
+class ClipSpool:
+    """A job's video on disk as it is made, so the server holds no frames: H.264 segments in `folder`, one open at a
+    time. seal() finishes the open segment; export() seals and joins the segments into one MP4 (ffmpeg's concat
+    demuxer, stream copy: no re-encode), so a save mid-stream has every frame so far and the stream goes on into a
+    new segment. Disk use is the MP4's size."""
+
+    def __init__(self, folder: Path, fps: int, display_scale: int = 1):
+        self.folder, self.fps, self.zoom = Path(folder), fps, display_scale
+        self.segments: list[Path] = []
+        self.writer = None
+        self.frames = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        from .video_io import Mp4Writer
+
+        if self.writer is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.writer = Mp4Writer(self.folder / f"part-{len(self.segments):05d}.mp4", fps=self.fps)
+        if self.zoom > 1:
+            frames = frames.repeat(self.zoom, axis=1).repeat(self.zoom, axis=2)
+        self.writer.write(frames)
+        self.frames += len(frames)
+
+    def seal(self) -> None:
+        if self.writer is not None:
+            self.segments.append(self.writer.close())
+            self.writer = None
+
+    def export(self, target: Path) -> Path:
+        from .video_io import ffmpeg_exe
+
+        self.seal()
+        partial = target.with_name(f".{target.stem}.partial.mp4")
+        if len(self.segments) == 1:
+            shutil.copyfile(self.segments[0], partial)
+        else:
+            listing = self.folder / "segments.txt"
+            listing.write_text("".join(f"file '{p.resolve()}'\n" for p in self.segments))
+            done = subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "concat", "-safe", "0", "-i",
+                                   str(listing), "-c", "copy", "-f", "mp4", str(partial)], capture_output=True)
+            if done.returncode:
+                partial.unlink(missing_ok=True)
+                raise UserError(f"could not join the clip's segments: {done.stderr.decode(errors='replace')[-300:]}")
+        partial.replace(target)
+        return target
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def png_data_url(frame: np.ndarray) -> str:
     from PIL import Image
 
@@ -213,6 +279,16 @@ class VideoServer:
         self.default_scale = float(cfg.guidance.scale)
         self.finite_rolling = bool(cfg.cache.rolling)
         self.capacity_blocks = int(cfg.cache.capacity_frames) // self.frames_per_block
+        # An endless job runs on a rolling cache, which re-bases its positions when the generator can
+        # (shift_positions); otherwise it would stop at the RoPE table, so the advertised limit says that.
+        self.max_endless_blocks = self.limits.max_endless_blocks
+        if not hasattr(generator.model, "shift_positions"):
+            self.max_endless_blocks = min(self.max_endless_blocks,
+                                          int(generator.model.max_frame_positions) // self.frames_per_block)
+        # Jobs' spools (removed with this object or at exit), outside the clips folder, which holds saved clips only.
+        self._spool = tempfile.TemporaryDirectory(prefix="nasa-video-spool-")
+        self.spool_dir = Path(self._spool.name)
+        self.allowed_hosts: frozenset[str] | None = None  # Host names served; None: any (see serve())
 
     async def on_device(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -228,7 +304,8 @@ class VideoServer:
                 "display_scale": self.display_scale, "default_method": self.default_method,
                 "default_scale": self.default_scale, "methods": methods,
                 "limits": {"max_prompt_chars": self.limits.max_prompt_chars,
-                           "max_negatives": self.limits.max_negatives, "max_blocks": self.limits.max_blocks}}
+                           "max_negatives": self.limits.max_negatives, "max_blocks": self.limits.max_blocks,
+                           "max_endless_blocks": self.max_endless_blocks}}
 
     def _encode_checks(self, texts: list[str]) -> list[str]:
         """Token limits (UserError) and unknown-word warnings, on the device thread."""
@@ -259,18 +336,11 @@ class VideoServer:
         job = self.active.get(job_id) or self.finished.get(job_id)
         if job is None:
             raise KeyError(job_id)
-        if not job.frames:
+        if job.clip is None or not job.clip.frames:
             raise BadRequest("no frames yet; nothing to save")
-        from .video_io import Mp4Writer
-
         self.clips_dir.mkdir(parents=True, exist_ok=True)
         name = clip_name(job.id)
-        writer = Mp4Writer(self.clips_dir / name, fps=self.fps)
-        frames = np.concatenate(job.frames)
-        if self.display_scale > 1:
-            frames = frames.repeat(self.display_scale, axis=1).repeat(self.display_scale, axis=2)
-        writer.write(frames)
-        writer.close()
+        job.clip.export(self.clips_dir / name)
         return name
 
     # ---- the stream -------------------------------------------------------------------------------------
@@ -331,14 +401,17 @@ class VideoServer:
             if not await self.queue.wait(job, report):
                 return
             self.active[job.id] = job
+            job.clip = ClipSpool(self.spool_dir / job.id, self.fps, self.display_scale)
             try:
                 await self._stream(ws, job)
             finally:
                 await self.queue.release(job)
+                await self.on_device(job.clip.seal)
                 self.active.pop(job.id, None)
                 self.finished[job.id] = job
                 while len(self.finished) > self.limits.kept_videos:
-                    self.finished.popitem(last=False)
+                    _, old = self.finished.popitem(last=False)
+                    await self.on_device(old.clip.discard)
         except (WebSocketDisconnect, RuntimeError):
             job.cancelled = True
         finally:
@@ -353,7 +426,7 @@ class VideoServer:
         await ws.send_json({"type": "started", "id": job.id, "blocks": job.blocks, "fps": self.fps,
                             "display_scale": self.display_scale})
         began, frames_done, previous, index = time.perf_counter(), 0, None, 0
-        limit = job.blocks or self.limits.max_endless_blocks
+        limit = job.blocks or self.max_endless_blocks
         while not job.cancelled and index < limit:
             controls, job.controls = job.controls, []
             try:
@@ -366,7 +439,7 @@ class VideoServer:
                 await ws.send_json({"type": "error", "message": f"change refused: {reason}", "fatal": False})
             if chunk is None:
                 break
-            job.frames.append(chunk.frames)
+            await self.on_device(job.clip.write, chunk.frames)  # to disk: the job holds no frames
             frames_done += len(chunk.frames)
             state = {"negative": [t for t, _ in chunk.negative], "scale": chunk.scale}
             await ws.send_json({
@@ -379,6 +452,72 @@ class VideoServer:
             index += 1
         await ws.send_json({"type": "done", "blocks": index, "frames": frames_done, "stopped": job.cancelled,
                             "seconds": time.perf_counter() - began})
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_DEFAULT_PORT = {"http": "80", "ws": "80", "https": "443", "wss": "443"}
+
+
+def _host_port(netloc: str, scheme: str) -> tuple[str, str]:
+    """(host, port) of a Host header or an origin's netloc, lower case, with the scheme's default port filled in."""
+    netloc = netloc.strip().lower()
+    host, _, port = netloc.rpartition(":") if not netloc.endswith("]") and ":" in netloc else (netloc, "", "")
+    return host.strip("[]"), port or _DEFAULT_PORT.get(scheme, "")
+
+
+def cross_origin(scope, allowed_hosts: frozenset[str] | None = None) -> str | None:
+    """Why this HTTP request or WebSocket handshake is refused, or None to serve it.
+
+    - Host not in allowed_hosts (when set: a loopback-bound server) -> refused (DNS rebinding).
+    - Origin present: it must be the page's own origin, the scheme and Host the request was sent to
+      (ws/wss count as http/https) -> else refused. Browsers send Origin on every WebSocket handshake and every
+      cross-origin or non-GET fetch, so a page elsewhere cannot pass.
+    - No Origin: a non-browser client (curl, scripts, the tests), served; except an unsafe method whose
+      Sec-Fetch-Site is same-site or cross-site (a browser that withheld Origin still says where it came from).
+    """
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
+    host = headers.get("host", "")
+    if allowed_hosts is not None and _host_port(host, scheme)[0] not in allowed_hosts:
+        return f"host {host!r} is not served here"
+    origin = headers.get("origin")
+    if origin is None:
+        unsafe = scope["type"] == "http" and scope.get("method", "GET") not in ("GET", "HEAD", "OPTIONS")
+        if unsafe and headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+            return "cross-site request refused"
+        return None
+    parts = urlsplit(origin)
+    if origin == "null" or parts.scheme not in ("http", "https") or not host:
+        return "cross-origin request refused"
+    if parts.scheme != scheme or _host_port(parts.netloc, parts.scheme) != _host_port(host, scheme):
+        return f"cross-origin request refused: origin {origin} is not this page's"
+    return None
+
+
+class SameOrigin:
+    """ASGI middleware: HTTP requests and WebSocket handshakes that cross_origin() refuses get 403 (a WebSocket is
+    refused before it is accepted, with an HTTP 403 where the server supports denial responses)."""
+
+    def __init__(self, app, allowed_hosts=None):
+        self.app, self.allowed_hosts = app, allowed_hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            reason = cross_origin(scope, self.allowed_hosts() if callable(self.allowed_hosts) else self.allowed_hosts)
+            if reason is not None:
+                from starlette.responses import JSONResponse
+
+                response = JSONResponse({"error": reason}, status_code=403)
+                if scope["type"] == "http":
+                    await response(scope, receive, send)
+                elif "websocket.http.response" in scope.get("extensions", {}):
+                    from starlette.websockets import WebSocket
+
+                    await WebSocket(scope, receive, send).send_denial_response(response)
+                else:  # closing before the accept: the server answers the handshake with 403
+                    await send({"type": "websocket.close", "code": 1008})
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(server: VideoServer):
@@ -438,7 +577,10 @@ def create_app(server: VideoServer):
     routes = [Route("/", page), Route("/api/info", info), Route("/api/jobs", create, methods=["POST"]),
               Route("/api/jobs/{job}/save", save, methods=["POST"]), Route("/clips/{name}", clip),
               WebSocketRoute("/api/jobs/{job}/stream", stream)]
-    return Starlette(routes=routes)
+    from starlette.middleware import Middleware
+
+    return Starlette(routes=routes,
+                     middleware=[Middleware(SameOrigin, allowed_hosts=lambda: server.allowed_hosts)])
 
 
 def serve(generator, host: str, port: int, clips_dir: str, limits: Limits | None = None) -> None:
@@ -446,5 +588,14 @@ def serve(generator, host: str, port: int, clips_dir: str, limits: Limits | None
         import uvicorn
     except ImportError:
         raise UserError("the server needs uvicorn and starlette: pip install 'nasa-video[serve]'") from None
-    app = create_app(VideoServer(generator, clips_dir, limits))
+    import ipaddress
+
+    server = VideoServer(generator, clips_dir, limits)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:  # only the names of this machine: a rebinding DNS name for 127.0.0.1 is refused
+        server.allowed_hosts = LOOPBACK_HOSTS
+    app = create_app(server)
     uvicorn.run(app, host=host, port=port, log_level="info", ws="websockets-sansio")

@@ -27,6 +27,8 @@ class SelfAttentionCache:
     rolling=False: a fixed cache of capacity_frames (CausVid: 21); a longer video is an error.
     rolling=True (Self-Forcing style): when a new block does not fit, the oldest frames after the first
     sink_frames are evicted, so the window is the sink frames plus the most recent frames.
+    `frames` holds each slot's temporal RoPE position; shift_positions() moves the non-sink frames back (an
+    endless stream re-bases its positions so it never runs past the RoPE table).
     """
 
     def __init__(self, num_layers: int, batch: int, capacity_frames: int, tokens_per_frame: int, heads: int,
@@ -90,6 +92,22 @@ class SelfAttentionCache:
         for cache in (*self.k, *self.v):
             cache[:, sink * tpf:(held - count) * tpf] = cache[:, keep_from * tpf:held * tpf].clone()
         self.frames = self.frames[:sink] + self.frames[keep_from:]
+
+    def shift_positions(self, delta: int, rotate) -> None:
+        """Move every held non-sink frame back by delta temporal positions; the sink frames keep theirs.
+        rotate(k) turns K [B, N, H, D] stored at position p into K at position p - delta (RoPE rotations compose:
+        the model's rotation by -delta on the temporal channels). V carries no position and is kept. Frames whose
+        new position falls below the sinks' are only those the next place() evicts."""
+        sink, held, tpf = self.sink_frames, len(self.frames), self.tokens_per_frame
+        if delta <= 0 or held <= sink:
+            return
+        for k in self.k:
+            k[:, sink * tpf:held * tpf] = rotate(k[:, sink * tpf:held * tpf])
+        self.frames = self.frames[:sink] + [f - delta for f in self.frames[sink:]]
+
+    def nbytes(self) -> int:
+        """Bytes the cache's K/V buffers hold (fixed at construction: the cache never grows)."""
+        return sum(t.nbytes for t in (*self.k, *self.v))
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """One layer's (K buffer, V buffer, start, end): the block writes its K/V into tokens [start, end) and

@@ -264,8 +264,20 @@ class CausalWanTransformer(WanTransformer3DModel):
 
     @property
     def max_frame_positions(self) -> int:
-        """Latent frames the RoPE table has temporal positions for (a stream cannot go past them)."""
+        """Latent frames the RoPE table has temporal positions for: a fixed cache cannot go past them; a rolling
+        stream re-bases its positions (shift_positions) before it would."""
         return self.config.rope_max_seq_len
+
+    def shift_positions(self, kv_cache: SelfAttentionCache, delta: int) -> None:
+        """Re-base a rolling cache: every cached non-sink frame's temporal position goes back by delta (its K is
+        rotated by -delta on the temporal channels of the head dim; the height/width channels and V are untouched),
+        the sink frames keep theirs. Relative positions inside the window are unchanged, so attention among the
+        window's frames is too; only the sink-to-window distance shrinks by delta."""
+        if not 0 < delta < self.max_frame_positions:
+            raise ValueError(f"a position shift of {delta} is outside (0, {self.max_frame_positions})")
+        device = kv_cache.k[0].device
+        cos, sin = self.rope_tables(delta, 1, 1, 1, device)  # +delta on the temporal channels, identity elsewhere
+        kv_cache.shift_positions(delta, lambda k: apply_rope(k, cos, -sin))  # rotation by -delta
 
     def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
         _, ph, pw = self.config.patch_size

@@ -19,6 +19,8 @@ class Generator(Protocol):
     """A block-causal video generator with a self-attention KV cache and guided cross-attention.
 
     config: in_channels, num_layers, num_attention_heads, attention_head_dim (diffusers-style config).
+    Optional: shift_positions(kv_cache, delta), moving a rolling cache's non-sink frames back by delta temporal
+    positions; with it a rolling stream re-bases and never ends, without it the stream stops at max_frame_positions.
     """
 
     config: Any
