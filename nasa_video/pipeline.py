@@ -51,9 +51,9 @@ class FrameChunk:
     scale: float
     denoise_seconds: float
     decode_seconds: float  # the decode's own time (on the worker when overlapped)
-    decode_wait_seconds: float = 0.0  # what the loop waited for it: all of it sequentially, less when overlapped
     prompt: str = ""
     recache_seconds: float = 0.0
+    decode_wait_seconds: float = 0.0  # what the loop waited for it: all of it sequentially, less when overlapped
 
 
 @dataclass

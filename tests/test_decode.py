@@ -64,10 +64,10 @@ def test_decode_runs_beside_the_next_blocks_denoising(monkeypatch):
     gen.decoder = SlowDecoder(gen.decoder, 0.3, log)
     real = Stream._denoise_block
 
-    def slow_denoise(self, kv_cache, rng, start, shape):
+    def slow_denoise(self, kv_cache, rng, start, shape, block=None):
         log.append(("denoise", start // self.fpb))
         time.sleep(0.4)
-        return real(self, kv_cache, rng, start, shape)
+        return real(self, kv_cache, rng, start, shape, block)
 
     monkeypatch.setattr(Stream, "_denoise_block", slow_denoise)
     chunks = []
