@@ -226,15 +226,6 @@ def throughput(frames: int, timings: list[VideoTiming], flops: int | None, peak:
     }
 
 
-def _compile_flag(gen) -> bool:
-    """Whether the generator runs compiled (an attribute `compile` or `compiled` where it has one)."""
-    for name in ("compile", "compiled"):
-        value = getattr(gen, name, None)
-        if isinstance(value, bool):
-            return value
-    return False
-
-
 def speed_report(gen, methods, repeats: int = 5, decode: bool = False, flops: dict | None = None) -> dict:
     """Interleaved runs (the method order rotates each round), median and spread, ratio to none, throughput.
     flops: FLOPs per video by method (default: counted for gen.cfg on the meta device)."""
@@ -264,7 +255,7 @@ def speed_report(gen, methods, repeats: int = 5, decode: bool = False, flops: di
     memory = [r["peak_memory_bytes"] for r in out.values() if r["peak_memory_bytes"] is not None]
     report = {"model": gen.cfg.name, "device": str(gen.device), "device_name": name, "dtype": str(gen.dtype),
               "repeats": repeats, "decode": decode, "frames": frames, "methods": out,
-              "attention": attention.backend(), "compile": _compile_flag(gen), "peak_tflops": peak,
+              "attention": attention.backend(), "compile": gen.compiled, "peak_tflops": peak,
               "vae_dtype": str(gen.vae_dtype).replace("torch.", "") if getattr(gen, "vae_dtype", None) else None,
               "overlap_decode": bool(getattr(gen, "overlap_decode", False)) and decode}
     if memory:

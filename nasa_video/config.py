@@ -103,6 +103,16 @@ def pixel_frames(latent_frames: int, temporal_stride: int = 4) -> int:
     return 1 + temporal_stride * (latent_frames - 1)
 
 
+def check_cache_holds(latent_frames: int, capacity: int, rolling: bool, temporal_stride: int = 4) -> None:
+    """A fixed self-attention cache must hold the whole video; a rolling one streams past it."""
+    if latent_frames > capacity and not rolling:
+        raise UserError(f"{pixel_frames(latent_frames, temporal_stride)} frames need {latent_frames} latent frames "
+                        f"but the cache holds {capacity}; use --rolling or fewer frames")
+
+
+SEED_LIMIT = 2 ** 63  # torch.Generator seeds are signed 64-bit
+
+
 def latent_frames_for(frames: int, frames_per_block: int, temporal_stride: int = 4) -> int:
     """Pixel frame count -> latent frames; it must be 1 + 4 (L - 1) with L a whole number of blocks."""
     latent = (frames - 1) / temporal_stride + 1

@@ -28,7 +28,7 @@ from . import attention
 from .errors import UserError
 from .guidance import Guidance, NoGuidance, ScaleSchedule, ScaleSpec, make_guidance, parse_negatives
 from .loading import build_generator, build_vae_and_text, load_config, resolve_device, resolve_dtype
-from .config import latent_frames_for, model_spec, pixel_frames  # noqa: F401 (re-exported)
+from .config import SEED_LIMIT, check_cache_holds, latent_frames_for, model_spec, pixel_frames  # noqa: F401 (re-exported)
 from .memory import check_fits
 from .model.cache import TextCache
 from .schedule import FlowSchedule, prediction_of
@@ -74,9 +74,6 @@ _PLAIN = NoGuidance()
 def check_prompt(prompt, what: str = "prompt") -> None:
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError(f"the {what} is empty: give some text")
-
-
-SEED_LIMIT = 2 ** 63  # torch.Generator seeds are signed 64-bit
 
 
 def check_seed(seed) -> None:
@@ -515,9 +512,8 @@ class Stream:
         model, device = gen.model, gen.device
         h, w = self.latent_hw
         capacity = spec.cache.capacity_frames
-        if self.latent_total is not None and not self.rolling and self.latent_total > capacity:
-            raise UserError(f"{pixel_frames(self.latent_total, gen.temporal_stride)} frames need {self.latent_total} "
-                            f"latent frames but the cache holds {capacity}; use --rolling or fewer frames")
+        if self.latent_total is not None:
+            check_cache_holds(self.latent_total, capacity, self.rolling, gen.temporal_stride)
         # CFG's unconditional pass needs its own self-attention cache, refreshed with its own context.
         kv_cache = tuple(model.new_kv_cache(1, capacity, h, w, self.rolling, spec.cache.sink_frames, gen.dtype,
                                             device) for _ in range(1 if self.guidance.in_attention else 2))

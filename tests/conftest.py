@@ -56,3 +56,13 @@ def write_latent_clips(folder, captions, count=4, shape=(4, 6, 8, 8)):
         save_file({"latents": torch.randn(*shape, generator=g)}, str(folder / f"{i}.safetensors"),
                   metadata={"caption": captions[i % len(captions)]})
     return folder
+
+
+def collect_chunks(stream, at=None, action=None):
+    """Every chunk of a stream; action(stream) runs after the chunk before block `at` (a change from block at)."""
+    out = []
+    for chunk in stream:
+        out.append(chunk)
+        if at is not None and chunk.block + 1 == at:
+            action(stream)
+    return out

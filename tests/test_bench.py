@@ -66,6 +66,7 @@ def test_speed_report_statistics(monkeypatch):
         cfg = load_config("tiny")
         temporal_stride = 4
         device, dtype = "cpu", "fp32"
+        compiled = False
 
     monkeypatch.setattr(bench, "time_video", fake_time_video)
     report = bench.speed_report(Gen(), ["cfg"], repeats=3)
@@ -107,6 +108,7 @@ def test_speed_report_throughput_on_scripted_timings(monkeypatch):
         cfg = load_config("tiny")
         temporal_stride = 4
         device, dtype = "cpu", "fp32"
+        compiled = False
         vae_dtype, overlap_decode = torch.float32, True
 
     monkeypatch.setattr(bench, "time_video", lambda gen, method, decode: runs[method])

@@ -7,6 +7,8 @@ from nasa_video.errors import UserError
 from nasa_video.guidance import NoGuidance
 from nasa_video.model.cache import TextCache
 
+from .conftest import collect_chunks
+
 PROMPT, NEW, NEG = "a fox in a field", "a boat at sea", [("snow", 1.0), ("blur", 0.5)]
 K = 2  # the switch block
 
@@ -18,13 +20,7 @@ def gen():
                                           overrides={"cache": {"capacity_frames": 12}, "video": {"latent_frames": 12}})
 
 
-def _chunks(stream, at=None, action=None):
-    out = []
-    for chunk in stream:
-        out.append(chunk)
-        if at is not None and chunk.block + 1 == at:
-            action(stream)
-    return out
+_chunks = collect_chunks
 
 
 def _swap_text(stream, gen, prompt):

@@ -5,6 +5,8 @@ import torch
 
 from nasa_video.errors import UserError
 
+from .conftest import collect_chunks
+
 SPECS = [dict(prompt="a fox in a field", negative=[("snow", 1.0), ("blur", 0.5)], scale=0.8, seed=1),
          dict(prompt="a boat at sea", negative="rain", scale=0.3, seed=2),
          dict(prompt="a city at night", seed=3)]  # no negative: padded with zero-weight negatives in the batch
@@ -19,12 +21,7 @@ def gen():
 
 def alone(gen, spec, change=None, at=None, **kwargs):
     stream = gen.stream(spec["prompt"], spec.get("negative"), spec.get("scale"), seed=spec["seed"], **kwargs)
-    out = []
-    for chunk in stream:
-        out.append(chunk)
-        if change is not None and chunk.block + 1 == at:
-            change(stream)
-    return out
+    return collect_chunks(stream, at if change is not None else None, change)
 
 
 def close(a, b):

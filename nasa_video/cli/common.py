@@ -106,37 +106,33 @@ def weight(text: str) -> float:
     return value
 
 
-SEED_LIMIT = 2 ** 63  # torch.Generator seeds are signed 64-bit
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
 
 
 def seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    from ..config import SEED_LIMIT
+
+    value = _whole(text)
     if not 0 <= value < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"{text} is out of range: use a whole number in [0, 2^63)")
     return value
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be at least 1")
     return value
 
 
 def port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 1 <= value <= 65535:
+    if not (text.strip().isdigit() and 1 <= int(text) <= 65535):
         raise argparse.ArgumentTypeError(f"--port {text} is not a port: use 1-65535")
-    return value
+    return int(text)
 
 
 def nonempty(value: str) -> str:

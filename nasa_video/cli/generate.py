@@ -53,7 +53,7 @@ def register(sub) -> None:
 def check_arguments(args) -> None:
     """Everything that can be checked before torch loads: counts, the model's config, the frame count, the
     output path, ffmpeg."""
-    from ..config import latent_frames_for
+    from ..config import check_cache_holds, latent_frames_for
     from ..loading import load_config
     from ..video_io import check_output_path, ffmpeg_exe
 
@@ -63,11 +63,9 @@ def check_arguments(args) -> None:
     cfg = load_config(args.model)
     latent = int(cfg.video.latent_frames)
     if args.frames is not None:
-        latent = latent_frames_for(args.frames, int(cfg.video.frames_per_block), int(cfg.video.vae_stride[0]))
-        capacity = int(cfg.cache.capacity_frames)
-        if latent > capacity and not (args.rolling or cfg.cache.rolling):
-            raise UserError(f"--frames {args.frames} needs {latent} latent frames but the cache holds {capacity}; "
-                            f"use --rolling or fewer frames")
+        stride = int(cfg.video.vae_stride[0])
+        latent = latent_frames_for(args.frames, int(cfg.video.frames_per_block), stride)
+        check_cache_holds(latent, int(cfg.cache.capacity_frames), args.rolling or bool(cfg.cache.rolling), stride)
     blocks = [block for block, _ in args.prompt_at]
     repeated = sorted({b for b in blocks if blocks.count(b) > 1})
     if repeated:

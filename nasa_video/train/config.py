@@ -34,13 +34,15 @@ class ModelSettings:
 
     @classmethod
     def of(cls, model_cfg) -> ModelSettings:
-        sampling, video = model_cfg.sampling, model_cfg.video
-        flow = FlowSchedule(float(sampling.shift), int(sampling.num_train_timesteps))
-        stride = [int(s) for s in video.vae_stride]
-        return cls(flow=flow, student_steps=tuple(flow.step_list(list(sampling.steps), bool(sampling.warp))),
-                   prediction=prediction_of(model_cfg), frames_per_block=int(video.frames_per_block),
-                   latent_frames=int(video.latent_frames),
-                   latent_hw=(int(video.height) // stride[1], int(video.width) // stride[2]),
+        from ..config import model_spec  # the model config's typed sections, as the pipeline reads them
+
+        spec = model_spec(model_cfg)
+        sampling, video = spec.sampling, spec.video
+        flow = FlowSchedule(sampling.shift, sampling.num_train_timesteps)
+        return cls(flow=flow, student_steps=tuple(flow.step_list(list(sampling.steps), sampling.warp)),
+                   prediction=prediction_of(model_cfg), frames_per_block=video.frames_per_block,
+                   latent_frames=video.latent_frames,
+                   latent_hw=(video.height // video.vae_stride[1], video.width // video.vae_stride[2]),
                    generator=generator_kwargs(model_cfg),
                    text_max_length=int(model_cfg.weights.get("text_max_length", 512)))
 
