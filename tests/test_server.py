@@ -297,9 +297,21 @@ def test_a_loopback_server_refuses_foreign_host_names(server):
         assert local.post("/api/jobs", json={"prompt": "a"}, headers={"origin": "http://localhost:7860"}).status_code == 201
 
 
-def test_save_mid_stream_and_after_holds_every_frame(client, server):
+def test_save_mid_stream_and_after_holds_every_frame(client, server, monkeypatch):
+    import time
+
+    from nasa_video import pipeline
     from nasa_video.video_io import read_video
 
+    # Each block takes at least half a second, so the save (applied between blocks) lands before the last block
+    # on any machine; unthrottled, the tiny model could finish all three blocks before the save arrived.
+    denoise = pipeline.Stream._denoise_block
+
+    def slow_denoise(self, *args, **kwargs):
+        time.sleep(0.5)
+        return denoise(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.Stream, "_denoise_block", slow_denoise)
     job = start(client, blocks=3)
     with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
         first, _ = until(ws, "block")
