@@ -14,10 +14,10 @@ from nasa_video.toy.world import OBJECTS, render, sample_scene, visibility
 def test_scenes_are_captioned_and_never_overlap():
     rng = np.random.default_rng(0)
     for _ in range(50):
-        scene = sample_scene(rng, 33)
-        video, labels = render(scene, 33)
-        assert video.shape == (33, 32, 32, 3) and video.dtype == np.uint8
-        assert 2 <= len(scene.things) <= 3
+        scene = sample_scene(rng)
+        video, labels = render(scene, 33)  # longer than a clip: moving shapes bounce and stay in the frame
+        assert video.shape == (33, 32, 48, 3) and video.dtype == np.uint8
+        assert 1 <= len(scene.things) <= 3 and len({t.color for t in scene.things}) == len(scene.things)
         for name in scene.names:
             assert name in scene.caption
         vis = visibility(scene, labels)
@@ -32,7 +32,7 @@ def test_nasa_t_negatives_are_read_from_the_captions():
     from nasa_video.toy.world import caption_objects
 
     rng = np.random.default_rng(4)
-    scenes = [sample_scene(rng, 9) for _ in range(50)]
+    scenes = [sample_scene(rng) for _ in range(50)]
     for scene in scenes:
         assert caption_objects(scene.caption) == scene.names
     captions = [s.caption for s in scenes]
@@ -45,7 +45,7 @@ def test_detector_is_exact_on_rendered_frames():
     rng = np.random.default_rng(1)
     scores = []
     for _ in range(100):
-        scene = sample_scene(rng, 33)
+        scene = sample_scene(rng)
         video, labels = render(scene, 33)
         scores.append(agreement(detect(video), visibility(scene, labels)))
         assert corruption(video) == 0.0
@@ -53,9 +53,9 @@ def test_detector_is_exact_on_rendered_frames():
 
 
 def test_corruption_counts_unexplained_pixels():
-    scene = sample_scene(np.random.default_rng(2), 5)
+    scene = sample_scene(np.random.default_rng(2), names=["green square"])
     video, _ = render(scene, 5)
-    video[:, :16, :16] = (128, 0, 128)  # a purple quarter that is neither background nor a palette colour
+    video[:, :16, :24] = (128, 0, 128)  # a purple quarter that is neither background nor a palette colour
     assert 0.2 < corruption(video) <= 0.25
 
 
@@ -81,12 +81,12 @@ def test_removal_pairs_are_fixed_and_well_formed():
 
 def test_score_video_on_ground_truth():
     rng = np.random.default_rng(3)
-    scene = sample_scene(rng, 33, names=["red circle", "blue square"])
+    scene = sample_scene(rng, names=["red circle", "blue square"])
     video, _ = render(scene, 33)
     kept = score_video(video, "red circle", ["blue square"])
     assert kept["removed"] == 0.0 and kept["retained"] == 1.0
     gone = score_video(video, "green triangle", ["blue square", "red circle"])
-    assert gone["removed"] == 1.0 and gone["retained"] == 1.0
+    assert gone["removed"] == 1.0 and gone["retained"] == 1.0 and gone["joint"] == 1.0
 
 
 def test_training_smoke_run_writes_loadable_weights(tmp_path):
@@ -111,7 +111,8 @@ def test_training_smoke_run_writes_loadable_weights(tmp_path):
     result = run_removal(gen, [("none", 0.0), ("nasa", 1.0)], prompt_pairs()[:2], seeds=(0,), progress=False)
     assert set(result["methods"]) == {"none", "nasa@1"}
     for row in result["methods"].values():
-        assert {"success", "retention", "corruption"} <= set(row) and row["videos"] == 2
+        assert {"joint_success", "success", "retention", "consistency", "corruption"} <= set(row)
+        assert row["videos"] == 2 and all(0 <= row[k] <= 1 for k in ("joint_success", "success", "consistency"))
     write_json(tmp_path / "r.json", result)
     plot_sweep(result, tmp_path / "r.png")
     assert "| nasa | 1 |" in markdown_table(result) and (tmp_path / "r.png").stat().st_size > 1000
@@ -122,9 +123,9 @@ def test_exact_codec_round_trip_and_streaming():
     from nasa_video.vae import streaming_decoder
 
     codec = ShuffleCodec(3, [0.1] * 24, [0.5] * 24)
-    pixels = torch.rand(2, 3, 17, 32, 32) * 2 - 1
+    pixels = torch.rand(2, 3, 17, 32, 48) * 2 - 1
     latents = codec.encode(pixels)
-    assert latents.shape == (2, 24, 9, 16, 16)
+    assert latents.shape == (2, 24, 9, 16, 24)
     decoder = streaming_decoder(codec)
     blocks = [decoder.decode(latents[:, :, i:i + 3]) for i in (0, 3, 6)]
     assert [b.shape[2] for b in blocks] == [5, 6, 6]
@@ -133,6 +134,9 @@ def test_exact_codec_round_trip_and_streaming():
 
 def test_detector_command_prints_agreement(capsys):
     from nasa_video.cli import main
+    import re
+
     assert main(["eval", "detector", "--videos", "5"]) == 0
     line = capsys.readouterr().out.strip()
-    assert float(line.rsplit(" ", 1)[1].rstrip("%")) >= 99.0
+    exact, degraded, corruption_read = (float(x) for x in re.findall(r"([0-9.]+)%", line))
+    assert exact >= 99.0 and degraded >= 95.0 and corruption_read < 2.0

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"nasa-video: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what finished is kept (videos, scores, checkpoints); no traceback
+        print("nasa-video: interrupted; finished work is kept: run the same command to continue", file=sys.stderr)
+        return 130
     finally:
         warnings.showwarning = shown
 

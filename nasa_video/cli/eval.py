@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..errors import UserError
@@ -11,6 +12,8 @@ from .common import (HelpFormatter, device, dtype, finite, json_path, method_arg
                      seed)
 
 DEFAULTS = HelpFormatter
+SWEEP_SCALES = [0.25, 0.5, 1.0, 1.5, 2.0, 3.0]  # NASA's alpha sweep
+SWEEP_BASELINES = {"cfg": [2.0, 4.0], "nag": [2.0, 4.0], "vsf": [1.0, 2.0]}  # each baseline's usual range
 
 
 def register(sub) -> None:
@@ -40,11 +43,19 @@ def _register_removal(what) -> None:
     r.add_argument("--plot", default=None, help="PNG of success and retention against alpha (default: beside the JSON)")
     method_argument(r, "--methods", nargs="+", default=["none", "nasa"],
                     help="methods to compare; --scales applies to each guided method (check its range)")
-    r.add_argument("--scales", nargs="+", type=finite, default=[0.25, 0.5, 1.0, 1.5, 2.0, 3.0])
+    r.add_argument("--scales", nargs="+", type=finite, default=None,
+                   help="scales for each guided method (default: the bundled model's own scale; real models: "
+                        f"{' '.join(f'{s:g}' for s in SWEEP_SCALES)})")
     r.add_argument("--scales-for", action="append", default=[], metavar="METHOD=S1,S2",
                    help="scales for one method instead of --scales (e.g. nag=2,4 cfg=2,4)")
+    r.add_argument("--sweep", action="store_true",
+                   help="bundled model: the full table instead: none, NASA at " + ",".join(f"{s:g}" for s in SWEEP_SCALES)
+                        + ", and " + ", ".join(f"{m} at {','.join(f'{s:g}' for s in v)}" for m, v in SWEEP_BASELINES.items()))
     r.add_argument("--pairs", type=positive_int, default=48, help="prompt pairs (at least 40 for the reported figures)")
     r.add_argument("--seeds", type=positive_int, default=4, help="seeds per pair")
+    r.add_argument("--scores", default=None, help="bundled model: each finished video's scores, one JSON line each "
+                                                  "(default: beside --json as NAME.videos.jsonl); a rerun continues it")
+    r.add_argument("--fresh", action="store_true", help="bundled model: ignore the scores of an earlier run")
     r.add_argument("--device", type=device, default="cpu")
     r.set_defaults(func=removal)
 
@@ -78,7 +89,8 @@ def _register_scoring(what) -> None:
                                                    '"shows": true}, ...]')
     k.add_argument("--clip", default=None)
     k.set_defaults(func=calibrate)
-    d = what.add_parser("detector", help="detector agreement with the world's ground truth on codec reconstructions")
+    d = what.add_parser("detector", help="detector agreement with the world's ground truth on codec reconstructions "
+                                         "and on renders degraded like generated frames")
     d.add_argument("--videos", type=positive_int, default=200)
     d.add_argument("--seed", type=seed, default=0)
     d.set_defaults(func=detector)
@@ -111,16 +123,27 @@ def removal(args) -> int:
     """The bundled world (toy models): ground truth and the pixel detector; real models: CLIP-judged pairs."""
     if not args.model.startswith("toy"):
         return _removal_judged(args)
+    from ..loading import load_config
     from ..pipeline import StreamingGenerator
-    from ..toy.removal import markdown_table, plot_sweep, prompt_pairs, run_removal
+    from ..toy.removal import markdown_table, plot_sweep, prompt_pairs, run_removal, weights_fingerprint
     from ..video_io import write_json
 
     out = Path(args.json)
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
-    methods = method_scales(args)
+    scores = Path(args.scores or out.with_suffix(".videos.jsonl"))
+    if args.fresh:
+        scores.unlink(missing_ok=True)
+    methods = _removal_methods(args, float(load_config(args.model).guidance.scale))
     gen = StreamingGenerator.from_config(args.model, device=args.device)
-    result = run_removal(gen, methods, prompt_pairs(args.pairs), tuple(range(args.seeds)))
+    pairs, seeds = prompt_pairs(args.pairs), tuple(range(args.seeds))
+    try:
+        result = run_removal(gen, methods, pairs, seeds, resume=scores, model=weights_fingerprint(gen.cfg))
+    except KeyboardInterrupt:
+        kept = sum(1 for _ in open(scores)) if scores.exists() else 0
+        print(f"nasa-video: interrupted; {kept} scored videos kept in {scores}: run the same command to continue",
+              file=sys.stderr)
+        return 130
     write_json(out, result)
     table = markdown_table(result)
     Path(args.table or out.with_suffix(".md")).write_text(table + "\n")
@@ -131,6 +154,16 @@ def removal(args) -> int:
     return 0
 
 
+def _removal_methods(args, default_scale: float) -> list[tuple[str, float]]:
+    """--sweep: the full table; otherwise --methods at --scales (default: the model's own scale)."""
+    from ..eval.jobs import method_scales as pairs
+    from .common import scales_for
+
+    if args.sweep:
+        return pairs(["none", "nasa", *SWEEP_BASELINES], SWEEP_SCALES, SWEEP_BASELINES)
+    return pairs(args.methods, args.scales or [default_scale], scales_for(args.scales_for))
+
+
 def _removal_judged(args) -> int:
     from ..eval.clip import ClipScorer
     from ..eval.jobs import all_finished, generate_for_evaluation
@@ -139,6 +172,7 @@ def _removal_judged(args) -> int:
 
     if not args.out:
         raise UserError("removal on a real model writes its videos to --out FOLDER (resumable)")
+    args.scales = args.scales or SWEEP_SCALES
     jobs = plan_removal(REMOVAL_PAIRS, method_scales(args), args.samples)
     scorer = ClipScorer(args.clip)  # fail before hours of generation, not after
     out = Path(args.out)
@@ -206,12 +240,16 @@ def detector(args) -> int:
 
     from ..loading import load_config
     from ..toy.codec import ShuffleCodec
-    from ..toy.train import codec_agreement
+    from ..toy.train import codec_agreement, degraded_agreement
+    from ..toy.world import OBJECTS
 
     cfg = load_config("toy")
     codec = ShuffleCodec()  # exact: its latent statistics do not change what it reconstructs
     frames = 1 + codec.temporal_stride * (int(cfg.video.latent_frames) - 1)
-    score = codec_agreement(codec, np.random.default_rng(args.seed), args.videos, frames)
-    print(f"detector agreement with ground truth on {args.videos} codec-reconstructed videos "
-          f"({frames} frames each, 12 object names per frame): {100 * score:.2f}%")
+    exact = codec_agreement(codec, np.random.default_rng(args.seed), args.videos, frames)
+    degraded, corruption = degraded_agreement(np.random.default_rng([args.seed, 1]), args.videos, frames)
+    print(f"detector agreement with ground truth ({args.videos} videos, {frames} frames each, {len(OBJECTS)} object "
+          f"names per frame): codec reconstructions {100 * exact:.2f}%; renders degraded like generated frames "
+          f"(shape jitter, blur, noise, colour shift) {100 * degraded:.2f}%, corruption read on them "
+          f"{100 * corruption:.2f}%")
     return 0

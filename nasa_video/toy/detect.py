@@ -1,60 +1,96 @@
-"""Which of the world's named objects are visible in each frame, from pixels alone.
+"""What the bundled world's frames show, from pixels alone.
 
-For each palette colour: the pixels close to it form the object's mask; its shape is the shape template
-(circle, square, triangle at either size) that best overlaps the mask near its centroid. Pixels near the
-background or near a palette colour are "explained"; the rest measure corruption.
+Each palette colour's pixels (those at least half way from the known background towards that colour) split
+into connected regions. A region of object size (MIN_AREA pixels or more) is a *colour region*: the colour is
+there, whatever its outline. A colour region whose outline matches one of the world's shape templates (IoU at
+least MIN_IOU, centred within a pixel of the region's centroid) is an *object* with that shape. Pixels that
+are neither near the background nor on (or next to) an object are unexplained: smears of a palette colour,
+stray colours, noise. The removal benchmark's scores (nasa_video/toy/removal.py) are read from these.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .world import COLORS, OBJECTS, RADIUS, SHAPES, SIZE, background, shape_mask
+from .world import COLORS, HEIGHT, OBJECTS, RADIUS, SHAPES, WIDTH, background, shape_mask
 
 COLOR_DISTANCE = 60.0  # RGB distance from the background-to-colour line that still counts as that colour
 BACKGROUND_DISTANCE = 40.0
-MIN_AREA = 20  # pixels; a small circle is 69
-MIN_IOU = 0.4  # a blob that matches no shape this well is not an object
+MIN_AREA = 20  # pixels: a colour region of object size (the smallest shape, the triangle, is 85)
+MIN_IOU = 0.5  # a region that matches no shape this well is not an object
+SCALES = (0.85, 0.93, 1.0, 1.08, 1.15)  # template sizes: generated shapes are drawn a little off size
 
 
-def _template_bank() -> dict[tuple[str, str], np.ndarray]:
-    """Each shape and size drawn at the centre of a 2x canvas; crops of it are the shape at any position."""
+@dataclass(frozen=True)
+class Region:
+    """One connected colour region in one frame."""
+    color: str
+    shape: str | None  # the best-matching shape, None when no template matches well enough
+    area: int
+    x: float  # centroid
+    y: float
+    mask: np.ndarray  # bool [H, W]
+
+
+def _template_bank() -> dict[tuple[str, float], np.ndarray]:
+    """Each shape at each scale drawn at the centre of a 2x canvas; crops of it are the shape at any position."""
     bank = {}
     for shape in SHAPES:
-        for size, r in RADIUS.items():
-            canvas = np.zeros((2 * SIZE, 2 * SIZE), bool)
-            canvas[SIZE // 2:SIZE // 2 + SIZE, SIZE // 2:SIZE // 2 + SIZE] = shape_mask(shape, SIZE / 2, SIZE / 2, r)
-            bank[(shape, size)] = canvas
+        for scale in SCALES:
+            canvas = np.zeros((2 * HEIGHT, 2 * WIDTH), bool)
+            canvas[HEIGHT // 2:HEIGHT // 2 + HEIGHT, WIDTH // 2:WIDTH // 2 + WIDTH] = shape_mask(
+                shape, WIDTH / 2, HEIGHT / 2, RADIUS * scale)
+            bank[shape, scale] = canvas
     return bank
 
 
 _TEMPLATES = _template_bank()
 
 
-def _template_at(key, cx: int, cy: int) -> np.ndarray:
-    """The template with its centre on pixel (cx, cy) of a SIZE x SIZE frame."""
-    cx, cy = min(max(cx, 0), SIZE - 1), min(max(cy, 0), SIZE - 1)
-    x0, y0 = SIZE - cx, SIZE - cy
-    return _TEMPLATES[key][y0:y0 + SIZE, x0:x0 + SIZE]
+def _template_at(key: tuple[str, float], cx: int, cy: int) -> np.ndarray:
+    """The template with its centre on pixel (cx, cy) of a HEIGHT x WIDTH frame."""
+    cx, cy = min(max(cx, 0), WIDTH - 1), min(max(cy, 0), HEIGHT - 1)
+    x0, y0 = WIDTH - cx, HEIGHT - cy
+    return _TEMPLATES[key][y0:y0 + HEIGHT, x0:x0 + WIDTH]
 
 
-def classify(mask: np.ndarray) -> str | None:
-    """Shape of one colour's mask [H, W], or None when there is too little of it: the shape template (any
-    size, centred within a pixel of the mask's centroid) that overlaps the mask best (intersection over union)."""
-    area = int(mask.sum())
-    if area < MIN_AREA:
-        return None
+def match_shape(mask: np.ndarray) -> tuple[str | None, float]:
+    """The shape template (any of SCALES, centred within a pixel of the mask's centroid) that overlaps the mask
+    best, and its intersection over union; None below MIN_IOU."""
     ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None, 0.0
     cx, cy = int(np.floor(xs.mean() + 0.5)), int(np.floor(ys.mean() + 0.5))
     best, best_iou = None, 0.0
     for key in _TEMPLATES:
         for dx in (-1, 0, 1):
             for dy in (-1, 0, 1):
                 template = _template_at(key, cx + dx, cy + dy)
-                inter = np.logical_and(template, mask).sum()
-                iou = inter / float(np.logical_or(template, mask).sum())
+                iou = np.logical_and(template, mask).sum() / float(np.logical_or(template, mask).sum())
                 if iou > best_iou:
-                    best, best_iou = key[0], iou
-    return best if best_iou >= MIN_IOU else None
+                    best, best_iou = key[0], float(iou)
+    return (best if best_iou >= MIN_IOU else None), best_iou
+
+
+def classify(mask: np.ndarray) -> str | None:
+    """Shape of one region's mask [H, W], or None when it is too small or matches no shape."""
+    return match_shape(mask)[0] if mask.sum() >= MIN_AREA else None
+
+
+def connected_regions(mask: np.ndarray) -> np.ndarray:
+    """int labels [..., H, W] of the 8-connected regions of a bool mask [..., H, W] (0 = not in the mask):
+    each pixel takes the smallest index in its region, spread by repeated 3x3 minimum filters."""
+    big = np.iinfo(np.int64).max
+    labels = np.where(mask, np.arange(mask.size, dtype=np.int64).reshape(mask.shape) + 1, big)
+    while True:
+        padded = np.pad(labels, [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)], constant_values=big)
+        h, w = mask.shape[-2:]
+        neighbours = [padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        spread = np.where(mask, np.minimum.reduce(neighbours), big)
+        if np.array_equal(spread, labels):
+            return np.where(mask, labels, 0)
+        labels = spread
 
 
 def color_masks(frames: np.ndarray) -> dict[str, np.ndarray]:
@@ -73,25 +109,59 @@ def color_masks(frames: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def detect(frames: np.ndarray) -> dict[str, np.ndarray]:
-    """Per object name, bool [T]: the object is visible in that frame."""
-    out = {name: np.zeros(len(frames), bool) for name in OBJECTS}
-    for color, masks in color_masks(frames).items():
-        for f, mask in enumerate(masks):
-            shape = classify(mask)
-            if shape is not None:
-                out[f"{color} {shape}"][f] = True
+def regions(frames: np.ndarray, masks: dict[str, np.ndarray] | None = None) -> list[list[Region]]:
+    """Per frame, its colour regions of object size, largest first."""
+    masks = color_masks(frames) if masks is None else masks
+    out: list[list[Region]] = [[] for _ in range(len(frames))]
+    for color, mask in masks.items():
+        labels = connected_regions(mask)
+        for f in range(len(frames)):
+            ids, counts = np.unique(labels[f][labels[f] > 0], return_counts=True)
+            for i in ids[counts >= MIN_AREA]:
+                region = labels[f] == i
+                ys, xs = np.nonzero(region)
+                out[f].append(Region(color, match_shape(region)[0], len(xs), float(xs.mean()), float(ys.mean()),
+                                     region))
+    for frame in out:
+        frame.sort(key=lambda r: -r.area)
     return out
 
 
-def corruption(frames: np.ndarray) -> float:
-    """Share of pixels explained neither by the background nor by a palette colour."""
-    pixels = frames.astype(np.float32)
-    near_bg = np.linalg.norm(pixels - background()[None], axis=-1) < BACKGROUND_DISTANCE
-    near_obj = np.zeros_like(near_bg)
-    for mask in color_masks(frames).values():
-        near_obj |= mask
-    return float(1.0 - (near_bg | near_obj).mean())
+def detect(frames: np.ndarray, found: list[list[Region]] | None = None) -> dict[str, np.ndarray]:
+    """Per object name, bool [T]: an object of that colour and shape is in that frame."""
+    found = regions(frames) if found is None else found
+    out = {name: np.zeros(len(frames), bool) for name in OBJECTS}
+    for f, frame in enumerate(found):
+        for region in frame:
+            if region.shape is not None:
+                out[f"{region.color} {region.shape}"][f] = True
+    return out
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """One-pixel 8-neighbour dilation of bool [..., H, W]."""
+    padded = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)])
+    h, w = mask.shape[-2:]
+    return np.logical_or.reduce([padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+                                 for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+
+
+def unexplained(frames: np.ndarray, found: list[list[Region]] | None = None) -> np.ndarray:
+    """bool [T, H, W]: pixels neither near the background nor on (or one pixel around) a detected object."""
+    found = regions(frames) if found is None else found
+    near_bg = np.linalg.norm(frames.astype(np.float32) - background()[None], axis=-1) < BACKGROUND_DISTANCE
+    on_object = np.zeros_like(near_bg)
+    for f, frame in enumerate(found):
+        for region in frame:
+            if region.shape is not None:
+                on_object[f] |= region.mask
+    return ~(near_bg | _dilate(on_object))
+
+
+def corruption(frames: np.ndarray, found: list[list[Region]] | None = None) -> float:
+    """Share of pixels explained neither by the background nor by a detected object (smears of a palette
+    colour outside objects count)."""
+    return float(unexplained(frames, found).mean())
 
 
 def agreement(predicted: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> float:

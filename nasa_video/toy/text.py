@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from ..text import TextEncoder
-from .world import COLORS, MOTIONS, RADIUS, SHAPES
+from .world import COLORS, MOTIONS, SHAPES
 
 SPECIALS = ["<pad>", "</s>", "<unk>"]
 _WORD = re.compile(r"[^\s!-/:-@\[-`{-~]+")  # split on whitespace and ASCII punctuation
-VOCAB = SPECIALS + ["a", "and", "moving"] + list(RADIUS) + list(COLORS) + list(SHAPES) + list(MOTIONS)
+VOCAB = SPECIALS + ["a", "and", "moving"] + list(COLORS) + list(SHAPES) + list(MOTIONS)
 
 
 class WordTokenizer:

@@ -1,4 +1,9 @@
-"""Train the bundled model from a seed: latents (exact codec) -> teacher -> ODE trajectories -> student.
+"""Train the bundled model from a seed: latents (exact codec) -> teacher -> student.
+
+The world's caption fixes its picture (nasa_video/toy/world.py), so the student needs no teacher trajectories:
+it learns to denoise the data itself at its own few steps, block by block with clean frames as context
+(CausVid's teacher-forcing initialisation, with data in place of ODE end points). The teacher (multi-step,
+bidirectional) trains the text encoder, starts the student, and serves NASA-T distillation.
 
     nasa-video train toy [--out FOLDER] [--seed 0] [--smoke]
 
@@ -20,7 +25,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from ..train.ode import ode_regression_loss, teacher_ode_trajectory
+from ..train.ode import ode_regression_loss
 from ..loading import load_config
 from ..model.cache import PromptEmbeddings, TextCache
 from ..model.causal_wan import teacher_forcing_mask
@@ -28,11 +33,9 @@ from ..model.interface import build_from_config
 from ..schedule import FlowSchedule, output_to_velocity, prediction_of
 from .detect import agreement, detect
 from .text import load_toy_text_encoder, new_toy_text_encoder, save_toy_text_encoder
-from .world import render, sample_scene, visibility
+from .world import degrade, render, sample_scene, visibility
 
-SMOKE = {"data": {"clips": 8},
-         "teacher": {"steps": 2, "batch": 4, "warmup": 1}, "ode": {"trajectories": 4, "batch": 4,
-                                                                  "steps_per_segment": [1, 1, 2]},
+SMOKE = {"data": {"clips": 8}, "teacher": {"steps": 2, "batch": 4, "warmup": 1},
          "student": {"steps": 2, "batch": 2, "warmup": 1}}
 
 
@@ -50,6 +53,13 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Written beside and renamed over: a run stopped mid-write keeps the previous checkpoint."""
+    tmp = path.with_suffix(".partial")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 def set_lr(opt, lr):
@@ -86,12 +96,27 @@ def codec_agreement(vae, rng, videos: int, frames: int) -> float:
     return float(np.mean(scores))
 
 
+def degraded_agreement(rng, videos: int, frames: int) -> tuple[float, float]:
+    """Detector vs ground truth on renders made to look generated (world.render jitter + world.degrade), and the
+    mean corruption it reads on them (degradation alone should read as clean)."""
+    from .detect import corruption
+
+    scores, corrupt = [], []
+    for _ in range(videos):
+        scene = sample_scene(rng)
+        clean, labels = render(scene, frames, jitter=rng)
+        video = degrade(clean, rng)
+        scores.append(agreement(detect(video), visibility(scene, labels)))
+        corrupt.append(corruption(video))
+    return float(np.mean(scores)), float(np.mean(corrupt))
+
+
 def new_generator(model_cfg, seed):
     torch.manual_seed(seed)
     return build_from_config(model_cfg)
 
 
-def train_teacher(model_cfg, tc, latents, captions, text, rng, log):
+def train_teacher(model_cfg, tc, latents, captions, text, rng, log, checkpoint: Path | None = None):
     flow = FlowSchedule(float(model_cfg.sampling.shift))
     model = new_generator(model_cfg, tc.seed + 2).train()
     text.encoder.train().requires_grad_(True)
@@ -100,10 +125,18 @@ def train_teacher(model_cfg, tc, latents, captions, text, rng, log):
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     ema_text = copy.deepcopy(text.encoder).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(tc.seed + 3)
-    losses = []
+    losses, first = [], 0
     frames = latents.shape[2]
     prediction = prediction_of(model_cfg)
-    for step in tqdm(range(tc.teacher.steps), desc="teacher", unit="step"):
+    nets = {"model": model, "text": text.encoder, "ema": ema, "ema_text": ema_text, "opt": opt}
+    if checkpoint is not None and checkpoint.exists():  # resume: every state the next step depends on
+        state = torch.load(checkpoint, weights_only=True)
+        for name, net in nets.items():
+            net.load_state_dict(state[name])
+        gen.set_state(state["gen"]), setattr(rng.bit_generator, "state", state["rng"])
+        losses, first = list(state["losses"]), int(state["step"])
+    for step in tqdm(range(first, tc.teacher.steps), desc="teacher", unit="step", initial=first,
+                     total=tc.teacher.steps):
         set_lr(opt, lr_at(step, tc.teacher.steps, tc.teacher.lr, tc.teacher.warmup))
         idx = torch.randint(len(latents), (tc.teacher.batch,), generator=gen)
         x0 = latents[idx]
@@ -126,61 +159,73 @@ def train_teacher(model_cfg, tc, latents, captions, text, rng, log):
                 for p, q in zip(net.parameters(), avg.parameters()):
                     q.lerp_(p, 1 - tc.teacher.ema)
         losses.append(loss.item())
+        if checkpoint is not None and ((step + 1) % tc.teacher.checkpoint_every == 0 or step + 1 == tc.teacher.steps):
+            save_checkpoint(checkpoint, {**{k: v.state_dict() for k, v in nets.items()}, "gen": gen.get_state(),
+                                         "rng": rng.bit_generator.state, "losses": losses, "step": step + 1})
     log["teacher_loss_last50"] = float(np.mean(losses[-50:]))
     text.encoder = ema_text
     return ema
 
 
-@torch.no_grad()
-def teacher_trajectories(teacher, text, model_cfg, tc, rng, frames: int, hw: tuple[int, int]):
-    """x at each student timestep and the final x0, sampled by the teacher with CFG (Euler)."""
-    flow = FlowSchedule(float(model_cfg.sampling.shift))
-    gen = torch.Generator().manual_seed(tc.seed + 5)
-    empty = text.encode_batch([""])
-    trajectories, captions = [], []
-    for start in tqdm(range(0, tc.ode.trajectories, tc.ode.batch), desc="trajectories", unit="batch"):
-        n = min(tc.ode.batch, tc.ode.trajectories - start)
-        prompts = [sample_scene(rng, tc.clip_frames).caption for _ in range(n)]
-        noise = torch.randn(n, teacher.config.in_channels, frames, *hw, generator=gen)
-        trajectories.append(teacher_ode_trajectory(
-            teacher, text.encode_batch(prompts), empty.expand(n, -1, -1), noise, flow, list(model_cfg.sampling.steps),
-            list(tc.ode.steps_per_segment), float(tc.ode.cfg), prediction_of(model_cfg)))
-        captions += prompts
-    trajectories = torch.cat(trajectories)
-    return trajectories[:, :-1], trajectories[:, -1], captions
+def student_states(x0: torch.Tensor, student_steps: torch.Tensor, flow: FlowSchedule, gen: torch.Generator):
+    """[B, S+1, C, F, H, W]: the clean video noised to each student step (fresh noise each), then the video itself:
+    the shape of a teacher trajectory, so the student's regression (ode_regression_loss) reads it unchanged."""
+    sigmas = flow.sigma(student_steps).float()
+    noise = torch.randn((x0.shape[0], len(sigmas), *x0.shape[1:]), generator=gen)
+    s = sigmas.view(1, -1, 1, 1, 1, 1)
+    return torch.cat([(1 - s) * x0[:, None] + s * noise, x0[:, None]], 1)
 
 
-def train_student(teacher, text, model_cfg, tc, states, finals, captions, log):
-    """ODE regression (nasa_video.train.ode.ode_regression_loss) with this world's warm-up schedule."""
+def train_student(teacher, text, model_cfg, tc, latents, captions, log, checkpoint: Path | None = None):
+    """The block-causal few-step student, from the teacher: each block at a random student step, clean frames
+    before it as context (teacher forcing), x0 regressed onto the data; captions dropped like the teacher's so
+    CFG has its unconditional branch. Saves its state every tc.student.checkpoint_every steps and resumes."""
     flow = FlowSchedule(float(model_cfg.sampling.shift))
     steps = torch.tensor(list(model_cfg.sampling.steps), dtype=torch.float32)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=tc.student.lr, weight_decay=0.01)
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
     fpb = int(model_cfg.video.frames_per_block)
-    _, _, _, frames, h, w = states.shape
+    _, _, frames, h, w = latents.shape
     mask = teacher_forcing_mask(frames, fpb, student.tokens_per_frame(h, w))
     positions = torch.cat([torch.arange(frames), torch.arange(frames)])
     gen = torch.Generator().manual_seed(tc.seed + 7)
-    losses = []
+    losses, first = [], 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=True)
+        student.load_state_dict(state["student"]), ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"]), gen.set_state(state["gen"])
+        losses, first = list(state["losses"]), int(state["step"])
     with torch.no_grad():
         contexts = torch.cat([text.encode_batch(captions[i:i + 256]) for i in range(0, len(captions), 256)])
-    for step in tqdm(range(tc.student.steps), desc="student", unit="step"):
+        empty = text.encode_batch([""])
+    for step in tqdm(range(first, tc.student.steps), desc="student", unit="step", initial=first,
+                     total=tc.student.steps):
         set_lr(opt, lr_at(step, tc.student.steps, tc.student.lr, tc.student.warmup))
-        idx = torch.randint(len(states), (tc.student.batch,), generator=gen)
+        idx = torch.randint(len(latents), (tc.student.batch,), generator=gen)
         k = torch.randint(len(steps), (len(idx), frames // fpb), generator=gen)
-        trajectory = torch.cat([states[idx], finals[idx][:, None]], 1)
-        loss = ode_regression_loss(student, PromptEmbeddings(contexts[idx]), trajectory, k, steps, flow,
-                                   prediction_of(model_cfg), mask, positions, fpb)
+        dropped = torch.rand(len(idx), generator=gen) < tc.student.caption_dropout
+        context = torch.where(dropped[:, None, None], empty, contexts[idx])
+        loss = ode_regression_loss(student, PromptEmbeddings(context), student_states(latents[idx], steps, flow, gen),
+                                   k, steps, flow, prediction_of(model_cfg), mask, positions, fpb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
+        with torch.no_grad():
+            for p, q in zip(student.parameters(), ema.parameters()):
+                q.lerp_(p, 1 - tc.student.ema)
         losses.append(loss.item())
+        if checkpoint is not None and ((step + 1) % tc.student.checkpoint_every == 0 or step + 1 == tc.student.steps):
+            save_checkpoint(checkpoint, {"student": student.state_dict(), "ema": ema.state_dict(),
+                                         "opt": opt.state_dict(), "gen": gen.get_state(), "losses": losses,
+                                         "step": step + 1})
     log["student_loss_last50"] = float(np.mean(losses[-50:]))
-    return student.eval().requires_grad_(False)
+    return ema
 
 
-def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False) -> dict:
+def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False, overrides: dict | None = None) -> dict:
+    """overrides: merged into configs/toy_train.yaml (for example {"teacher": {"steps": 300}})."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -189,6 +234,8 @@ def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False) -> 
     tc = OmegaConf.load(Path(__file__).parents[1] / "configs" / "toy_train.yaml")
     if smoke:
         tc = OmegaConf.merge(tc, OmegaConf.create(SMOKE))
+    if overrides:
+        tc = OmegaConf.merge(tc, OmegaConf.create(overrides))
     if seed is not None:
         tc.seed = seed
     torch.manual_seed(tc.seed)
@@ -239,7 +286,7 @@ def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False) -> 
     else:
         text = new_toy_text_encoder(OmegaConf.to_container(tc.text.config),
                                     int(model_cfg.weights.text_max_length), tc.seed + 1)
-        teacher = train_teacher(model_cfg, tc, latents, captions, text, rng, log)
+        teacher = train_teacher(model_cfg, tc, latents, captions, text, rng, log, cache / "teacher.pt")
         save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(out / "teacher.safetensors"))
         save_toy_text_encoder(text, out / "text")
         (cache / "teacher.json").write_text(json.dumps({"teacher_loss_last50": log["teacher_loss_last50"]}))
@@ -248,20 +295,7 @@ def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False) -> 
     text.encoder.eval().requires_grad_(False)
 
     began = time.perf_counter()
-    if (cache / "trajectories.safetensors").exists():
-        saved = load_file(str(cache / "trajectories.safetensors"))
-        states, finals = saved["states"], saved["finals"]
-        ode_captions = json.loads((cache / "trajectory_captions.json").read_text())
-    else:
-        states, finals, ode_captions = teacher_trajectories(teacher, text, model_cfg, tc, rng, latents.shape[2],
-                                                            tuple(latents.shape[3:]))
-        save_file({"states": states.contiguous(), "finals": finals.contiguous()},
-                  str(cache / "trajectories.safetensors"))
-        (cache / "trajectory_captions.json").write_text(json.dumps(ode_captions))
-    timings["trajectories"] = time.perf_counter() - began
-
-    began = time.perf_counter()
-    student = train_student(teacher, text, model_cfg, tc, states, finals, ode_captions, log)
+    student = train_student(teacher, text, model_cfg, tc, latents, captions, log, cache / "student.pt")
     timings["student"] = time.perf_counter() - began
     log["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     log["seconds_total"] = round(sum(timings.values()), 1)

@@ -1,30 +1,35 @@
-"""A procedural world: 2-3 coloured shapes of two sizes moving over a fixed background, with a caption
-naming them. Objects never overlap and stay inside the frame, so each named object is visible in every
-frame; visibility() still reports it per frame from the rendered label map, the ground truth the detector
-is checked against."""
+"""A procedural world: one to three coloured shapes over a fixed background, with a caption naming them.
+
+The caption fixes the picture, so a small model can learn to draw exactly what it is told and the removal
+benchmark measures guidance, not what the model fails to draw:
+- each colour has its own column (red left, green centre, blue right), so a colour appears at most once;
+- the shape (circle, square, triangle) is named next to its colour; all shapes have one size;
+- "moving up" / "moving down" moves the shape 1 px per frame through its column; unstated, it stays still
+  at the column's middle.
+Objects never overlap and stay inside the frame; visibility() reports each per frame from the rendered
+label map, the ground truth the detector is checked against.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-SIZE = 32  # frames are SIZE x SIZE pixels
-COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 245), "yellow": (240, 220, 40)}
+HEIGHT, WIDTH = 32, 48  # frames are HEIGHT x WIDTH pixels
+COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 245)}
+COLUMNS = {"red": 8.0, "green": 24.0, "blue": 40.0}  # x of each colour's column centre
 SHAPES = ("circle", "square", "triangle")
-RADIUS = {"small": 4.5, "large": 6.5}
-MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-SPEED = 1.0  # pixels per frame
-OBJECTS = [f"{c} {s}" for c in COLORS for s in SHAPES]  # the 12 names the detector knows
+RADIUS = 6.5  # every shape is 13 px across
+MOTIONS = {"up": -1.0, "down": 1.0}  # pixels per frame; no motion word: still
+TRAVEL = 5.0  # a moving shape starts this far from the middle and crosses it
+OBJECTS = [f"{c} {s}" for c in COLORS for s in SHAPES]  # the 9 names the detector knows
 
 
 @dataclass(frozen=True)
 class Thing:
     color: str
     shape: str
-    size: str
-    motion: str
-    x: float
-    y: float
+    motion: str | None  # "up", "down" or None (still)
 
     @property
     def name(self) -> str:
@@ -43,32 +48,27 @@ class Scene:
 
 def background() -> np.ndarray:
     """A fixed, dim diagonal gradient: the same in every video, so it is easy to tell apart from objects."""
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1)
-    base = 40 + 25 * (0.6 * xx + 0.4 * yy)
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+    base = 40 + 25 * (0.6 * xx / (WIDTH - 1) + 0.4 * yy / (HEIGHT - 1))
     return np.stack([base, base + 5, base + 15], -1).astype(np.float32)
 
 
 def positions(thing: Thing, frames: int) -> np.ndarray:
-    """[frames, 2] centres; a shape bounces off the walls."""
-    r = RADIUS[thing.size]
-    lo, hi = r + 0.5, SIZE - r - 0.5
-    dx, dy = MOTIONS[thing.motion]
-    out = np.zeros((frames, 2), np.float32)
-    x, y = thing.x, thing.y
-    for f in range(frames):
-        out[f] = (x, y)
-        x, y = x + dx * SPEED, y + dy * SPEED
-        if not lo <= x <= hi:
-            dx, x = -dx, float(np.clip(x, lo, hi))
-        if not lo <= y <= hi:
-            dy, y = -dy, float(np.clip(y, lo, hi))
-    return out
+    """[frames, 2] centres (x, y). A moving shape starts TRAVEL px on the far side of its column's middle and
+    bounces between middle - TRAVEL and middle + TRAVEL, so a stream of any length stays in the frame."""
+    middle = HEIGHT / 2
+    speed = MOTIONS[thing.motion] if thing.motion else 0.0
+    phase = np.arange(frames, dtype=np.float32) % (4 * TRAVEL)  # a triangle wave over 2 x (2 x TRAVEL) frames
+    offset = np.where(phase <= 2 * TRAVEL, phase, 4 * TRAVEL - phase) - TRAVEL  # -TRAVEL -> +TRAVEL -> back
+    y = middle + np.sign(speed) * offset if speed else np.full(frames, middle, np.float32)
+    return np.stack([np.full(frames, COLUMNS[thing.color], np.float32), y.astype(np.float32)], 1)
 
 
-def shape_mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
+def shape_mask(shape: str, cx: float, cy: float, r: float = RADIUS, height: int = HEIGHT,
+               width: int = WIDTH) -> np.ndarray:
     # Centres snap to pixel centres, so every shape digitises to the same symmetric pixel pattern.
     cx, cy = np.floor(cx) + 0.5, np.floor(cy) + 0.5
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
     if shape == "circle":
         return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
     if shape == "square":
@@ -80,65 +80,79 @@ def shape_mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
     return (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= half_width)
 
 
-def caption_for(things, rng: np.random.Generator, p_size: float = 0.5, p_motion: float = 0.5) -> str:
+def caption_for(things) -> str:
+    """"a red circle moving up and a blue square": a moving object always names its motion (an unnamed one
+    would leave the model to guess the path and draw the average of both)."""
     parts = []
     for t in things:
-        words = ["a"] + ([t.size] if rng.random() < p_size else []) + [t.color, t.shape]
-        if rng.random() < p_motion:
+        words = ["a", t.color, t.shape]
+        if t.motion:
             words += ["moving", t.motion]
         parts.append(" ".join(words))
     return " and ".join(parts)
 
 
 def caption_objects(caption: str) -> list[str]:
-    """The object names of a caption_for caption, in order: "a small red circle moving left and a blue square"
+    """The object names of a caption_for caption, in order: "a red circle moving up and a blue square"
     -> ["red circle", "blue square"]."""
     return [" ".join(part.split(" moving")[0].split()[-2:]) for part in caption.split(" and ")]
 
 
-def sample_scene(rng: np.random.Generator, frames: int, names: list[str] | None = None,
-                 p_size: float = 0.5, p_motion: float = 0.5) -> Scene:
-    """A random scene (or one with the given object names, in that order) whose objects never overlap."""
-    for _ in range(1000):
-        if names is None:
-            count = int(rng.integers(2, 4))
-            colors = rng.choice(list(COLORS), size=count, replace=False)
-            chosen = [(c, str(rng.choice(SHAPES))) for c in colors]
-        else:
-            chosen = [tuple(n.split()) for n in names]
-        things = []
-        for color, shape in chosen:
-            size = str(rng.choice(list(RADIUS)))
-            r = RADIUS[size]
-            things.append(Thing(str(color), shape, size, str(rng.choice(list(MOTIONS))),
-                                float(rng.uniform(r + 0.5, SIZE - r - 0.5)), float(rng.uniform(r + 0.5, SIZE - r - 0.5))))
-        paths = [positions(t, frames) for t in things]
-        ok = all(np.min(np.linalg.norm(paths[i] - paths[j], axis=1)) > RADIUS[a.size] + RADIUS[b.size] + 2.0
-                 for i, a in enumerate(things) for j, b in enumerate(things) if i < j)
-        if ok:
-            return Scene(tuple(things), caption_for(things, rng, p_size, p_motion))
-    raise RuntimeError("could not place the objects without overlap")
+def sample_scene(rng: np.random.Generator, frames: int | None = None, names: list[str] | None = None,
+                 p_still: float = 1 / 3) -> Scene:
+    """A random scene (or one with the given object names, in that order): one to three objects of different
+    colours, in a random order in the caption, each still with probability p_still, else moving up or down.
+    `frames` is accepted for symmetry with render(); every scene fits any length the world is drawn at."""
+    if names is None:
+        count = int(rng.integers(1, 4))
+        colors = [str(c) for c in rng.choice(list(COLORS), size=count, replace=False)]
+        chosen = [(c, str(rng.choice(SHAPES))) for c in colors]
+    else:
+        chosen = [tuple(n.split()) for n in names]
+    things = tuple(Thing(color, shape, None if rng.random() < p_still else str(rng.choice(list(MOTIONS))))
+                   for color, shape in chosen)
+    return Scene(things, caption_for(things))
 
 
-def render(scene: Scene, frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 video [frames, SIZE, SIZE, 3] and the label map [frames, SIZE, SIZE] (0 = background, i+1 = thing i)."""
-    bg = background()
-    video = np.repeat(bg[None], frames, 0)
-    labels = np.zeros((frames, SIZE, SIZE), np.int16)
+def render(scene: Scene, frames: int, jitter: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 video [frames, HEIGHT, WIDTH, 3] and the label map [frames, HEIGHT, WIDTH] (0 = background,
+    i+1 = thing i). jitter: draw each shape in each frame up to a pixel off its path and up to 10% off its
+    size, as a generator's imperfect shapes are (for checking the detector on frames like generated ones)."""
+    video = np.repeat(background()[None], frames, 0)
+    labels = np.zeros((frames, HEIGHT, WIDTH), np.int16)
     for i, thing in enumerate(scene.things):
         path = positions(thing, frames)
         for f in range(frames):
-            mask = shape_mask(thing.shape, path[f, 0], path[f, 1], RADIUS[thing.size])
+            (x, y), r = path[f], RADIUS
+            if jitter is not None:
+                x, y = x + jitter.uniform(-1, 1), y + jitter.uniform(-1, 1)
+                r = RADIUS * jitter.uniform(0.9, 1.1)
+            mask = shape_mask(thing.shape, x, y, r)
             video[f][mask] = COLORS[thing.color]
             labels[f][mask] = i + 1
     return np.clip(video, 0, 255).astype(np.uint8), labels
+
+
+def degrade(video: np.ndarray, rng: np.random.Generator, blur: float = 0.8, noise: float = 8.0,
+            color_shift: float = 15.0) -> np.ndarray:
+    """A rendered video made to look generated: Gaussian blur (sigma in px), per-pixel noise (sigma in levels)
+    and one random colour offset per channel (up to color_shift levels)."""
+    x = video.astype(np.float32)
+    if blur > 0:
+        taps = np.arange(-2, 3, dtype=np.float32)
+        kernel = np.exp(-taps ** 2 / (2 * blur ** 2))
+        kernel /= kernel.sum()
+        for axis in (1, 2):
+            padded = np.pad(x, [(2, 2) if a == axis else (0, 0) for a in range(4)], mode="edge")
+            x = sum(k * np.take(padded, range(i, i + x.shape[axis]), axis=axis) for i, k in enumerate(kernel))
+    x = x + rng.normal(0, noise, x.shape) + rng.uniform(-color_shift, color_shift, 3)
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
 def visibility(scene: Scene, labels: np.ndarray, min_fraction: float = 0.5) -> dict[str, np.ndarray]:
     """Per object name, bool [frames]: at least min_fraction of the shape's full area is on screen."""
     out = {name: np.zeros(len(labels), bool) for name in OBJECTS}
     for i, thing in enumerate(scene.things):
-        r = RADIUS[thing.size]
-        full = shape_mask(thing.shape, SIZE / 2, SIZE / 2, r).sum()
+        full = shape_mask(thing.shape, WIDTH / 2, HEIGHT / 2).sum()
         out[thing.name] = (labels == i + 1).reshape(len(labels), -1).sum(1) >= min_fraction * full
     return out
