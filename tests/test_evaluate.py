@@ -132,11 +132,12 @@ def reference_clip(scorer, frames, texts):
 
 def test_clip_scores_and_judge_end_to_end(tiny_generator, tmp_path):
     from nasa_video.eval.clip import ClipScorer, calibrate
-    from nasa_video.eval.removal import removal_success
+    from nasa_video.eval.removal import negative_removed, subject_present
 
     scorer = ClipScorer(make_tiny_clip(tmp_path / "clip"))
     pairs = [("a photo of a pet", "cat", "dog"), ("a photo of a person", "old", "young")]
     contrast = {(pos, neg): c for pos, neg, c in pairs}
+    subject = {"a photo of a pet": "a pet", "a photo of a person": "a person"}  # the prompt less "a photo of"
     jobs = plan_removal(pairs, METHODS, samples=1)
     assert len({j.path(tmp_path) for j in jobs}) == len(jobs)
     run_jobs(tiny_generator, jobs, tmp_path / "r", progress=False)
@@ -151,10 +152,16 @@ def test_clip_scores_and_judge_end_to_end(tiny_generator, tmp_path):
         p = logits.softmax(-1)[:, 0].numpy()
         np.testing.assert_allclose(scorer.negative_probability(frames, job.negative, contrast[(job.prompt, job.negative)]),
                                    p, rtol=1e-5, atol=1e-6)
-        row = expected.setdefault(job.label, {"clip_plus": [], "clip_minus": [], "success": [], "per_pair": {}})
+        _, logits = reference_clip(scorer, frames, [f"a photo of {subject[job.prompt]}", "a photo of an empty scene"])
+        q = logits.softmax(-1)[:, 0].numpy()
+        np.testing.assert_allclose(scorer.subject_probability(frames, subject[job.prompt]), q, rtol=1e-5, atol=1e-6)
+        row = expected.setdefault(job.label, {"clip_plus": [], "clip_minus": [], "removed": [], "subject_present": [],
+                                              "success": [], "per_pair": {}})
         row["clip_plus"].append(100 * cos[:, 0].mean())
         row["clip_minus"].append(100 * cos[:, 1].mean())
-        row["success"].append(float((p > 0.5).mean() <= 0.1))
+        row["removed"].append(float((p > 0.5).mean() <= 0.1))
+        row["subject_present"].append(float((q <= 0.5).mean() <= 0.1))
+        row["success"].append(row["removed"][-1] * row["subject_present"][-1])  # both, since issue 14
         row["per_pair"][f"{job.prompt} / -{job.negative}"] = row["success"][-1]
     assert set(result["methods"]) == set(expected) and len(expected) == 2
     for label, row in result["methods"].items():
@@ -163,7 +170,8 @@ def test_clip_scores_and_judge_end_to_end(tiny_generator, tmp_path):
         assert row["clip_plus"] == pytest.approx(np.mean(want["clip_plus"]), rel=1e-5, abs=1e-4)
         assert row["clip_minus"] == pytest.approx(np.mean(want["clip_minus"]), rel=1e-5, abs=1e-4)
         assert row["clip_plus"] != pytest.approx(row["clip_minus"])  # the two prompts are told apart
-        assert row["success"] == np.mean(want["success"])
+        for key in ("success", "removed", "subject_present"):
+            assert row[key] == np.mean(want[key]), key
         assert row["per_pair"] == want["per_pair"]
         assert set(row["per_pair"]) == {"a photo of a pet / -cat", "a photo of a person / -old"}
     frames = read_video(jobs[0].path(tmp_path / "r"))
@@ -172,8 +180,14 @@ def test_clip_scores_and_judge_end_to_end(tiny_generator, tmp_path):
     # a two-way softmax: swapping the concepts gives the complement, frame by frame
     np.testing.assert_allclose(scorer.negative_probability(frames, "dog", "cat"), 1 - p, rtol=1e-5, atol=1e-6)
     assert p.std() > 0 or len(frames) == 1  # frames are scored one by one, not one score broadcast
-    # the rule: a success when at most 10% of the frames show the negative
-    assert removal_success(np.array([0.9] + [0.1] * 9)) and not removal_success(np.array([0.9] * 2 + [0.1] * 8))
+    # one pass of the image encoder gives what the separate calls give
+    both = scorer.video_scores(frames, "a photo of a pet", "cat", "dog", "a pet")
+    np.testing.assert_allclose(both["negative"], p, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(both["subject"], scorer.subject_probability(frames, "a pet"), rtol=1e-5, atol=1e-6)
+    assert both["clip_plus"] == pytest.approx(scorer.clip_plus_minus(frames, "a photo of a pet", "cat")["clip_plus"])
+    # the rules: removed when at most 10% of the frames show the negative, present when at most 10% lack the subject
+    assert negative_removed(np.array([0.9] + [0.1] * 9)) and not negative_removed(np.array([0.9] * 2 + [0.1] * 8))
+    assert subject_present(np.array([0.1] + [0.9] * 9)) and not subject_present(np.array([0.1] * 2 + [0.9] * 8))
     cal = calibrate(np.array([0.1, 0.2, 0.7, 0.9]), np.array([False, False, True, True]))
     assert cal["agreement"] == 1.0 and 0.2 <= cal["threshold"] < 0.7
     # the judge's aggregation on scores known in advance
@@ -182,21 +196,131 @@ def test_clip_scores_and_judge_end_to_end(tiny_generator, tmp_path):
     for label, row in known["methods"].items():
         brightness = np.mean([read_video(j.path(tmp_path / "r")).mean() for j in jobs if j.label == label])
         assert row["videos"] == 2 and row["success"] == 0.5
+        assert row["removed"] == 0.5 and row["subject_present"] == 1.0
         assert row["per_pair"] == {"a photo of a pet / -cat": 0.0, "a photo of a person / -old": 1.0}
         assert row["clip_plus"] == pytest.approx(brightness) and row["clip_minus"] == pytest.approx(-brightness)
 
 
 class KnownScorer:
-    """A judge whose scores are known: every frame shows 'cat' (p = 1) and nothing else (p = 0);
-    CLIP+ is the frames' mean brightness and CLIP- its negative."""
+    """A judge whose scores are known: every frame shows 'cat' (p = 1) and nothing else (p = 0), and always the
+    subject; CLIP+ is the frames' mean brightness and CLIP- its negative."""
 
     folder = "known"
 
-    def negative_probability(self, frames, negative, contrast):
-        return np.full(len(frames), 1.0 if negative == "cat" else 0.0)
+    def video_scores(self, frames, positive, negative, contrast, subject):
+        return {"negative": np.full(len(frames), 1.0 if negative == "cat" else 0.0),
+                "subject": np.ones(len(frames)),
+                "clip_plus": float(frames.mean()), "clip_minus": -float(frames.mean())}
 
-    def clip_plus_minus(self, frames, positive, negative):
-        return {"clip_plus": float(frames.mean()), "clip_minus": -float(frames.mean())}
+
+# A CLIP whose judgements are known: each text names one concept (an axis), a frame's colour says what it shows.
+AXES = {"cat": 0, "dog": 1, "a pet": 2, "an empty scene": 3}
+SHOWS = {"cat": {"cat": 1.0, "a pet": 1.0},  # a pet, and it is the negative
+         "dog": {"dog": 1.0, "a pet": 1.0},  # a pet without the negative
+         "empty": {"an empty scene": 1.0, "dog": 0.3}}  # no pet at all, and nothing cat-like either
+COLOURS = {"cat": (255, 0, 0), "dog": (0, 255, 0), "empty": (0, 0, 255)}
+
+
+def controlled_clip(monkeypatch, folder):
+    """The tiny CLIP with its two encoders replaced by those unit vectors; the zero-shot softmax (with the
+    model's logit scale), the thresholds and the judge's rules run unchanged."""
+    import torch
+
+    from nasa_video.eval.clip import ClipScorer
+
+    def unit(weights):
+        v = torch.zeros(len(AXES))
+        for concept, w in weights.items():
+            v[AXES[concept]] = w
+        return v / v.norm()
+
+    def images(self, frames, batch=32):
+        kinds = list(COLOURS)  # red, green, blue: the frame's brightest channel (the codec shifts exact values)
+        return torch.stack([unit(SHOWS[kinds[int(np.argmax(f.reshape(-1, 3).mean(0)))]]) for f in frames])
+
+    def texts(self, texts):  # an unexpected text is a KeyError, not a silent zero vector
+        return torch.stack([unit({t.removeprefix("a photo of "): 1.0}) for t in texts])
+
+    monkeypatch.setattr(ClipScorer, "image_embeddings", images)
+    monkeypatch.setattr(ClipScorer, "text_embeddings", texts)
+    return ClipScorer(make_tiny_clip(folder))
+
+
+# (frames of each kind, success, negative removed, subject present) of the videos the judge sees
+SUBJECT_CASES = [
+    (["dog"] * 10, True, True, True),
+    (["empty"] * 10, False, True, False),  # no cat, but no pet either: not a removal
+    (["cat"] * 10, False, False, True),
+    (["dog"] * 9 + ["empty"], True, True, True),  # the subject may miss 10% of the frames, as the negative may show
+    (["dog"] * 8 + ["empty"] * 2, False, True, False),
+]
+
+
+def write_colour_videos(jobs, out):
+    from nasa_video.video_io import write_mp4
+
+    for job, (kinds, *_) in zip(jobs, SUBJECT_CASES):
+        job.path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_mp4(job.path(out), np.stack([np.full((32, 32, 3), COLOURS[k], np.uint8) for k in kinds]))
+        job.path(out).with_suffix(".json").write_text("{}")
+
+
+def test_a_video_without_the_subject_is_not_a_removal(tmp_path, monkeypatch):
+    """Issue 14: frames that lack the prompt's subject show no negative either; success must need the subject."""
+    scorer = controlled_clip(monkeypatch, tmp_path / "clip")
+    pairs = [("a photo of a pet", "cat", "dog")]
+    jobs = plan_removal(pairs, [("none", 0.0)], samples=len(SUBJECT_CASES))
+    write_colour_videos(jobs, tmp_path / "r")
+    empty, dog = (np.full((1, 32, 32, 3), COLOURS[k], np.uint8) for k in ("empty", "dog"))
+    assert scorer.negative_probability(empty, "cat", "dog")[0] < 0.05  # the negative is clearly absent ...
+    assert scorer.subject_probability(empty, "a pet")[0] < 0.05  # ... and so is the subject
+    assert scorer.subject_probability(dog, "a pet")[0] > 0.95
+
+    result = judge_removal(scorer, jobs, pairs, tmp_path / "r", progress=False)
+    row = result["methods"]["none"]
+    for video, (kinds, success, removed, present) in zip(row["per_video"], SUBJECT_CASES):
+        assert (video["success"], video["removed"], video["subject_present"]) == (success, removed, present), kinds
+        assert video["subject"] == "a pet" and video["subject_frames"] == 1 - kinds.count("empty") / len(kinds)
+    assert row["videos"] == 5 and row["success"] == 2 / 5
+    assert row["removed"] == 4 / 5 and row["subject_present"] == 3 / 5
+    assert row["per_pair"] == {"a photo of a pet / -cat": 2 / 5}
+    assert result["judge"]["subject_threshold"] == 0.5
+
+
+def test_the_cli_takes_and_calibrates_the_subject_threshold(tmp_path, monkeypatch, capsys):
+    """`eval removal --subject-threshold` reaches the judge (a finished run is judged without loading a model)
+    and `eval calibrate --subject` finds a threshold that tells frames with the subject from frames without."""
+    from PIL import Image
+
+    from nasa_video.cli import main
+
+    controlled_clip(monkeypatch, tmp_path / "clip")
+    pairs = [("a photo of a pet", "cat", "dog", "a pet")]
+    monkeypatch.setattr("nasa_video.eval.removal.REMOVAL_PAIRS", pairs)
+    write_colour_videos(plan_removal(pairs, [("none", 0.0)], samples=len(SUBJECT_CASES)), tmp_path / "r")
+    args = ["eval", "removal", "--model", "causvid", "--out", str(tmp_path / "r"), "--clip", str(tmp_path / "clip"),
+            "--methods", "none", "--samples", str(len(SUBJECT_CASES)), "--json"]
+    assert main(args + [str(tmp_path / "a.json")]) == 0
+    assert "removal success 40.0% (removed 80.0%, subject present 60.0%)" in capsys.readouterr().out
+    # a subject threshold no frame passes: nothing is present, so nothing succeeds; removal alone is unchanged
+    assert main(args + [str(tmp_path / "b.json"), "--subject-threshold", "1"]) == 0
+    row = json.loads((tmp_path / "b.json").read_text())["methods"]["none"]
+    assert (row["success"], row["removed"], row["subject_present"]) == (0.0, 0.8, 0.0)
+    assert main(args + [str(tmp_path / "c.json"), "--subject-threshold", "1.5"]) == 2
+    assert "1.5 is not a probability" in capsys.readouterr().err
+
+    labels = []
+    for i, kind in enumerate(["dog", "empty", "cat", "empty"]):
+        Image.fromarray(np.full((32, 32, 3), COLOURS[kind], np.uint8)).save(tmp_path / f"{i}.png")
+        labels.append({"image": str(tmp_path / f"{i}.png"), "subject": "a pet", "present": kind != "empty"})
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    calibrate = ["eval", "calibrate", "--labels", str(tmp_path / "labels.json"), "--clip", str(tmp_path / "clip")]
+    assert main(calibrate + ["--subject"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["option"] == "--subject-threshold" and found["agreement"] == 1.0 and found["frames"] == 4
+    # subject labels read as negative labels are refused in one line, naming what is missing
+    assert main(calibrate) == 2
+    assert "item 0 lacks one of image, negative, contrast, shows" in capsys.readouterr().err
 
 
 def test_metrics_share_one_interface_and_the_cli_writes_what_they_score(tiny_generator, tmp_path, capsys):

@@ -106,6 +106,13 @@ def weight(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text} is not a probability: use a number in [0, 1]")
+    return value
+
+
 def _whole(text: str) -> int:
     try:
         return int(text)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .common import (HelpFormatter, device, dtype, finite, json_path, method_argument, method_scales, positive_int,
-                     seed)
+                     probability, seed)
 
 DEFAULTS = HelpFormatter
 SWEEP_SCALES = [0.25, 0.5, 1.0, 1.5, 2.0, 3.0]  # NASA's alpha sweep
@@ -37,8 +37,11 @@ def _register_removal(what) -> None:
     r.add_argument("--samples", type=positive_int, default=4, help="real models: videos per pair and method")
     r.add_argument("--clip", default=None, help="real models: CLIP ViT-L/14 folder (default $NASA_VIDEO_CLIP or "
                                                 "~/.cache/nasa-video/clip-vit-large-patch14)")
-    r.add_argument("--threshold", type=float, default=0.5, help="real models: the judge's threshold (calibrate "
-                                                               "with `eval calibrate`)")
+    r.add_argument("--threshold", type=probability, default=0.5, help="real models: the judge's threshold for the "
+                                                                     "negative (calibrate with `eval calibrate`)")
+    r.add_argument("--subject-threshold", type=probability, default=0.5,
+                   help="real models: the judge's threshold for the prompt's subject (a success needs it present; "
+                        "calibrate with `eval calibrate --subject`)")
     r.add_argument("--table", default=None, help="markdown table (default: beside the JSON)")
     r.add_argument("--plot", default=None, help="PNG of success and retention against alpha (default: beside the JSON)")
     method_argument(r, "--methods", nargs="+", default=["none", "nasa"],
@@ -86,7 +89,10 @@ def _register_scoring(what) -> None:
     c.set_defaults(func=clip)
     k = what.add_parser("calibrate", help="the judge's threshold from frames whose answer is known")
     k.add_argument("--labels", required=True, help='JSON: [{"image": path, "negative": "cat", "contrast": "dog", '
-                                                   '"shows": true}, ...]')
+                                                   '"shows": true}, ...]; with --subject: [{"image": path, '
+                                                   '"subject": "a pet", "present": true}, ...]')
+    k.add_argument("--subject", action="store_true", help="calibrate --subject-threshold (is the prompt's subject "
+                                                          "there?) instead of --threshold (is the negative?)")
     k.add_argument("--clip", default=None)
     k.set_defaults(func=calibrate)
     d = what.add_parser("detector", help="detector agreement with the world's ground truth on codec reconstructions "
@@ -181,7 +187,8 @@ def _removal_judged(args) -> int:
     if not all_finished(jobs, out):
         print(f"{json.dumps(report)}; other ranks are still generating: run the command again to judge")
         return 0
-    result = RemovalJudge(scorer, jobs, REMOVAL_PAIRS, args.threshold).score(out)
+    judge = RemovalJudge(scorer, jobs, REMOVAL_PAIRS, args.threshold, subject_threshold=args.subject_threshold)
+    result = judge.score(out)
     write_json(args.json, result)
     print(removal_summary(result))
     return 0
@@ -231,7 +238,8 @@ def clip(args) -> int:
 def calibrate(args) -> int:
     from ..eval.clip import ClipScorer, calibrate_labels
 
-    print(json.dumps(calibrate_labels(ClipScorer(args.clip), args.labels)))
+    judge = "subject" if args.subject else "negative"
+    print(json.dumps(calibrate_labels(ClipScorer(args.clip), args.labels, judge)))
     return 0
 
 

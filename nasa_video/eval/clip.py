@@ -6,8 +6,10 @@ $NASA_VIDEO_CLIP, else ~/.cache/nasa-video/clip-vit-large-patch14. Nothing is do
 
 Judge: for a pair (negative concept, contrast concept) each frame is scored with CLIP's zero-shot softmax
 over "a photo of {negative}" and "a photo of {contrast}"; the frame shows the negative when its probability
-is above the threshold (0.5 unless calibrated on frames whose answer is known). A video counts as a removal
-success when at most 10% of its frames show the negative (the bundled benchmark's rule; removal.py).
+is above the threshold (0.5 unless calibrated on frames whose answer is known). The prompt's subject is
+judged the same way, against "a photo of an empty scene", with its own threshold: two-way softmaxes compare
+texts on one frame, so neither verdict depends on CLIP's absolute similarity scale. A video counts as a
+removal success when at most 10% of its frames show the negative and at most 10% lack the subject (removal.py).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from ..errors import UserError
 
 CLIP_FILES = ("config.json", "preprocessor_config.json", "vocab.json", "merges.txt")
 DEFAULT_CLIP = Path.home() / ".cache" / "nasa-video" / "clip-vit-large-patch14"
+EMPTY_SCENE = "an empty scene"  # the subject's contrast: what a frame without it shows
 
 
 def clip_folder(path: str | os.PathLike | None = None) -> Path:
@@ -74,16 +77,30 @@ class ClipScorer:
 
     def clip_plus_minus(self, frames: np.ndarray, positive: str, negative: str) -> dict:
         """Mean over frames of the cosine similarity (x100, as CLIPScore is usually quoted) with each prompt."""
+        return self._clip_plus_minus(self.image_embeddings(frames), positive, negative)
+
+    def negative_probability(self, frames: np.ndarray, negative: str, contrast: str) -> np.ndarray:
+        """Per frame, CLIP's zero-shot probability of the negative concept against the contrast concept."""
+        return self._zero_shot(self.image_embeddings(frames), negative, contrast)
+
+    def subject_probability(self, frames: np.ndarray, subject: str) -> np.ndarray:
+        """Per frame, CLIP's zero-shot probability of the subject against an empty scene."""
+        return self._zero_shot(self.image_embeddings(frames), subject, EMPTY_SCENE)
+
+    def video_scores(self, frames: np.ndarray, positive: str, negative: str, contrast: str, subject: str) -> dict:
+        """All the judge reads of one video, from one pass of the image encoder (its costly part)."""
         images = self.image_embeddings(frames)
-        texts = self.text_embeddings([positive, negative])
-        sims = 100 * images @ texts.T
+        return {"negative": self._zero_shot(images, negative, contrast),
+                "subject": self._zero_shot(images, subject, EMPTY_SCENE),
+                **self._clip_plus_minus(images, positive, negative)}
+
+    def _clip_plus_minus(self, images: torch.Tensor, positive: str, negative: str) -> dict:
+        sims = 100 * images @ self.text_embeddings([positive, negative]).T
         return {"clip_plus": float(sims[:, 0].mean()), "clip_minus": float(sims[:, 1].mean())}
 
     @torch.no_grad()
-    def negative_probability(self, frames: np.ndarray, negative: str, contrast: str) -> np.ndarray:
-        """Per frame, CLIP's zero-shot probability of the negative concept against the contrast concept."""
-        images = self.image_embeddings(frames)
-        texts = self.text_embeddings([f"a photo of {negative}", f"a photo of {contrast}"])
+    def _zero_shot(self, images: torch.Tensor, concept: str, contrast: str) -> np.ndarray:
+        texts = self.text_embeddings([f"a photo of {concept}", f"a photo of {contrast}"])
         logits = self.model.logit_scale.exp().float() * images @ texts.T
         return logits.softmax(-1)[:, 0].cpu().numpy()
 
@@ -101,15 +118,39 @@ def calibrate(probabilities: np.ndarray, labels: np.ndarray) -> dict:
             "agreement_at_0.5": float(((probabilities > 0.5) == labels).mean()), "frames": int(len(labels))}
 
 
-def calibrate_labels(scorer: ClipScorer, labels: str | os.PathLike) -> dict:
-    """calibrate() on a JSON file of frames whose answer is known:
-    [{"image": path, "negative": "cat", "contrast": "dog", "shows": true}, ...]."""
+# What each kind of labelled frame names: the negative judge's (--threshold) or the subject judge's.
+LABEL_KEYS = {"negative": ("image", "negative", "contrast", "shows"), "subject": ("image", "subject", "present")}
+
+
+def read_labels(labels: str | os.PathLike, judge: str = "negative") -> list[dict]:
+    """The labelled frames for one judge, each checked for the keys that judge needs."""
+    path, keys = Path(labels), LABEL_KEYS[judge]
+    if not path.is_file():
+        raise UserError(f"labels file not found: {path}")
+    items = json.loads(path.read_text())
+    for n, item in enumerate(items if isinstance(items, list) else [None]):
+        if not isinstance(item, dict) or any(k not in item for k in keys):
+            raise UserError(f"{path}: item {n} lacks one of {', '.join(keys)} (what the {judge} judge's "
+                            f"calibration reads)")
+    return items
+
+
+def calibrate_labels(scorer: ClipScorer, labels: str | os.PathLike, judge: str = "negative") -> dict:
+    """calibrate() on a JSON file of frames whose answer is known, for the negative judge:
+    [{"image": path, "negative": "cat", "contrast": "dog", "shows": true}, ...], or the subject judge:
+    [{"image": path, "subject": "a pet", "present": true}, ...]; "option" names the flag that takes the result."""
     from PIL import Image
 
-    items = json.loads(Path(labels).read_text())
-    probs = [float(scorer.negative_probability(np.asarray(Image.open(i["image"]).convert("RGB"))[None],
-                                               i["negative"], i["contrast"])[0]) for i in items]
-    return calibrate(np.array(probs), np.array([bool(i["shows"]) for i in items]))
+    def probability(item) -> float:
+        frame = np.asarray(Image.open(item["image"]).convert("RGB"))[None]
+        if judge == "subject":
+            return float(scorer.subject_probability(frame, item["subject"])[0])
+        return float(scorer.negative_probability(frame, item["negative"], item["contrast"])[0])
+
+    items = read_labels(labels, judge)
+    answer = "present" if judge == "subject" else "shows"
+    result = calibrate(np.array([probability(i) for i in items]), np.array([bool(i[answer]) for i in items]))
+    return {**result, "option": "--subject-threshold" if judge == "subject" else "--threshold"}
 
 
 class ClipMetric:
