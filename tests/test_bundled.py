@@ -33,15 +33,17 @@ def test_deterministic_for_a_seed(toy):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def test_nasa_removes_more_than_none(toy):
-    """On 16 pairs x 2 seeds, NASA at the shipped alpha removes the negative object clearly more often than no
-    guidance (full benchmark: README / MODEL_CARD), without turning the picture into noise."""
+def test_the_model_draws_what_it_is_told_and_nasa_removes_only_the_negative(toy):
+    """A fixed slice of the benchmark (16 pairs x 2 seeds; the full one: README / MODEL_CARD): with no guidance
+    the named objects are there; with NASA at the shipped alpha the negative is gone while everything else stays
+    (the joint figure: removed, others retained, nothing unprompted, clean)."""
     pairs = prompt_pairs()[:16]
     scale = float(toy.cfg.guidance.scale)
     result = run_removal(toy, [("none", 0.0), ("nasa", scale)], pairs, seeds=(0, 1), progress=False)["methods"]
-    nasa = result[f"nasa@{scale:g}"]
-    assert nasa["success"] >= result["none"]["success"] + 0.15
-    assert nasa["corruption"] <= 0.08
+    none, nasa = result["none"], result[f"nasa@{scale:g}"]
+    assert none["retention"] >= 0.85 and none["consistency"] >= 0.85
+    assert nasa["joint_success"] >= none["joint_success"] + 0.30
+    assert nasa["retention"] >= none["retention"] - 0.05 and nasa["corruption"] <= none["corruption"] + 0.02
 
 
 def clip_frames(gen):
@@ -56,4 +58,4 @@ def test_default_cli_run_is_fast_and_writes_the_clip(tmp_path, capsys, toy):
                  "--out", str(out), "--quiet"]) == 0
     assert time.perf_counter() - started < 30
     frames = read_video(out)
-    assert frames.shape == (clip_frames(toy), 128, 128, 3)  # 32x32 frames shown 4x larger
+    assert frames.shape == (clip_frames(toy), 128, 192, 3)  # 48x32 frames shown 4x larger

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from ..errors import UserError
-from .common import seed
+from .common import device, seed
 
 DEFAULT_OUT = "toy-training"
 
@@ -21,6 +21,8 @@ def register(sub) -> None:
     train.add_argument("--out", default=DEFAULT_OUT, help="training folder (stages resume from it)")
     train.add_argument("--seed", type=seed, default=None, help="default: the training config's")
     train.add_argument("--smoke", action="store_true", help="a few iterations of each stage (a test)")
+    train.add_argument("--device", type=device, default="cpu", help="toy: where it trains (cpu, cuda); the random "
+                                                                    "draws stay on the CPU, so runs agree")
     train.add_argument("--export", default=None, metavar="DIR",
                        help="then copy the shippable files to DIR (nasa_video/toy/weights to ship them)")
     train.add_argument("--export-only", action="store_true", help="only export an already trained --out folder")
@@ -75,7 +77,7 @@ def toy(args) -> int:
     from ..toy.train import export_bundle, train_toy
 
     if not args.export_only:
-        log = train_toy(args.out, args.seed, args.smoke)
+        log = train_toy(args.out, args.seed, args.smoke, device=args.device)
         print(f"wrote {args.out}: {json.dumps(log)}")
     if args.export:
         files = export_bundle(args.out, args.export)

@@ -29,6 +29,7 @@ from ..train.ode import ode_regression_loss
 from ..loading import load_config
 from ..model.cache import PromptEmbeddings, TextCache
 from ..model.causal_wan import teacher_forcing_mask
+from ..guidance import NASA, NoGuidance
 from ..model.interface import build_from_config
 from ..schedule import FlowSchedule, output_to_velocity, prediction_of
 from .detect import agreement, detect
@@ -36,7 +37,7 @@ from .text import load_toy_text_encoder, new_toy_text_encoder, save_toy_text_enc
 from .world import degrade, render, sample_scene, visibility
 
 SMOKE = {"data": {"clips": 8}, "teacher": {"steps": 2, "batch": 4, "warmup": 1},
-         "student": {"steps": 2, "batch": 2, "warmup": 1}}
+         "student": {"steps": 2, "batch": 2, "warmup": 1, "nasa_t": {"from_step": 1, "share": 1.0, "clips": 8}}}
 
 
 def to_pixels(video: np.ndarray) -> torch.Tensor:
@@ -80,6 +81,31 @@ def encode_dataset(vae, tc, rng, clips: int, latent_frames: int):
 
 
 @torch.no_grad()
+def make_removals(vae, rng, clips: int, frames: int, latent_frames: int) -> dict:
+    """NASA-T's exact targets: scenes of two or three objects, one of them named as the negative, and the latents
+    of the same scene drawn without it. Returns {"latents", "captions", "negatives"}."""
+    from .world import Scene, caption_for
+
+    latents, captions, negatives = [], [], []
+    frames = encodable(frames)
+    for start in tqdm(range(0, clips, 16), desc="removals", unit="batch"):
+        scenes, kept = [], []
+        while len(scenes) < min(16, clips - start):
+            scene = sample_scene(rng)
+            if len(scene.things) < 2:
+                continue
+            drop = int(rng.integers(len(scene.things)))
+            others = tuple(t for i, t in enumerate(scene.things) if i != drop)
+            scenes.append(scene)
+            kept.append(Scene(others, caption_for(others)))
+            negatives.append(scene.things[drop].name)
+        pixels = torch.stack([to_pixels(render(s, frames)[0]) for s in kept])
+        latents.append(vae.encode(pixels)[:, :, :latent_frames])
+        captions += [s.caption for s in scenes]
+    return {"latents": torch.cat(latents), "captions": captions, "negatives": negatives}
+
+
+@torch.no_grad()
 def codec_agreement(vae, rng, videos: int, frames: int) -> float:
     """Detector vs ground truth on codec reconstructions (through the streaming decoder, as generation does)."""
     from ..vae import streaming_decoder, to_uint8
@@ -118,7 +144,8 @@ def new_generator(model_cfg, seed):
 
 def train_teacher(model_cfg, tc, latents, captions, text, rng, log, checkpoint: Path | None = None):
     flow = FlowSchedule(float(model_cfg.sampling.shift))
-    model = new_generator(model_cfg, tc.seed + 2).train()
+    device = text.device
+    model = new_generator(model_cfg, tc.seed + 2).to(device).train()
     text.encoder.train().requires_grad_(True)
     params = list(model.parameters()) + list(text.encoder.parameters())
     opt = torch.optim.AdamW(params, lr=tc.teacher.lr, weight_decay=0.01)
@@ -139,11 +166,11 @@ def train_teacher(model_cfg, tc, latents, captions, text, rng, log, checkpoint: 
                      total=tc.teacher.steps):
         set_lr(opt, lr_at(step, tc.teacher.steps, tc.teacher.lr, tc.teacher.warmup))
         idx = torch.randint(len(latents), (tc.teacher.batch,), generator=gen)
-        x0 = latents[idx]
+        x0 = latents[idx].to(device)
         prompts = [captions[i] if rng.random() >= tc.teacher.caption_dropout else "" for i in idx.tolist()]
-        u = torch.rand(len(idx), generator=gen)
-        sigma = flow.shifted(u)
-        noise = torch.randn(x0.shape, generator=gen)
+        u = torch.rand(len(idx), generator=gen)  # random draws on the CPU: the same numbers on any device
+        sigma = flow.shifted(u).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
         s = sigma[:, None, None, None, None]
         x_t = (1 - s) * x0 + s * noise
         t = (sigma * flow.num_train_timesteps)[:, None].expand(-1, frames)
@@ -176,19 +203,26 @@ def student_states(x0: torch.Tensor, student_steps: torch.Tensor, flow: FlowSche
     return torch.cat([(1 - s) * x0[:, None] + s * noise, x0[:, None]], 1)
 
 
-def train_student(teacher, text, model_cfg, tc, latents, captions, log, checkpoint: Path | None = None):
+def train_student(teacher, text, model_cfg, tc, latents, captions, log, checkpoint: Path | None = None,
+                  removals: dict | None = None):
     """The block-causal few-step student, from the teacher: each block at a random student step, clean frames
     before it as context (teacher forcing), x0 regressed onto the data; captions dropped like the teacher's so
-    CFG has its unconditional branch. Saves its state every tc.student.checkpoint_every steps and resumes."""
+    CFG has its unconditional branch. Saves its state every tc.student.checkpoint_every steps and resumes.
+
+    NASA-T with exact targets (from step tc.student.nasa_t.from_step, a share of the steps): the forward runs NASA
+    in its cross-attention (Z+ - alpha Z-, alpha drawn per step) with the caption as the positive and one of its
+    objects as the negative, and regresses the same scene rendered without that object (removals: make_removals).
+    DMD's NASA-T learns the same thing from a teacher's scores; this world has the answer itself."""
     flow = FlowSchedule(float(model_cfg.sampling.shift))
     steps = torch.tensor(list(model_cfg.sampling.steps), dtype=torch.float32)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    device = text.device
+    student = copy.deepcopy(teacher).to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=tc.student.lr, weight_decay=0.01)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     fpb = int(model_cfg.video.frames_per_block)
     _, _, frames, h, w = latents.shape
-    mask = teacher_forcing_mask(frames, fpb, student.tokens_per_frame(h, w))
-    positions = torch.cat([torch.arange(frames), torch.arange(frames)])
+    mask = teacher_forcing_mask(frames, fpb, student.tokens_per_frame(h, w)).to(device)
+    positions = torch.cat([torch.arange(frames), torch.arange(frames)]).to(device)
     gen = torch.Generator().manual_seed(tc.seed + 7)
     losses, first = [], 0
     if checkpoint is not None and checkpoint.exists():
@@ -199,15 +233,31 @@ def train_student(teacher, text, model_cfg, tc, latents, captions, log, checkpoi
     with torch.no_grad():
         contexts = torch.cat([text.encode_batch(captions[i:i + 256]) for i in range(0, len(captions), 256)])
         empty = text.encode_batch([""])
+        if removals is not None:
+            removal_contexts = torch.cat([text.encode_batch(removals["captions"][i:i + 256])
+                                          for i in range(0, len(removals["captions"]), 256)])
+            negative_contexts = torch.cat([text.encode_batch(removals["negatives"][i:i + 256])
+                                           for i in range(0, len(removals["negatives"]), 256)])
+    nasa_t = tc.student.get("nasa_t")
     for step in tqdm(range(first, tc.student.steps), desc="student", unit="step", initial=first,
                      total=tc.student.steps):
         set_lr(opt, lr_at(step, tc.student.steps, tc.student.lr, tc.student.warmup))
-        idx = torch.randint(len(latents), (tc.student.batch,), generator=gen)
+        if removals is not None and step >= nasa_t.from_step and float(torch.rand(1, generator=gen)) < nasa_t.share:
+            idx = torch.randint(len(removals["latents"]), (tc.student.batch,), generator=gen)
+            alpha = float(nasa_t.alpha[0] + (nasa_t.alpha[1] - nasa_t.alpha[0]) * torch.rand(1, generator=gen))
+            prompts = PromptEmbeddings(removal_contexts[idx.to(device)], [negative_contexts[idx.to(device)]])
+            student.set_guidance(NASA(), [alpha])
+            target = removals["latents"][idx]
+        else:
+            idx = torch.randint(len(latents), (tc.student.batch,), generator=gen)
+            dropped = torch.rand(len(idx), generator=gen) < tc.student.caption_dropout
+            prompts = PromptEmbeddings(torch.where(dropped[:, None, None].to(device), empty, contexts[idx.to(device)]))
+            student.set_guidance(NoGuidance())
+            target = latents[idx]
         k = torch.randint(len(steps), (len(idx), frames // fpb), generator=gen)
-        dropped = torch.rand(len(idx), generator=gen) < tc.student.caption_dropout
-        context = torch.where(dropped[:, None, None], empty, contexts[idx])
-        loss = ode_regression_loss(student, PromptEmbeddings(context), student_states(latents[idx], steps, flow, gen),
-                                   k, steps, flow, prediction_of(model_cfg), mask, positions, fpb)
+        states = student_states(target, steps, flow, gen).to(device)
+        loss = ode_regression_loss(student, prompts, states, k, steps, flow, prediction_of(model_cfg), mask,
+                                   positions, fpb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -221,15 +271,21 @@ def train_student(teacher, text, model_cfg, tc, latents, captions, log, checkpoi
                                          "opt": opt.state_dict(), "gen": gen.get_state(), "losses": losses,
                                          "step": step + 1})
     log["student_loss_last50"] = float(np.mean(losses[-50:]))
+    ema.set_guidance(NoGuidance())
     return ema
 
 
-def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False, overrides: dict | None = None) -> dict:
-    """overrides: merged into configs/toy_train.yaml (for example {"teacher": {"steps": 300}})."""
+def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False, overrides: dict | None = None,
+              device: str = "cpu") -> dict:
+    """overrides: merged into configs/toy_train.yaml (for example {"teacher": {"steps": 300}}). device: where the
+    networks train; every random draw is made on the CPU, so a GPU run follows the same data and noise."""
     from safetensors.torch import save_file
+
+    from ..loading import resolve_device
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(device)
     model_cfg = load_config("toy")
     tc = OmegaConf.load(Path(__file__).parents[1] / "configs" / "toy_train.yaml")
     if smoke:
@@ -240,7 +296,7 @@ def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False, ove
         tc.seed = seed
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
-    log: dict = {"seed": int(tc.seed), "smoke": smoke, "torch_threads": torch.get_num_threads()}
+    log: dict = {"seed": int(tc.seed), "smoke": smoke, "device": str(device), "torch_threads": torch.get_num_threads()}
     timings = {}
 
     # Each stage leaves its result in the output folder; a rerun (after a crash, or to retrain only the later
@@ -278,16 +334,18 @@ def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False, ove
 
     began = time.perf_counter()
     if (out / "teacher.safetensors").exists():
-        text = load_toy_text_encoder(out / "text", "cpu")
+        text = load_toy_text_encoder(out / "text", device)
         teacher = new_generator(model_cfg, 0)
         teacher.load_state_dict(load_file(str(out / "teacher.safetensors")))
+        teacher.to(device)
         teacher.eval().requires_grad_(False)
         log.update(json.loads((cache / "teacher.json").read_text()))
     else:
         text = new_toy_text_encoder(OmegaConf.to_container(tc.text.config),
                                     int(model_cfg.weights.text_max_length), tc.seed + 1)
+        text.encoder.to(device)
         teacher = train_teacher(model_cfg, tc, latents, captions, text, rng, log, cache / "teacher.pt")
-        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(out / "teacher.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in teacher.state_dict().items()}, str(out / "teacher.safetensors"))
         save_toy_text_encoder(text, out / "text")
         (cache / "teacher.json").write_text(json.dumps({"teacher_loss_last50": log["teacher_loss_last50"]}))
         tqdm.write(f"teacher: loss {log['teacher_loss_last50']:.4f}, {time.perf_counter() - began:.0f}s")
@@ -295,12 +353,22 @@ def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False, ove
     text.encoder.eval().requires_grad_(False)
 
     began = time.perf_counter()
-    student = train_student(teacher, text, model_cfg, tc, latents, captions, log, cache / "student.pt")
+    removals = None
+    if tc.student.get("nasa_t"):
+        if (cache / "removals.safetensors").exists():
+            removals = {"latents": load_file(str(cache / "removals.safetensors"))["latents"],
+                        **json.loads((cache / "removals.json").read_text())}
+        else:
+            removals = make_removals(vae, np.random.default_rng([tc.seed, 5]), int(tc.student.nasa_t.clips),
+                                     tc.clip_frames, int(model_cfg.video.latent_frames))
+            save_file({"latents": removals["latents"].contiguous()}, str(cache / "removals.safetensors"))
+            (cache / "removals.json").write_text(json.dumps({k: removals[k] for k in ("captions", "negatives")}))
+    student = train_student(teacher, text, model_cfg, tc, latents, captions, log, cache / "student.pt", removals)
     timings["student"] = time.perf_counter() - began
     log["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     log["seconds_total"] = round(sum(timings.values()), 1)
 
-    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(out / "generator.safetensors"))
+    save_file({k: v.cpu().contiguous() for k, v in student.state_dict().items()}, str(out / "generator.safetensors"))
     (out / "training.json").write_text(json.dumps(log, indent=2))
     return log
 
