@@ -362,7 +362,12 @@ class VideoServer:
         for message in controls:
             try:
                 scale = None if message.get("scale") is None else _number(message, "scale", None, float, -1e6, 1e6)
-                if message["type"] == "negative":
+                if message["type"] == "prompt":
+                    prompt = _text(message.get("prompt", ""), "prompt", self.limits.max_prompt_chars)
+                    if not prompt:
+                        raise BadRequest("prompt is empty")
+                    stream.set_prompt(prompt, recache=message.get("recache") is True)
+                elif message["type"] == "negative":
                     stream.set_negative(parse_negative_list(message.get("negative"), self.limits) or None, scale)
                 elif scale is not None:
                     stream.set_scale(scale)
@@ -381,9 +386,10 @@ class VideoServer:
                         message = json.loads(await ws.receive_text())
                     except (ValueError, KeyError):  # malformed or binary: say so and keep the stream
                         await ws.send_json({"type": "error", "message": "control message is not valid JSON: "
-                                            "send {\"type\": \"negative\" | \"scale\" | \"stop\", ...}"})
+                                            "send {\"type\": \"prompt\" | \"negative\" | \"scale\" | \"stop\", ...}"})
                         continue
-                    if not isinstance(message, dict) or message.get("type") not in ("negative", "scale", "stop"):
+                    if not isinstance(message, dict) or message.get("type") not in ("prompt", "negative", "scale",
+                                                                                     "stop"):
                         await ws.send_json({"type": "error", "message": "unknown control message"})
                     elif message["type"] == "stop":
                         job.cancelled = True
@@ -441,12 +447,12 @@ class VideoServer:
                 break
             await self.on_device(job.clip.write, chunk.frames)  # to disk: the job holds no frames
             frames_done += len(chunk.frames)
-            state = {"negative": [t for t, _ in chunk.negative], "scale": chunk.scale}
+            state = {"prompt": chunk.prompt, "negative": [t for t, _ in chunk.negative], "scale": chunk.scale}
             await ws.send_json({
                 "type": "block", "block": chunk.block, "first_frame": chunk.first_frame,
                 "frames": [png_data_url(f) for f in chunk.frames], **state,
                 "changed": previous is not None and state != previous,
-                "fps": frames_done / (time.perf_counter() - began),
+                "recache_seconds": chunk.recache_seconds, "fps": frames_done / (time.perf_counter() - began),
                 "seconds": chunk.denoise_seconds + chunk.decode_seconds})
             previous = state
             index += 1

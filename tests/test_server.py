@@ -96,6 +96,54 @@ def test_mid_stream_change_applies_from_the_next_block(client, tiny_generator):
         np.testing.assert_array_equal(frames_of(block), frames)
 
 
+@pytest.mark.parametrize("recache", [False, True])
+def test_prompt_switch_applies_from_the_next_block(client, tiny_generator, recache):
+    """The live page's prompt switch: a "prompt" message takes effect at the next block boundary, each block reports
+    the prompt it was made with (re-cache time with it), and the frames equal Stream.set_prompt before that block."""
+    job = start(client, blocks=4)
+    with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
+        first, _ = until(ws, "block")
+        ws.send_json({"type": "prompt", "prompt": "a blue square", "recache": recache})
+        _, seen = until(ws, "done")
+    blocks = [first] + [m for m in seen if m["type"] == "block"]
+    assert blocks[0]["prompt"] == "a red circle"
+    switch = next(i for i, b in enumerate(blocks) if b["prompt"] == "a blue square")
+    assert switch >= 1 and all(b["prompt"] == "a blue square" for b in blocks[switch:])
+    assert [b["changed"] for b in blocks] == [i == switch for i in range(4)]
+    assert (blocks[switch]["recache_seconds"] > 0) == recache
+    stream = tiny_generator.stream("a red circle", ["noise"], 0.5, "nasa", None, 3, rolling=True)
+    expected = []
+    for i, chunk in enumerate(stream):
+        expected.append(chunk.frames)
+        if i + 1 == switch:
+            stream.set_prompt("a blue square", recache=recache)
+        if i == 3:
+            break
+    for block, frames in zip(blocks, expected):
+        np.testing.assert_array_equal(frames_of(block), frames)
+    assert not np.array_equal(frames_of(blocks[-1]), tiny_generator_frames(tiny_generator, 3))
+
+
+def tiny_generator_frames(gen, block):
+    """The unswitched stream's frames at a block, to show the switch changed something."""
+    for i, chunk in enumerate(gen.stream("a red circle", ["noise"], 0.5, "nasa", None, 3, rolling=True)):
+        if i == block:
+            return chunk.frames
+
+
+@pytest.mark.parametrize("message, reason", [({"type": "prompt", "prompt": ""}, "prompt is empty"),
+                                             ({"type": "prompt", "prompt": 5}, "prompt must be a string")])
+def test_bad_prompt_switch_is_refused_and_the_stream_goes_on(client, message, reason):
+    job = start(client, blocks=3)
+    with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
+        until(ws, "block")
+        ws.send_json(message)
+        done, seen = until(ws, "done")
+    assert done["blocks"] == 3
+    errors = [m["message"] for m in seen if m["type"] == "error"]
+    assert any(reason in e for e in errors) and all(b["prompt"] == "a red circle" for b in seen if b["type"] == "block")
+
+
 def test_bad_change_is_refused_and_the_stream_goes_on(client):
     job = start(client, blocks=3)
     with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
