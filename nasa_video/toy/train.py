@@ -161,6 +161,7 @@ def train_teacher(model_cfg, tc, latents, captions, text, rng, log, checkpoint: 
         for name, net in nets.items():
             net.load_state_dict(state[name])
         gen.set_state(state["gen"]), setattr(rng.bit_generator, "state", state["rng"])
+        torch.set_rng_state(state["torch_rng"])  # the text encoder's dropout draws from it
         losses, first = list(state["losses"]), int(state["step"])
     for step in tqdm(range(first, tc.teacher.steps), desc="teacher", unit="step", initial=first,
                      total=tc.teacher.steps):
@@ -188,7 +189,8 @@ def train_teacher(model_cfg, tc, latents, captions, text, rng, log, checkpoint: 
         losses.append(loss.item())
         if checkpoint is not None and ((step + 1) % tc.teacher.checkpoint_every == 0 or step + 1 == tc.teacher.steps):
             save_checkpoint(checkpoint, {**{k: v.state_dict() for k, v in nets.items()}, "gen": gen.get_state(),
-                                         "rng": rng.bit_generator.state, "losses": losses, "step": step + 1})
+                                         "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                                         "losses": losses, "step": step + 1})
     log["teacher_loss_last50"] = float(np.mean(losses[-50:]))
     text.encoder = ema_text
     return ema
