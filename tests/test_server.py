@@ -255,33 +255,31 @@ BUNDLED = __import__("pathlib").Path(__file__).parents[1] / "nasa_video" / "toy"
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="needs the bundled toy weights (issue 3)")
-def test_negative_change_mid_stream_removes_the_object_on_the_bundled_model(tmp_path):
-    """With the bundled model the detector reads the streamed frames: the red object is there until the
-    negative prompt arrives and gone in the blocks after it, while the blue one stays. (The bundled model's
-    shapes are too rough for the detector's shape stage to be reliable, see the model card; its colour stage,
-    the per-colour object masks, is what this checks.)"""
+def test_the_live_page_streams_the_bundled_model_with_and_without_the_negative(tmp_path):
+    """With the bundled model the detector reads the streamed frames: asked for "a red circle and a blue square",
+    the red object is drawn; with "red circle" as the negative from the start it is not, and the blue one stays.
+    (A negative sent mid-stream does not take an object already drawn out of the bundled model's later blocks: the
+    cached frames hold it and the student learned NASA-T only from a clip's start, see the model card. That the
+    server applies such a change from the next block, exactly as the library does, is tested on the tiny model.)"""
     from nasa_video.pipeline import StreamingGenerator
     from nasa_video.toy.detect import color_masks
 
     gen = StreamingGenerator.from_config("toy", device="cpu")
-    with TestClient(create_app(VideoServer(gen, tmp_path / "clips", Limits()))) as client:
-        job = start(client, prompt="a red circle and a blue square", negative=[], seed=2, blocks=4,
-                    scale=float(gen.cfg.guidance.scale))
-        with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
-            first, _ = until(ws, "block")
-            ws.send_json({"type": "negative", "negative": ["red circle"]})
-            _, seen = until(ws, "done")
-    blocks = [first] + [m for m in seen if m["type"] == "block"]
-    switch = next(i for i, b in enumerate(blocks) if b["negative"] == ["red circle"])
-    assert blocks[switch]["changed"] and switch >= 1
 
-    def pixels_per_frame(chunk, color):
-        frames = np.concatenate([frames_of(b) for b in chunk])
+    def pixels_per_frame(blocks, color):
+        frames = np.concatenate([frames_of(b) for b in blocks])
         return color_masks(frames)[color].sum() / len(frames)
 
-    assert pixels_per_frame(blocks[:switch], "red") >= 30
-    assert pixels_per_frame(blocks[switch:], "red") <= 5
-    assert pixels_per_frame(blocks[switch:], "blue") >= 30
+    with TestClient(create_app(VideoServer(gen, tmp_path / "clips", Limits()))) as client:
+        streamed = {}
+        for negative in ([], ["red circle"]):
+            job = start(client, prompt="a red circle and a blue square", negative=negative, seed=2, blocks=3,
+                        scale=float(gen.cfg.guidance.scale))
+            with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
+                _, seen = until(ws, "done")
+            streamed[bool(negative)] = [m for m in seen if m["type"] == "block"]
+    assert pixels_per_frame(streamed[False], "red") >= 30 and pixels_per_frame(streamed[False], "blue") >= 30
+    assert pixels_per_frame(streamed[True], "red") <= 5 and pixels_per_frame(streamed[True], "blue") >= 30
 
 
 @pytest.mark.parametrize("bad", ["not json", "{\"type\": ", "[1, 2]", "null"])
