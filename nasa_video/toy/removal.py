@@ -57,7 +57,8 @@ def object_consistent(track: list) -> bool:
     if len(present) < PRESENT_FRAMES * len(track):
         return False
     shapes = [r.shape for r in present]
-    if max(shapes.count(s) for s in set(shapes)) < SAME_SHAPE_FRAMES * len(present) or shapes.count(None) > len(shapes) / 2:
+    most_common = max(shapes.count(s) for s in set(shapes))
+    if most_common < SAME_SHAPE_FRAMES * len(present) or shapes.count(None) > len(shapes) / 2:
         return False
     areas = np.array([r.area for r in present], np.float32)
     if np.abs(areas / np.median(areas) - 1).max() > AREA_TOLERANCE:
@@ -170,8 +171,8 @@ def label(method: str, scale: float) -> str:
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| method | scale | joint success | removed | retention | unprompted | consistency | corruption | videos |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | scale | joint success | removed | retention | unprompted | consistency | corruption "
+             "| videos |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["methods"].values():
         scale = "-" if r["method"] == "none" else f"{r['scale']:g}"
         lines.append(f"| {r['method']} | {scale} | {100 * r['joint_success']:.1f}% | {100 * r['success']:.1f}% | "

@@ -196,6 +196,12 @@ def train_teacher(model_cfg, tc, latents, captions, text, rng, log, checkpoint: 
     return ema
 
 
+@torch.no_grad()
+def encode_all(text, prompts: list[str], chunk: int = 256) -> torch.Tensor:
+    """Every prompt's embeddings [N, L, C], encoded a chunk at a time (the whole dataset at once is too large)."""
+    return torch.cat([text.encode_batch(prompts[i:i + chunk]) for i in range(0, len(prompts), chunk)])
+
+
 def student_states(x0: torch.Tensor, student_steps: torch.Tensor, flow: FlowSchedule, gen: torch.Generator):
     """[B, S+1, C, F, H, W]: the clean video noised to each student step (fresh noise each), then the video itself:
     the shape of a teacher trajectory, so the student's regression (ode_regression_loss) reads it unchanged."""
@@ -232,14 +238,10 @@ def train_student(teacher, text, model_cfg, tc, latents, captions, log, checkpoi
         student.load_state_dict(state["student"]), ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"]), gen.set_state(state["gen"])
         losses, first = list(state["losses"]), int(state["step"])
-    with torch.no_grad():
-        contexts = torch.cat([text.encode_batch(captions[i:i + 256]) for i in range(0, len(captions), 256)])
-        empty = text.encode_batch([""])
-        if removals is not None:
-            removal_contexts = torch.cat([text.encode_batch(removals["captions"][i:i + 256])
-                                          for i in range(0, len(removals["captions"]), 256)])
-            negative_contexts = torch.cat([text.encode_batch(removals["negatives"][i:i + 256])
-                                           for i in range(0, len(removals["negatives"]), 256)])
+    contexts, empty = encode_all(text, captions), encode_all(text, [""])
+    if removals is not None:
+        removal_contexts = encode_all(text, removals["captions"])
+        negative_contexts = encode_all(text, removals["negatives"])
     nasa_t = tc.student.get("nasa_t")
     for step in tqdm(range(first, tc.student.steps), desc="student", unit="step", initial=first,
                      total=tc.student.steps):
