@@ -63,7 +63,10 @@ def test_word_tokenizer_pads_and_names_unknown_words():
     tok = WordTokenizer(VOCAB)
     out = tok(["a red circle"], padding="max_length", max_length=6, return_tensors="pt")
     assert out["input_ids"].shape == (1, 6)
-    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0]]  # a, "red circle", </s>
+    assert tok.words("A red circle moving up and a blue") == ["a", "red circle", "moving", "up", "and", "a", "blue"]
+    plain = WordTokenizer([w for w in VOCAB if " " not in w])  # an older vocabulary: no pairs, no merging
+    assert plain.words("a red circle") == ["a", "red", "circle"]
     with pytest.warns(UserWarning, match="'purple'"):
         tok(["a purple circle"], padding="max_length", max_length=6, return_tensors="pt")
     with warnings.catch_warnings():
