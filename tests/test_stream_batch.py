@@ -62,12 +62,14 @@ def test_a_change_in_one_stream_only(gen, recache):
 
 def test_a_stream_can_leave_between_blocks(gen):
     batch = gen.stream_batch(SPECS, decode=False)
-    chunks = []
+    chunks, sizes = [], []
     for out in batch:
         chunks.append(out)
         if out[0].block == 0:
             batch.remove(1)
-    assert list(chunks[1]) == [0, 2] and len(batch) == 2
+        sizes.append(len(batch))
+    assert list(chunks[1]) == [0, 2] and 1 not in batch
+    assert sizes[0] == 2 and sizes[-1] == 0  # after its last block a stream leaves
     for i in (0, 2):
         for block, chunk in enumerate(alone(gen, SPECS[i], decode=False)):
             close(chunks[block][i], chunk)
@@ -80,3 +82,58 @@ def test_batch_refusals_are_one_line(gen):
         gen.stream_batch([dict(prompt="a fox", sead=1)])
     with pytest.raises(UserError, match="at least one stream"):
         gen.stream_batch([])
+
+
+@pytest.fixture(scope="module")
+def rolling_gen():
+    """A rolling cache of 2 blocks and a RoPE table of 12 positions: in 6 blocks the batch evicts and re-bases."""
+    from nasa_video.pipeline import StreamingGenerator
+    return StreamingGenerator.from_config("tiny", device="cpu", dtype="fp32", attention_backend="sdpa",
+                                          overrides={"cache": {"capacity_frames": 6, "rolling": True},
+                                                     "generator": {"rope_max_seq_len": 12},
+                                                     "video": {"height": 16, "width": 16}})
+
+
+def test_a_stream_joins_a_running_batch_and_equals_itself_alone(rolling_gen):
+    """Stream "late" joins after block 1 (the batch has cached frames it must not see); it has 3 blocks of its own,
+    the others 6. Every stream equals itself alone, including across the batch's evictions and position re-bases
+    (the late stream's frames sit at other RoPE positions than alone: only position differences matter)."""
+    gen = rolling_gen
+    first = [dict(SPECS[0], frames=69), dict(SPECS[1], frames=69)]
+    late = dict(prompt="a kite over a beach", negative="birds", scale=0.6, seed=9, frames=33)
+    batch = gen.stream_batch(first, decode=False, rolling=True)
+    got: dict = {0: [], 1: [], "late": []}
+    for out in batch:
+        for name, chunk in out.items():
+            got[name].append(chunk)
+        if out[0].block == 1:
+            batch.add(dict(late, name="late"))
+            assert "late" in batch and len(batch) == 3
+    assert [len(got[n]) for n in (0, 1, "late")] == [6, 6, 3]
+    assert [c.block for c in got["late"]] == [0, 1, 2]
+    for name, spec in ((0, first[0]), (1, first[1]), ("late", late)):
+        stream = gen.stream(spec["prompt"], spec["negative"], spec["scale"], frames=spec["frames"], seed=spec["seed"],
+                            rolling=True, decode=False)
+        for chunk, ref in zip(got[name], stream, strict=True):
+            torch.testing.assert_close(chunk.latents, ref.latents, rtol=1e-4, atol=1e-4)
+    assert len(batch) == 0
+
+
+def test_a_join_after_everyone_left_starts_afresh(rolling_gen):
+    batch = rolling_gen.stream_batch([dict(SPECS[2], frames=9)], decode=False, rolling=True)
+    assert len(list(batch)) == 1 and not batch.running
+    batch.add(dict(SPECS[0], frames=21, name="next"))
+    chunks = [out["next"] for out in batch]
+    alone_ = rolling_gen.stream(SPECS[0]["prompt"], SPECS[0]["negative"], SPECS[0]["scale"], frames=21,
+                                seed=SPECS[0]["seed"], rolling=True, decode=False)
+    for chunk, ref in zip(chunks, alone_, strict=True):
+        close(chunk, ref)
+
+
+def test_a_join_needs_a_rolling_cache_without_sinks(gen):
+    batch = gen.stream_batch(SPECS[:1], decode=False)
+    next(iter(batch))
+    with pytest.raises(UserError, match="only on a rolling cache without sink frames"):
+        batch.add(dict(SPECS[1]))
+    with pytest.raises(UserError, match="two streams are named 0"):
+        batch.add(dict(SPECS[1], name=0))
