@@ -87,7 +87,7 @@ def batched_text(layers_per_stream: list[list[TextKV]], heads: int) -> list[Text
 
 
 SPEC_KEYS = {"prompt", "negative", "scale", "seed", "prompt_embeds", "negative_prompt_embeds", "latents", "generator",
-             "frames"}
+             "frames", "method"}
 
 
 class _Member:
@@ -104,8 +104,8 @@ class StreamBatch:
     one block), until every stream has made its last block.
 
     specs: one dict per stream with Stream's per-video arguments (prompt, negative, scale, seed, prompt_embeds,
-    negative_prompt_embeds, latents, generator, frames: its own length, default the batch's) and an optional name
-    (default: its index). Change a stream between blocks with batch[name].set_prompt / set_negative / set_scale
+    negative_prompt_embeds, latents, generator, frames: its own length, default the batch's; method: "nasa" or "none",
+    default the batch's) and an optional name (default: its index). Change a stream between blocks with batch[name].set_prompt / set_negative / set_scale
     (from the next block); remove(name) drops it (its cache rows go) and add(spec) adds one, both from the next
     block. A chunk's block and first_frame count from the stream's own start."""
 
@@ -164,7 +164,12 @@ class StreamBatch:
         if self.running and (not self.rolling or cache.sink_frames):
             raise UserError("a stream can join a running batch only on a rolling cache without sink frames "
                             "(rolling=True, cache.sink_frames: 0); start another batch for it")
-        stream = Stream(self.gen, spec.get("prompt"), spec.get("negative"), spec.get("scale"), self.method,
+        method = self.method
+        if spec.get("method") is not None:
+            method = method_from_config(self.gen.cfg, spec["method"])
+            if method.name not in BATCH_METHODS:
+                raise UserError(f"stream {name!r}: a batch runs {' and '.join(BATCH_METHODS)}, not {method.name}")
+        stream = Stream(self.gen, spec.get("prompt"), spec.get("negative"), spec.get("scale"), method,
                         spec.get("frames", self.frames), spec.get("seed", 0), self.rolling, self.decode,
                         prompt_embeds=spec.get("prompt_embeds"),
                         negative_prompt_embeds=spec.get("negative_prompt_embeds"), latents=spec.get("latents"),
@@ -232,7 +237,7 @@ class StreamBatch:
         rows = []
         for member in self.members.values():
             stream = member.stream
-            if not guided or self.method.name == "none":
+            if not guided or stream.guidance.name == "none":
                 rows.append(tuple(0.0 for _ in stream.negatives))
             else:
                 local = max(0, block - member.joined)
