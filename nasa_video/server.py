@@ -13,8 +13,8 @@ HTTP + one WebSocket per video, on Starlette under uvicorn:
 
 Several viewers, one forward per step: up to `max_streams` jobs run at once (DeviceScheduler). NASA and none jobs
 share one StreamBatch, which makes a block of every one of them in one batched forward per denoising step; a job
-that arrives while the batch runs joins it from the next block (its own empty cache row, its own positions
-masked: it makes the video it would make alone). NAG / VSF / CFG jobs run as their own streams, a block each per
+that arrives while the batch runs joins it from the next block (its own empty cache row, the frames made before
+it masked from its attention: it makes the video it would make alone). NAG / VSF / CFG jobs run as their own streams, a block each per
 round. Only jobs past `max_streams` wait, in a FIFO queue, and see their position. Every torch call (text encoding
 for validation included) runs on one worker thread, so requests never race on the model.
 
