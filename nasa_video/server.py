@@ -176,21 +176,27 @@ class DeviceScheduler:
         return list(self.waiting).index(job) + 1
 
     async def wait(self, job: Job, report, wake) -> bool:
-        """Queue the job and block until the device loop admits it (True) or it is cancelled while waiting (False).
-        wake(): start the device loop if it is idle."""
+        """Queue the job and block until the device loop admits it (True) or it is cancelled first (False).
+        wake(): start the device loop if it is idle. Positions are sent outside the lock (a slow client must not
+        hold up admissions)."""
         async with self._changed:
             self.waiting.append(job)
             wake()
-            last = None
-            try:
-                while not job.cancelled and job.id not in self.running:
-                    position = self.position(job)
-                    if position != last and len(self.running) >= self.capacity:
-                        await report(position)
-                        last = position
-                    await self._changed.wait()
-                return job.id in self.running and not job.cancelled
-            finally:
+        last = None
+        try:
+            while True:
+                async with self._changed:
+                    if job.cancelled or job.id in self.running:
+                        break
+                    position = self.position(job) if len(self.running) >= self.capacity else None
+                    if position is None or position == last:
+                        await self._changed.wait()
+                        continue
+                last = position
+                await report(position)
+            return job.id in self.running and not job.cancelled
+        finally:
+            async with self._changed:
                 if job in self.waiting:
                     self.waiting.remove(job)
                     self._changed.notify_all()
@@ -497,13 +503,31 @@ class VideoServer:
         job.ready.set()
 
     async def _end(self, job: Job, message) -> None:
-        await self.on_device(self._leave, job)
+        try:
+            await self.on_device(self._leave, job)
+        except Exception:  # the job ends all the same; the others go on
+            logging.getLogger(__name__).exception("could not take a job off the device")
         job.ended = True
         self._post(job, message)
         await self.queue.release(job)
 
     async def _device_loop(self) -> None:
-        """Admit waiting jobs while there is room, then run rounds until no job is left."""
+        """Run rounds until no job is left. Should it fail itself, every job on the device ends with the message
+        (no viewer waits for a block that will not come)."""
+        try:
+            await self._rounds()
+        except BaseException as error:
+            logging.getLogger(__name__).exception("the device loop failed")
+            self.batch = None
+            for job in list(self.queue.running.values()):
+                if not job.ended:
+                    job.ended = True
+                    self._post(job, ("failed", str(error) or type(error).__name__))
+                    await self.queue.release(job)
+            raise
+
+    async def _rounds(self) -> None:
+        """Admit waiting jobs while there is room, then run a round; until no job is left."""
         while True:
             for job in await self.queue.admit(self._can_join):
                 job.clip = ClipSpool(self.spool_dir / job.id, self.fps, self.display_scale)
@@ -512,6 +536,10 @@ class VideoServer:
                     await self.on_device(self._start, job)
                 except UserError as error:
                     await self._end(job, ("error", str(error)))
+                    continue
+                except Exception as error:  # out of memory and the like: this job ends with the message
+                    logging.getLogger(__name__).exception("could not start a job")
+                    await self._end(job, ("failed", str(error)))
                     continue
                 job.began = time.perf_counter()
                 self._post(job, ("started", None))
@@ -559,6 +587,7 @@ class VideoServer:
                         await ws.send_json({"type": "error", "message": "unknown control message"})
                     elif message["type"] == "stop":
                         job.cancelled = True
+                        await self.queue.poke()  # a queued job leaves the queue now
                     else:
                         job.controls.append(message)
             except (WebSocketDisconnect, RuntimeError, ValueError):
@@ -571,11 +600,13 @@ class VideoServer:
             async def report(position):
                 await ws.send_json({"type": "queued", "position": position})
 
-            if not await self.queue.wait(job, report, self._wake):
-                return
-            try:
+            if await self.queue.wait(job, report, self._wake):
                 await self._send(ws, job)
-            finally:
+        except (WebSocketDisconnect, RuntimeError):
+            job.cancelled = True
+        finally:
+            listener.cancel()
+            if job.id in self.active:  # it reached the device: wait until it is off, then file it as finished
                 while not job.ended and self._loop is not None and not self._loop.done():
                     job.cancelled = True  # the viewer left: the device loop takes the job off after its block
                     await asyncio.sleep(0.01)
@@ -585,10 +616,6 @@ class VideoServer:
                     _, old = self.finished.popitem(last=False)
                     if old.clip is not None:
                         await self.on_device(old.clip.discard)
-        except (WebSocketDisconnect, RuntimeError):
-            job.cancelled = True
-        finally:
-            listener.cancel()
 
     async def _send(self, ws, job: Job) -> None:
         """Send what the device loop made for this job, in order, until its end."""

@@ -285,6 +285,25 @@ def test_generation_failure_ends_with_a_message(client, server, monkeypatch):
     assert not server.queue.running
 
 
+def test_a_job_that_cannot_start_ends_with_a_message_and_the_next_one_runs(client, server, monkeypatch):
+    start_job = server._start
+
+    def broken(job):
+        if job.seed == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return start_job(job)
+
+    monkeypatch.setattr(server, "_start", broken)
+    job = start(client, blocks=1)
+    with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
+        message = ws.receive_json()
+    assert message["type"] == "error" and message["fatal"] and "out of memory" in message["message"]
+    nxt = start(client, blocks=1, seed=4)
+    with client.websocket_connect(f"/api/jobs/{nxt}/stream") as ws:
+        done, _ = until(ws, "done")
+    assert done["blocks"] == 1 and not server.queue.running and job in server.finished
+
+
 def test_serve_cli_rejects_bad_arguments(capsys):
     from nasa_video.cli import main
 

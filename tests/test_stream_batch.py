@@ -137,3 +137,43 @@ def test_a_join_needs_a_rolling_cache_without_sinks(gen):
         batch.add(dict(SPECS[1]))
     with pytest.raises(UserError, match="two streams are named 0"):
         batch.add(dict(SPECS[1], name=0))
+
+
+def test_a_late_stream_recaches_over_blocks_made_before_it_joined(rolling_gen):
+    """A re-cache right after joining re-runs blocks the late stream never saw (the batch's earlier block is still
+    in the window): its own row must stay hidden there and its video equal the same switch made alone. (The pass
+    must leave that row something to attend to, its own slots: some kernels give NaN for a row with none; PyTorch's
+    CPU SDPA gives zeros, so test_the_key_mask_hides_slots_filled_before_a_row_joined pins the mask itself.)"""
+    gen = rolling_gen
+    late = dict(prompt="a kite over a beach", negative="birds", scale=0.6, seed=9, frames=33)
+    batch = gen.stream_batch([dict(SPECS[0], frames=69)], decode=False, rolling=True)
+    got = []
+    for out in batch:
+        if "late" in out:
+            got.append(out["late"])
+            if out["late"].block == 0:
+                batch["late"].set_prompt("a red kite", recache=True)
+        if out[0].block == 1:
+            batch.add(dict(late, name="late"))
+    assert len(got) == 3 and got[1].recache_seconds > 0
+    stream = gen.stream(late["prompt"], late["negative"], late["scale"], frames=33, seed=9, rolling=True, decode=False)
+    ref = collect_chunks(stream, 1, lambda s: s.set_prompt("a red kite", recache=True))
+    for chunk, expected in zip(got, ref, strict=True):
+        assert torch.isfinite(chunk.latents).all()
+        torch.testing.assert_close(chunk.latents, expected.latents, rtol=1e-4, atol=1e-4)
+
+
+def test_the_key_mask_hides_slots_filled_before_a_row_joined():
+    from nasa_video.model.cache import SelfAttentionCache
+
+    cache = SelfAttentionCache(1, 1, 6, 1, 1, 2, torch.float32, "cpu", rolling=True)
+    cache.place(0, 2)
+    assert cache.key_mask() is None  # nobody joined: the unmasked path
+    cache.add_rows(1)
+    cache.place(2, 2)
+    assert cache.key_mask()[:, 0, 0].tolist() == [[True] * 4, [False, False, True, True]]
+    cache.place(0, 2)  # a re-cache pass over the block made before row 1 joined: each row sees that block's slots
+    assert cache.key_mask()[:, 0, 0].tolist() == [[True, True], [True, True]]
+    cache.place(4, 2)
+    cache.place(6, 2)  # the rolling window evicts frames 0-1: row 1 sees all of what is left, the mask goes
+    assert cache.frames == [2, 3, 4, 5, 6, 7] and cache.key_mask() is None

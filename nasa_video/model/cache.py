@@ -96,8 +96,12 @@ class SelfAttentionCache:
         hidden from it."""
         if self.valid is None:
             return None
-        end_frame = self.slots[1] // self.tokens_per_frame
-        return self.valid[:, :end_frame].repeat_interleave(self.tokens_per_frame, 1)[:, None, None, :]
+        start_frame, end_frame = (slot // self.tokens_per_frame for slot in self.slots)
+        visible = self.valid[:, :end_frame].clone()
+        # A block always sees its own slots: a re-cache pass over a block made before a row joined would otherwise
+        # leave that row nothing to attend to (NaN in some kernels); what it writes there stays hidden from it.
+        visible[:, start_frame:end_frame] = True
+        return visible.repeat_interleave(self.tokens_per_frame, 1)[:, None, None, :]
 
     def place(self, start_frame: int, num_frames: int) -> None:
         """Choose the slots of the block [start_frame, start_frame + num_frames); roll the cache if needed.
