@@ -330,6 +330,28 @@ def _check_prompt_at(prompt_at, stream) -> dict[int, str]:
     return switches
 
 
+def rebase_positions(gen, kv_caches, held: dict, start: int, offset: int, fpb: int, capacity: int, endless: bool,
+                     what: str) -> tuple[int, dict]:
+    """(offset, held) for the block at latent frame `start`, given the positions taken off so far (`offset`). When
+    the block would pass the RoPE table, a rolling stream re-bases: the cached non-sink frames move back by
+    delta = position - (capacity - fpb), so the window left after this block's eviction sits right after the sink
+    frames, as when the cache first filled, and the block goes at capacity - fpb. Relative positions inside the
+    window are unchanged; the sinks keep positions 0..sink-1, so only the sink-to-window distance changes (back to
+    what it was then). `held` (position -> a cached block's cache-pass input, for a re-cache) moves with its
+    frames. A fixed cache (or a generator without shift_positions) stops here with one line."""
+    position, limit = start - offset, gen.model.max_frame_positions
+    if position + fpb <= limit:
+        return offset, held
+    if not endless or capacity > limit:
+        raise UserError(f"{what} reached latent frame {start}, the last position {gen.cfg.name} encodes ({limit}); "
+                        f"{'it ends' if what == 'the stream' else 'they end'} here")
+    delta = position - (capacity - fpb)
+    for cache in kv_caches:
+        gen.model.shift_positions(cache, delta)
+    sink = kv_caches[0].sink_frames
+    return offset + delta, {(s if s < sink else s - delta): context for s, context in held.items()}
+
+
 class Stream:
     """One video in progress. set_prompt() / set_negative() / set_scale() take effect from the next block and
     compose: only the changed text K/V are rebuilt, the self-attention cache (the video so far) is kept, unless
@@ -611,25 +633,12 @@ class Stream:
                 del self.held[s]
 
     def _position(self, kv_cache: tuple, start: int, offset: int, capacity: int) -> int:
-        """The position offset for the block at latent frame `start`. When the block would pass the RoPE table, a
-        rolling stream re-bases: the cached non-sink frames move back by delta = position - (capacity - fpb), so
-        the window left after this block's eviction sits right after the sink frames, as when the cache first
-        filled, and the block goes at capacity - fpb. Relative positions inside the window are unchanged; the
-        sinks keep positions 0..sink-1, so only the sink-to-window distance changes (back to what it was then).
-        A fixed cache (or a generator without shift_positions) stops here with one line."""
-        position = start - offset
-        if position + self.fpb <= self.max_latent_frames:
-            return offset
-        if not self.endless or capacity > self.max_latent_frames:
-            raise UserError(f"the stream reached latent frame {start}, the last position {self.gen.cfg.name} "
-                            f"encodes ({self.max_latent_frames}); it ends here")
-        delta = position - (capacity - self.fpb)
-        for cache in kv_cache:
-            self.gen.model.shift_positions(cache, delta)
-        sink = kv_cache[0].sink_frames  # the blocks kept for a re-cache move with their frames
-        self.held = {(s if s < sink else s - delta): context for s, context in self.held.items()}
-        self.rebases.append(start // self.fpb)
-        return offset + delta
+        """The position offset for the block at latent frame `start` (see rebase_positions)."""
+        new_offset, self.held = rebase_positions(self.gen, kv_cache, self.held, start, offset, self.fpb, capacity,
+                                                 self.endless, "the stream")
+        if new_offset != offset:
+            self.rebases.append(start // self.fpb)
+        return new_offset
 
     def _predict(self, x, t, scale: float, start: int, kv_cache: tuple, guidance: Guidance) -> torch.Tensor:
         """One denoising prediction (v, or x0 for x0-prediction models): a single guided pass, or CFG's two

@@ -2,7 +2,9 @@
 
     PYTHONPATH=. python scripts/bench_stream_batch.py --model tiny --streams 4 --frames 21
 Prints the seconds of each way and the ratio (sequential / batched); no decode, fp32 on the CPU by default.
-Also times a prompt switch's re-cache (LongLive style) against a block's denoise time.
+Also times the server's pattern, viewers arriving one block apart and joining the running batch (rolling cache),
+against the same streams one after another, and a prompt switch's re-cache (LongLive style) against a block's
+denoise time.
 """
 import argparse
 import time
@@ -45,10 +47,27 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         return min(times)
 
+    def sequential_rolling():
+        for s in specs:
+            for _ in gen.stream(s["prompt"], s["negative"], s["scale"], frames=args.frames, seed=s["seed"],
+                                rolling=True, decode=False):
+                pass
+
+    def staggered():  # stream i joins after block i - 1, as viewers arriving at a server do
+        batch = gen.stream_batch(specs[:1], frames=args.frames, decode=False, rolling=True)
+        joined = 1
+        for _ in batch:
+            if joined < len(specs):
+                batch.add(dict(specs[joined], name=joined))
+                joined += 1
+
     seq, bat = best(sequential), best(batched)
     blocks = sum(1 for _ in gen.stream(specs[0]["prompt"], frames=args.frames, decode=False))
     print(f"{args.model} {args.device} {args.dtype}: {args.streams} streams x {blocks} blocks, no decode")
     print(f"sequential {seq:.3f}s, batched {bat:.3f}s, throughput ratio {seq / bat:.2f}x")
+    seq_r, stag = best(sequential_rolling), best(staggered)
+    print(f"joining one block apart (rolling cache): sequential {seq_r:.3f}s, staggered batch {stag:.3f}s, "
+          f"throughput ratio {seq_r / stag:.2f}x")
 
     # re-cache cost: a switch before the last block re-runs the cache pass over every cached block
     stream = gen.stream(specs[0]["prompt"], frames=args.frames, decode=False)

@@ -37,6 +37,13 @@ def start(client, **body):
     return response.json()["id"]
 
 
+def assert_frames_match(got, expected):
+    """A job's frames against its stream run alone through the library: the server makes NASA / none jobs in a
+    StreamBatch, equal to the stream alone within fp32 rounding, so a pixel may land one level off."""
+    assert got.shape == expected.shape
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
 def until(ws, kind):
     seen = []
     while True:
@@ -66,8 +73,8 @@ def test_stream_delivers_the_blocks_and_equals_the_library(client, tiny_generato
     assert done == {**done, "blocks": 2, "frames": sum(len(b["frames"]) for b in blocks), "stopped": False}
     assert all(b["negative"] == ["noise"] and b["scale"] == 0.5 and not b["changed"] for b in blocks)
     expected = [c.frames for c in tiny_generator.stream("a red circle", ["noise"], 0.5, "nasa", None, 3, False)]
-    for block, frames in zip(blocks, expected):
-        np.testing.assert_array_equal(frames_of(block), frames)
+    for block, frames in zip(blocks, expected, strict=True):
+        assert_frames_match(frames_of(block), frames)
 
 
 def test_mid_stream_change_applies_from_the_next_block(client, tiny_generator):
@@ -92,8 +99,8 @@ def test_mid_stream_change_applies_from_the_next_block(client, tiny_generator):
             stream.set_negative(["blur"], 1.5)
         if i == 3:
             break
-    for block, frames in zip(blocks, expected):
-        np.testing.assert_array_equal(frames_of(block), frames)
+    for block, frames in zip(blocks, expected, strict=True):
+        assert_frames_match(frames_of(block), frames)
 
 
 @pytest.mark.parametrize("recache", [False, True])
@@ -119,8 +126,8 @@ def test_prompt_switch_applies_from_the_next_block(client, tiny_generator, recac
             stream.set_prompt("a blue square", recache=recache)
         if i == 3:
             break
-    for block, frames in zip(blocks, expected):
-        np.testing.assert_array_equal(frames_of(block), frames)
+    for block, frames in zip(blocks, expected, strict=True):
+        assert_frames_match(frames_of(block), frames)
     assert not np.array_equal(frames_of(blocks[-1]), tiny_generator_frames(tiny_generator, 3))
 
 
@@ -200,23 +207,57 @@ def test_save_writes_a_clip_the_page_can_fetch(client, server):
     assert len(read_video(files[0])) == done["frames"]
 
 
-def test_one_job_at_a_time_queue_positions_and_cancellation(client, server):
-    endless = start(client, blocks=0)
-    second = start(client, blocks=1)
-    third = start(client, blocks=1)
-    with client.websocket_connect(f"/api/jobs/{endless}/stream") as a:
-        until(a, "block")  # the endless stream holds the device
-        with client.websocket_connect(f"/api/jobs/{second}/stream") as b:
-            assert b.receive_json() == {"type": "queued", "position": 1}
-            with client.websocket_connect(f"/api/jobs/{third}/stream") as c:
-                assert c.receive_json() == {"type": "queued", "position": 2}
-            # c disconnected while queued: it leaves the queue. Stopping a hands the device on to b.
-            a.send_json({"type": "stop"})
-            done, _ = until(a, "done")
-            assert done["stopped"] and done["blocks"] >= 1
-            _, seen = until(b, "done")
-            assert [m["type"] for m in seen if m["type"] in ("started", "block")] == ["started", "block"]
-    assert server.queue.running is None and not server.queue.waiting
+def test_viewers_share_the_device_and_only_those_past_the_limit_queue(tiny_generator, tmp_path):
+    """max_streams 2: two endless jobs stream at once (one batched forward per step: every forward has both rows);
+    the third and fourth queue at positions 1 and 2; the fourth leaves the queue; stopping the first lets the third
+    join the running batch, and each job's frames equal its stream alone."""
+    server = VideoServer(tiny_generator, tmp_path / "clips", Limits(max_blocks=6, max_streams=2))
+    rows = []
+    model = tiny_generator.model
+    forward = model.forward
+
+    def counting(x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return forward(x, *args, **kwargs)
+
+    model.forward = counting
+    try:
+        with TestClient(create_app(server)) as client:
+            first = start(client, blocks=0, seed=1)
+            second = start(client, blocks=0, seed=2, prompt="a blue square", negative=[])
+            third = start(client, blocks=2, seed=3)
+            fourth = start(client, blocks=1)
+            with client.websocket_connect(f"/api/jobs/{first}/stream") as a, \
+                    client.websocket_connect(f"/api/jobs/{second}/stream") as b:
+                a_blocks = [until(a, "block")[0]]
+                b_blocks = [until(b, "block")[0]]
+                with client.websocket_connect(f"/api/jobs/{third}/stream") as c:
+                    assert c.receive_json() == {"type": "queued", "position": 1}
+                    with client.websocket_connect(f"/api/jobs/{fourth}/stream") as d:
+                        assert d.receive_json() == {"type": "queued", "position": 2}
+                    a_blocks.append(until(a, "block")[0])
+                    b_blocks.append(until(b, "block")[0])
+                    both = list(rows)  # a and b are both running from here
+                    a.send_json({"type": "stop"})
+                    done, seen = until(a, "done")
+                    assert done["stopped"]
+                    c_done, c_seen = until(c, "done")
+                    b.send_json({"type": "stop"})
+                    until(b, "done")
+    finally:
+        model.forward = forward
+    assert c_done["blocks"] == 2 and not c_done["stopped"]
+    steps = len(tiny_generator.steps) + 1  # denoising steps and the cache pass
+    assert 2 in both and both.count(1) <= steps  # at most b's first block ran alone (a had not joined yet)
+    assert not server.queue.running and not server.queue.waiting
+    for job_blocks, spec in ((a_blocks, ("a red circle", ["noise"], 0.5, "nasa", None, 1, True)),
+                             (b_blocks, ("a blue square", None, 0.5, "nasa", None, 2, True))):
+        for block, chunk in zip(job_blocks, tiny_generator.stream(*spec)):
+            assert_frames_match(frames_of(block), chunk.frames)
+    c_blocks = [m for m in c_seen if m["type"] == "block"]
+    for block, chunk in zip(c_blocks, tiny_generator.stream("a red circle", ["noise"], 0.5, "nasa", None, 3, False),
+                            strict=True):
+        assert_frames_match(frames_of(block), chunk.frames)
 
 
 def test_a_client_that_disconnects_frees_the_device(client, server):
@@ -227,7 +268,7 @@ def test_a_client_that_disconnects_frees_the_device(client, server):
     nxt = start(client, blocks=1)
     with client.websocket_connect(f"/api/jobs/{nxt}/stream") as b:
         done, _ = until(b, "done")
-    assert done["blocks"] == 1 and server.queue.running is None
+    assert done["blocks"] == 1 and not server.queue.running
 
 
 def test_generation_failure_ends_with_a_message(client, server, monkeypatch):
@@ -236,12 +277,31 @@ def test_generation_failure_ends_with_a_message(client, server, monkeypatch):
     def broken(*args):
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(server, "_next_block", broken)
+    monkeypatch.setattr(server, "_round", broken)
     with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
         until(ws, "started")
         message = ws.receive_json()
     assert message["type"] == "error" and message["fatal"] and "out of memory" in message["message"]
-    assert server.queue.running is None
+    assert not server.queue.running
+
+
+def test_a_job_that_cannot_start_ends_with_a_message_and_the_next_one_runs(client, server, monkeypatch):
+    start_job = server._start
+
+    def broken(job):
+        if job.seed == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return start_job(job)
+
+    monkeypatch.setattr(server, "_start", broken)
+    job = start(client, blocks=1)
+    with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
+        message = ws.receive_json()
+    assert message["type"] == "error" and message["fatal"] and "out of memory" in message["message"]
+    nxt = start(client, blocks=1, seed=4)
+    with client.websocket_connect(f"/api/jobs/{nxt}/stream") as ws:
+        done, _ = until(ws, "done")
+    assert done["blocks"] == 1 and not server.queue.running and job in server.finished
 
 
 def test_serve_cli_rejects_bad_arguments(capsys):
@@ -346,18 +406,18 @@ def test_a_loopback_server_refuses_foreign_host_names(server):
 def test_save_mid_stream_and_after_holds_every_frame(client, server, monkeypatch):
     import time
 
-    from nasa_video import pipeline
+    from nasa_video import batch
     from nasa_video.video_io import read_video
 
     # Each block takes at least half a second, so the save (applied between blocks) lands before the last block
     # on any machine; unthrottled, the tiny model could finish all three blocks before the save arrived.
-    denoise = pipeline.Stream._denoise_block
+    step = batch.StreamBatch.step
 
-    def slow_denoise(self, *args, **kwargs):
+    def slow_step(self, *args, **kwargs):
         time.sleep(0.5)
-        return denoise(self, *args, **kwargs)
+        return step(self, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.Stream, "_denoise_block", slow_denoise)
+    monkeypatch.setattr(batch.StreamBatch, "step", slow_step)
     job = start(client, blocks=3)
     with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
         first, _ = until(ws, "block")
@@ -401,3 +461,19 @@ def test_a_long_stream_holds_bounded_memory(tiny_generator, tmp_path):
     assert not hasattr(held, "frames") and held.clip.frames == done["frames"]
     assert after - before < 512 * 1024, f"heap grew {(after - before) / 1024:.0f} KiB over 10 blocks"
     print(f"\nserver heap over blocks 2-12: {(after - before) / 1024:+.0f} KiB")
+
+
+def test_a_viewer_that_falls_behind_loses_its_oldest_block_messages_only(server):
+    import asyncio
+
+    from nasa_video.server import Job
+
+    job = Job("j", "a red circle", [], "nasa", 0.5, 0, 0)
+    job.ready = asyncio.Event()
+    server._post(job, ("started", None))
+    for block in range(server.limits.backlog_blocks + 3):
+        server._post(job, ("block", block))
+    server._post(job, ("done", None))
+    kinds = [kind for kind, _ in job.outbox]
+    assert kinds == ["started"] + ["block"] * server.limits.backlog_blocks + ["done"]
+    assert [item for kind, item in job.outbox if kind == "block"][0] == 3 and job.dropped == 3

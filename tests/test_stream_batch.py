@@ -62,12 +62,14 @@ def test_a_change_in_one_stream_only(gen, recache):
 
 def test_a_stream_can_leave_between_blocks(gen):
     batch = gen.stream_batch(SPECS, decode=False)
-    chunks = []
+    chunks, sizes = [], []
     for out in batch:
         chunks.append(out)
         if out[0].block == 0:
             batch.remove(1)
-    assert list(chunks[1]) == [0, 2] and len(batch) == 2
+        sizes.append(len(batch))
+    assert list(chunks[1]) == [0, 2] and 1 not in batch
+    assert sizes[0] == 2 and sizes[-1] == 0  # after its last block a stream leaves
     for i in (0, 2):
         for block, chunk in enumerate(alone(gen, SPECS[i], decode=False)):
             close(chunks[block][i], chunk)
@@ -80,3 +82,98 @@ def test_batch_refusals_are_one_line(gen):
         gen.stream_batch([dict(prompt="a fox", sead=1)])
     with pytest.raises(UserError, match="at least one stream"):
         gen.stream_batch([])
+
+
+@pytest.fixture(scope="module")
+def rolling_gen():
+    """A rolling cache of 2 blocks and a RoPE table of 12 positions: in 6 blocks the batch evicts and re-bases."""
+    from nasa_video.pipeline import StreamingGenerator
+    return StreamingGenerator.from_config("tiny", device="cpu", dtype="fp32", attention_backend="sdpa",
+                                          overrides={"cache": {"capacity_frames": 6, "rolling": True},
+                                                     "generator": {"rope_max_seq_len": 12},
+                                                     "video": {"height": 16, "width": 16}})
+
+
+def test_a_stream_joins_a_running_batch_and_equals_itself_alone(rolling_gen):
+    """Stream "late" joins after block 1 (the batch has cached frames it must not see); it has 3 blocks of its own,
+    the others 6. Every stream equals itself alone, including across the batch's evictions and position re-bases
+    (the late stream's frames sit at other RoPE positions than alone: only position differences matter)."""
+    gen = rolling_gen
+    first = [dict(SPECS[0], frames=69), dict(SPECS[1], frames=69)]
+    late = dict(prompt="a kite over a beach", negative="birds", scale=0.6, seed=9, frames=33)
+    batch = gen.stream_batch(first, decode=False, rolling=True)
+    got: dict = {0: [], 1: [], "late": []}
+    for out in batch:
+        for name, chunk in out.items():
+            got[name].append(chunk)
+        if out[0].block == 1:
+            batch.add(dict(late, name="late"))
+            assert "late" in batch and len(batch) == 3
+    assert [len(got[n]) for n in (0, 1, "late")] == [6, 6, 3]
+    assert [c.block for c in got["late"]] == [0, 1, 2]
+    for name, spec in ((0, first[0]), (1, first[1]), ("late", late)):
+        stream = gen.stream(spec["prompt"], spec["negative"], spec["scale"], frames=spec["frames"], seed=spec["seed"],
+                            rolling=True, decode=False)
+        for chunk, ref in zip(got[name], stream, strict=True):
+            torch.testing.assert_close(chunk.latents, ref.latents, rtol=1e-4, atol=1e-4)
+    assert len(batch) == 0
+
+
+def test_a_join_after_everyone_left_starts_afresh(rolling_gen):
+    batch = rolling_gen.stream_batch([dict(SPECS[2], frames=9)], decode=False, rolling=True)
+    assert len(list(batch)) == 1 and not batch.running
+    batch.add(dict(SPECS[0], frames=21, name="next"))
+    chunks = [out["next"] for out in batch]
+    alone_ = rolling_gen.stream(SPECS[0]["prompt"], SPECS[0]["negative"], SPECS[0]["scale"], frames=21,
+                                seed=SPECS[0]["seed"], rolling=True, decode=False)
+    for chunk, ref in zip(chunks, alone_, strict=True):
+        close(chunk, ref)
+
+
+def test_a_join_needs_a_rolling_cache_without_sinks(gen):
+    batch = gen.stream_batch(SPECS[:1], decode=False)
+    next(iter(batch))
+    with pytest.raises(UserError, match="only on a rolling cache without sink frames"):
+        batch.add(dict(SPECS[1]))
+    with pytest.raises(UserError, match="two streams are named 0"):
+        batch.add(dict(SPECS[1], name=0))
+
+
+def test_a_late_stream_recaches_over_blocks_made_before_it_joined(rolling_gen):
+    """A re-cache right after joining re-runs blocks the late stream never saw (the batch's earlier block is still
+    in the window): its own row must stay hidden there and its video equal the same switch made alone. (The pass
+    must leave that row something to attend to, its own slots: some kernels give NaN for a row with none; PyTorch's
+    CPU SDPA gives zeros, so test_the_key_mask_hides_slots_filled_before_a_row_joined pins the mask itself.)"""
+    gen = rolling_gen
+    late = dict(prompt="a kite over a beach", negative="birds", scale=0.6, seed=9, frames=33)
+    batch = gen.stream_batch([dict(SPECS[0], frames=69)], decode=False, rolling=True)
+    got = []
+    for out in batch:
+        if "late" in out:
+            got.append(out["late"])
+            if out["late"].block == 0:
+                batch["late"].set_prompt("a red kite", recache=True)
+        if out[0].block == 1:
+            batch.add(dict(late, name="late"))
+    assert len(got) == 3 and got[1].recache_seconds > 0
+    stream = gen.stream(late["prompt"], late["negative"], late["scale"], frames=33, seed=9, rolling=True, decode=False)
+    ref = collect_chunks(stream, 1, lambda s: s.set_prompt("a red kite", recache=True))
+    for chunk, expected in zip(got, ref, strict=True):
+        assert torch.isfinite(chunk.latents).all()
+        torch.testing.assert_close(chunk.latents, expected.latents, rtol=1e-4, atol=1e-4)
+
+
+def test_the_key_mask_hides_slots_filled_before_a_row_joined():
+    from nasa_video.model.cache import SelfAttentionCache
+
+    cache = SelfAttentionCache(1, 1, 6, 1, 1, 2, torch.float32, "cpu", rolling=True)
+    cache.place(0, 2)
+    assert cache.key_mask() is None  # nobody joined: the unmasked path
+    cache.add_rows(1)
+    cache.place(2, 2)
+    assert cache.key_mask()[:, 0, 0].tolist() == [[True] * 4, [False, False, True, True]]
+    cache.place(0, 2)  # a re-cache pass over the block made before row 1 joined: each row sees that block's slots
+    assert cache.key_mask()[:, 0, 0].tolist() == [[True, True], [True, True]]
+    cache.place(4, 2)
+    cache.place(6, 2)  # the rolling window evicts frames 0-1: row 1 sees all of what is left, the mask goes
+    assert cache.frames == [2, 3, 4, 5, 6, 7] and cache.key_mask() is None

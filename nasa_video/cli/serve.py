@@ -18,6 +18,8 @@ def register(sub) -> None:
     p.add_argument("--port", type=port, default=7860, help="port to listen on")
     p.add_argument("--clips", default="outputs/clips", help="server-side folder for saved MP4s")
     p.add_argument("--max-blocks", type=positive_int, default=60, help="longest finite video a client may ask for")
+    p.add_argument("--max-streams", type=positive_int, default=4,
+                   help="videos generated at once, in one batched forward per step (NASA / none); later ones queue")
     p.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", type=dtype, default="auto", help="fp32 | bf16 | fp16 (auto: bf16 on CUDA)")
     p.add_argument("--attention", type=attention, default="auto", help="auto | sdpa | flash2 | flash3")
@@ -48,5 +50,5 @@ def serve(args) -> int:
                                          args.attention)
     print(f"nasa-video serve: model {gen.cfg.name} on {gen.device}; open http://{args.host}:{args.port}/",
           file=sys.stderr)
-    run_server(gen, args.host, args.port, args.clips, Limits(max_blocks=args.max_blocks))
+    run_server(gen, args.host, args.port, args.clips, Limits(max_blocks=args.max_blocks, max_streams=args.max_streams))
     return 0

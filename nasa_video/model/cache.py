@@ -29,6 +29,10 @@ class SelfAttentionCache:
     sink_frames are evicted, so the window is the sink frames plus the most recent frames.
     `frames` holds each slot's temporal RoPE position; shift_positions() moves the non-sink frames back (an
     endless stream re-bases its positions so it never runs past the RoPE table).
+    Rows joined mid-run (add_rows: a stream joining a batch) hold nothing in the slots filled before they came:
+    `valid` [B, capacity_frames] says which slots each row may attend to, and key_mask() hides the others. It is
+    None while every row may see every filled slot (the unmasked fast path), and drops back to None once the
+    slots a late row never filled have rolled out of the window.
     """
 
     def __init__(self, num_layers: int, batch: int, capacity_frames: int, tokens_per_frame: int, heads: int,
@@ -44,6 +48,7 @@ class SelfAttentionCache:
         self.sink_frames = sink_frames if rolling else 0
         self.frames: list[int] = []  # absolute latent-frame index held by each filled slot
         self.slots = (0, 0)  # token range of the block being generated, set by place()
+        self.valid: torch.Tensor | None = None  # bool [B, capacity_frames]; None: every row sees every filled slot
 
     @staticmethod
     def nbytes_for(num_layers, batch, capacity_frames, tokens_per_frame, heads, head_dim, dtype) -> int:
@@ -52,6 +57,51 @@ class SelfAttentionCache:
     def reset(self) -> None:
         self.frames = []
         self.slots = (0, 0)
+        self.valid = None
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    def add_rows(self, count: int) -> None:
+        """Append `count` empty rows (streams joining the batch): the slots filled so far are hidden from them; the
+        blocks they make from now on are theirs to see."""
+        for buffers in (self.k, self.v):
+            for i, buffer in enumerate(buffers):
+                buffers[i] = torch.cat([buffer, buffer.new_zeros(count, *buffer.shape[1:])])
+        old = self.batch - count
+        valid = torch.ones(self.batch, self.capacity_frames, dtype=torch.bool, device=self.k[0].device)
+        if self.valid is not None:
+            valid[:old] = self.valid
+        valid[old:, :len(self.frames)] = False
+        self.valid = valid
+        self._settle()
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only the rows in `index` (streams that left the batch are dropped), in that order."""
+        index = index.to(self.k[0].device)
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+        if self.valid is not None:
+            self.valid = self.valid.index_select(0, index)
+            self._settle()
+
+    def _settle(self) -> None:
+        """Back to the unmasked fast path once every row may see every filled slot."""
+        if self.valid is not None and bool(self.valid[:, :len(self.frames)].all()):
+            self.valid = None
+
+    def key_mask(self) -> torch.Tensor | None:
+        """bool [B, 1, 1, end] (True = attend) over the window the block attends to, or None when no row has slots
+        hidden from it."""
+        if self.valid is None:
+            return None
+        start_frame, end_frame = (slot // self.tokens_per_frame for slot in self.slots)
+        visible = self.valid[:, :end_frame].clone()
+        # A block always sees its own slots: a re-cache pass over a block made before a row joined would otherwise
+        # leave that row nothing to attend to (NaN in some kernels); what it writes there stays hidden from it.
+        visible[:, start_frame:end_frame] = True
+        return visible.repeat_interleave(self.tokens_per_frame, 1)[:, None, None, :]
 
     def place(self, start_frame: int, num_frames: int) -> None:
         """Choose the slots of the block [start_frame, start_frame + num_frames); roll the cache if needed.
@@ -69,7 +119,10 @@ class SelfAttentionCache:
             overflow = len(self.frames) + num_frames - self.capacity_frames
             if overflow > 0:
                 self._evict(overflow, start_frame + num_frames)
+            if self.valid is not None:  # every row writes the new block's slots
+                self.valid[:, len(self.frames):len(self.frames) + num_frames] = True
             self.frames += block
+            self._settle()
         end = len(self.frames) * self.tokens_per_frame
         self.slots = (end - num_frames * self.tokens_per_frame, end)
 
@@ -91,6 +144,8 @@ class SelfAttentionCache:
         tpf = self.tokens_per_frame
         for cache in (*self.k, *self.v):
             cache[:, sink * tpf:(held - count) * tpf] = cache[:, keep_from * tpf:held * tpf].clone()
+        if self.valid is not None:
+            self.valid[:, sink:held - count] = self.valid[:, keep_from:held].clone()
         self.frames = self.frames[:sink] + self.frames[keep_from:]
 
     def shift_positions(self, delta: int, rotate) -> None:

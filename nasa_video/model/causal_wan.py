@@ -345,6 +345,8 @@ class CausalWanTransformer(WanTransformer3DModel):
 
         if kv_cache is not None:
             kv_cache.place(start_frame, fp)
+            if attn_mask is None:  # rows that joined a batch late do not see the slots filled before them
+                attn_mask = kv_cache.key_mask()
         # Training at full size: recompute each layer in the backward pass instead of keeping its activations
         # (diffusers' enable_gradient_checkpointing() sets the flag).
         checkpointing = getattr(self, "gradient_checkpointing", False) and torch.is_grad_enabled() and kv_cache is None
