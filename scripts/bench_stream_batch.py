@@ -47,14 +47,19 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         return min(times)
 
+    from nasa_video.pipeline import pixel_frames
+
+    # A rolling stream without a length is endless: give the joining comparison the same length as the others.
+    frames = args.frames or pixel_frames(int(gen.spec.video.latent_frames), gen.temporal_stride)
+
     def sequential_rolling():
         for s in specs:
-            for _ in gen.stream(s["prompt"], s["negative"], s["scale"], frames=args.frames, seed=s["seed"],
+            for _ in gen.stream(s["prompt"], s["negative"], s["scale"], frames=frames, seed=s["seed"],
                                 rolling=True, decode=False):
                 pass
 
     def staggered():  # stream i joins after block i - 1, as viewers arriving at a server do
-        batch = gen.stream_batch(specs[:1], frames=args.frames, decode=False, rolling=True)
+        batch = gen.stream_batch(specs[:1], frames=frames, decode=False, rolling=True)
         joined = 1
         for _ in batch:
             if joined < len(specs):

@@ -35,18 +35,21 @@ def test_deterministic_for_a_seed(toy):
 
 def test_the_model_draws_what_it_is_told_and_nasa_removes_only_the_negative(toy):
     """A fixed slice of the benchmark (16 pairs x 2 seeds; the full one: README / MODEL_CARD): with no guidance
-    the named objects' colours are drawn in their places and the negative is never removed; with NASA at the
-    shipped alpha the negative is gone, nothing unprompted appears, and the joint figure (removed, others
-    retained, nothing unprompted, clean) rises by 30 points or more. The issue's bar for no guidance (retention
-    >= 85% here) is not met: the student often draws a named colour in another named shape (53% on the sweep)."""
+    the named objects are drawn (retention >= 85%, the issue's bar for this slice) and the negative is never
+    removed; with NASA at the shipped alpha the negative is gone, nothing unprompted appears, the others stay
+    (within one video of none's retention; corruption within 2 points) and the joint figure (removed, others retained,
+    nothing unprompted, clean) is at least 80% and 30 points over none's."""
     pairs = prompt_pairs()[:16]
     scale = float(toy.cfg.guidance.scale)
     result = run_removal(toy, [("none", 0.0), ("nasa", scale)], pairs, seeds=(0, 1), progress=False)["methods"]
     none, nasa = result["none"], result[f"nasa@{scale:g}"]
-    assert none["success"] <= 0.05 and none["retention"] >= 0.40
-    assert nasa["success"] >= 0.90 and nasa["unprompted"] <= 0.10
-    assert nasa["joint_success"] >= none["joint_success"] + 0.30
-    assert nasa["retention"] >= none["retention"] - 0.05 and nasa["corruption"] <= none["corruption"] + 0.02
+    print(f"\nbundled slice: none {none}\nnasa {nasa}")
+    assert none["success"] <= 0.05 and none["retention"] >= 0.85
+    assert nasa["success"] >= 0.95 and nasa["unprompted"] <= 0.05
+    assert nasa["joint_success"] >= max(0.80, none["joint_success"] + 0.30)
+    # One video of 32 is 3.1 points, so the slice allows one; the default benchmark (192 per row) holds the issue's
+    # 2 points: 94.8% with NASA against 95.8% without.
+    assert nasa["retention"] >= none["retention"] - 0.04 and nasa["corruption"] <= none["corruption"] + 0.02
 
 
 def clip_frames(gen):
