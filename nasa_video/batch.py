@@ -118,6 +118,7 @@ class StreamBatch:
             raise UserError(f"stream_batch runs {' and '.join(BATCH_METHODS)}; run {method.name} streams one by one")
         self.gen, self.method, self.decode, self.frames = gen, method, decode, frames
         self.rolling = gen.spec.cache.rolling if rolling is None else bool(rolling)
+        self.endless = self.rolling and hasattr(gen.model, "shift_positions")  # re-bases its positions
         self.fpb = gen.spec.video.frames_per_block
         self.members: dict = {}
         self._joining: dict = {}
@@ -128,10 +129,6 @@ class StreamBatch:
         self.held: dict[int, torch.Tensor] = {}  # position -> the batch's cache-pass input [B, C, F, h, w]
         for index, spec in enumerate(specs):
             self.add(spec, index)
-
-    @property
-    def streams(self) -> dict:
-        return {name: member.stream for name, member in self.members.items()}
 
     def __getitem__(self, name) -> Stream:
         member = self.members.get(name) or self._joining.get(name)
@@ -150,6 +147,12 @@ class StreamBatch:
         """The batch has made a block (a stream added now joins a running batch)."""
         return self.kv_cache is not None
 
+    @property
+    def accepts_joins(self) -> bool:
+        """Whether add() can take a stream now: before the first block always; mid-run only on a rolling cache
+        without sink frames (the module docstring says why)."""
+        return not self.running or (self.rolling and not self.gen.spec.cache.sink_frames)
+
     def add(self, spec: dict, name=None):
         """A new stream, from the next block. On a running batch this needs a rolling cache without sink frames (the
         module docstring says why). Returns its name. Bad arguments raise UserError now, not mid-block."""
@@ -161,7 +164,7 @@ class StreamBatch:
         if unknown:
             raise UserError(f"stream {name!r}: unknown argument {sorted(unknown)[0]!r}")
         cache = self.gen.spec.cache
-        if self.running and (not self.rolling or cache.sink_frames):
+        if not self.accepts_joins:
             raise UserError("a stream can join a running batch only on a rolling cache without sink frames "
                             "(rolling=True, cache.sink_frames: 0); start another batch for it")
         method = self.method
@@ -294,9 +297,8 @@ class StreamBatch:
         due = [i for i, m in enumerate(members) if m.stream._apply_pending()]
         recache_seconds = self._recache(due) if due and self.held else 0.0
         start = self.block * self.fpb
-        endless = self.rolling and hasattr(gen.model, "shift_positions")
         self.offset, self.held = rebase_positions(gen, (self.kv_cache,), self.held, start, self.offset, self.fpb,
-                                                  spec.cache.capacity_frames, endless, "the streams")
+                                                  spec.cache.capacity_frames, self.endless, "the streams")
         position = start - self.offset
         h, w = members[0].stream.latent_hw
         shape = (1, gen.model.config.in_channels, self.fpb, h, w)
@@ -315,9 +317,7 @@ class StreamBatch:
                                      torch.full((len(members), self.fpb), float(context_t), device=device))
         self._forward(context, context_t, position, self.block, len(gen.steps) - 1, spec.guidance.in_cache_pass)
         self.held[position] = context
-        for s in list(self.held):
-            if self.kv_cache._held_at(list(range(s, s + self.fpb))) is None:
-                del self.held[s]
+        self.held = self.kv_cache.still_held(self.held, self.fpb)
         _sync(device)
         t1 = time.perf_counter()
         chunks = {}

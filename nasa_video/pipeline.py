@@ -626,11 +626,8 @@ class Stream:
 
     def _hold(self, start: int, context: torch.Tensor) -> None:
         """Keep the cache pass's input of a block while the block's frames are in the cache (for a re-cache)."""
-        cache = self.kv_cache[0]
         self.held[start] = context
-        for s in list(self.held):
-            if cache._held_at(list(range(s, s + self.fpb))) is None:
-                del self.held[s]
+        self.held = self.kv_cache[0].still_held(self.held, self.fpb)
 
     def _position(self, kv_cache: tuple, start: int, offset: int, capacity: int) -> int:
         """The position offset for the block at latent frame `start` (see rebase_positions)."""

@@ -392,11 +392,9 @@ class VideoServer:
         return job.method in BATCH_METHODS
 
     def _can_join(self, job: Job) -> bool:
-        """A batched job can start now unless the batch is running and cannot take a stream mid-run (a cache with
-        sink frames); then it waits for the batch to empty."""
-        if not self._batched(job) or self.batch is None or not self.batch.running or len(self.batch) == 0:
-            return True
-        return not self.gen.spec.cache.sink_frames
+        """A batched job can start now unless the running batch cannot take a stream mid-run (a cache with sink
+        frames); then it waits for the batch to empty."""
+        return not self._batched(job) or self.batch is None or len(self.batch) == 0 or self.batch.accepts_joins
 
     def _start(self, job: Job) -> None:
         """On the device thread: put the job on the device (into the batch, or as its own stream)."""

@@ -133,6 +133,12 @@ class SelfAttentionCache:
         first = self.frames.index(block[0])
         return first if self.frames[first:first + len(block)] == block else None
 
+    def still_held(self, blocks: dict, frames_per_block: int) -> dict:
+        """The entries of {start frame: anything} whose whole block is still in the cache (the inputs kept for a
+        re-cache, pruned as the window rolls on)."""
+        return {s: item for s, item in blocks.items()
+                if self._held_at(list(range(s, s + frames_per_block))) is not None}
+
     def _evict(self, count: int, frames_needed: int) -> None:
         if not self.rolling:
             raise UserError(f"the video needs {frames_needed} latent frames but the self-attention cache holds "
