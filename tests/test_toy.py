@@ -25,6 +25,20 @@ def test_scenes_are_captioned_and_never_overlap():
         assert not any(vis[n].any() for n in OBJECTS if n not in scene.names)
 
 
+def test_a_scene_moves_as_one_and_its_caption_says_so_once():
+    from nasa_video.toy.world import Thing, caption_for
+
+    rng = np.random.default_rng(3)
+    moving = [s for s in (sample_scene(rng) for _ in range(60)) if s.things[0].motion]
+    assert moving and all(len({t.motion for t in s.things}) == 1 for s in moving)
+    assert all(s.caption.count(" moving ") == 1 and s.caption.endswith(s.things[0].motion) for s in moving)
+    assert caption_for([Thing("red", "circle", "up"), Thing("blue", "square", "up")]) == \
+        "a red circle and a blue square moving up"
+    assert caption_objects("a red circle moving up and a blue square") == ["red circle", "blue square"]  # old form
+    with pytest.raises(ValueError, match="same motion"):
+        caption_for([Thing("red", "circle", "up"), Thing("blue", "square", None)])
+
+
 def test_nasa_t_negatives_are_read_from_the_captions():
     """The bundled world's NASA-T sampler: caption_objects inverts caption_for; object_negatives draws the clip's own
     objects with the given share and the list otherwise."""
@@ -141,8 +155,10 @@ def test_detector_command_prints_agreement(capsys):
 
     assert main(["eval", "detector", "--videos", "5"]) == 0
     line = capsys.readouterr().out.strip()
-    exact, degraded, corruption_read = (float(x) for x in re.findall(r"([0-9.]+)%", line))
+    exact, degraded, corruption_read, consistent, consistent_exact = (
+        float(x) for x in re.findall(r"([0-9.]+)%", line))
     assert exact >= 99.0 and degraded >= 95.0 and corruption_read < 2.0
+    assert 0.0 <= consistent <= 100.0 and consistent_exact == 100.0
 
 
 def test_training_resumes_where_it_stopped(tmp_path, monkeypatch):

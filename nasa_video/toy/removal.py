@@ -37,16 +37,16 @@ PRESENT_FRAMES, SAME_SHAPE_FRAMES, AREA_TOLERANCE, MAX_STEP = 0.9, 0.9, 0.35, 3.
 
 def prompt_pairs(count: int = 48, seed: int = 1234) -> list[tuple[str, str, list[str]]]:
     """A fixed list of (positive, negative, other objects); half with 2 objects, half with 3, in random order,
-    each still or moving; the negative names one of them by colour and shape ("red circle")."""
+    the scene still or moving; the negative names one of them by colour and shape ("red circle")."""
     rng = np.random.default_rng(seed)
     pairs = []
     for i in range(count):
         n = 2 if i % 2 == 0 else 3
         colors = rng.choice(list(COLORS), size=n, replace=False)
         names = [f"{c} {rng.choice(SHAPES)}" for c in colors]
-        motions = [rng.choice([None, *MOTIONS]) for _ in names]
+        motion = rng.choice([None, *MOTIONS])
         negative = names[i % n]
-        positive = " and ".join(f"a {name}" + (f" moving {m}" if m else "") for name, m in zip(names, motions))
+        positive = " and ".join(f"a {name}" for name in names) + (f" moving {motion}" if motion else "")
         pairs.append((positive, negative, [x for x in names if x != negative]))
     return pairs
 
@@ -67,6 +67,13 @@ def object_consistent(track: list) -> bool:
     return not steps or max(steps) <= MAX_STEP
 
 
+def video_consistent(found: list) -> bool:
+    """found: regions() of each frame. Does every colour detected in at least half the frames stay one object?"""
+    tracks = {c: [next((r for r in frame if r.color == c), None) for frame in found] for c in COLORS}
+    detected = [c for c, track in tracks.items() if sum(r is not None for r in track) >= len(found) / 2]
+    return all(object_consistent(tracks[c]) for c in detected)
+
+
 def score_video(frames: np.ndarray, negative: str, others: list[str]) -> dict:
     """The per-video scores above, each in [0, 1]."""
     found = regions(frames)
@@ -79,14 +86,12 @@ def score_video(frames: np.ndarray, negative: str, others: list[str]) -> dict:
         counts = {c: sum(r.color == c for r in frame) for c in COLORS}
         extra.append(any(counts[c] > (1 if c in named else 0) for c in COLORS if c != negative_color))
     retained = [seen[o].mean() >= RETAINED_FRAMES for o in others]
-    tracks = {c: [next((r for r in frame if r.color == c), None) for frame in found] for c in COLORS}
-    detected = [c for c, track in tracks.items() if sum(r is not None for r in track) >= len(found) / 2]
     out = {
         "removed": float(negative_there.mean() <= 1 - REMOVED_FRAMES),
         "retained": float(np.mean(retained)),
         "unprompted": float(np.mean(extra) >= UNPROMPTED_FRAMES),
         "corruption": corruption(frames, found),
-        "consistent": float(all(object_consistent(tracks[c]) for c in detected)),
+        "consistent": float(video_consistent(found)),
         "negative_frames": float(negative_there.mean()),
     }
     out["joint"] = float(out["removed"] and all(retained) and not out["unprompted"]

@@ -122,19 +122,26 @@ def codec_agreement(vae, rng, videos: int, frames: int) -> float:
     return float(np.mean(scores))
 
 
-def degraded_agreement(rng, videos: int, frames: int) -> tuple[float, float]:
-    """Detector vs ground truth on renders made to look generated (world.render jitter + world.degrade), and the
-    mean corruption it reads on them (degradation alone should read as clean)."""
-    from .detect import corruption
+def degraded_agreement(rng, videos: int, frames: int) -> dict[str, float]:
+    """The detector on renders made to look generated (world.render jitter + world.degrade): its agreement with
+    ground truth, the mean corruption it reads (degradation alone should read as clean), and the share of videos
+    the removal benchmark's consistency rule passes, on them and on the same scenes rendered exactly (its
+    calibration: each degraded frame's shape is jittered on its own, up to a pixel off its path and 10% off its
+    size, so a strict rule fails some)."""
+    from .detect import corruption, regions
+    from .removal import video_consistent
 
-    scores, corrupt = [], []
+    scores, corrupt, consistent, exact = [], [], [], []
     for _ in range(videos):
         scene = sample_scene(rng)
         clean, labels = render(scene, frames, jitter=rng)
         video = degrade(clean, rng)
         scores.append(agreement(detect(video), visibility(scene, labels)))
         corrupt.append(corruption(video))
-    return float(np.mean(scores)), float(np.mean(corrupt))
+        consistent.append(video_consistent(regions(video)))
+        exact.append(video_consistent(regions(render(scene, frames)[0])))
+    return {"agreement": float(np.mean(scores)), "corruption": float(np.mean(corrupt)),
+            "consistent": float(np.mean(consistent)), "consistent_exact": float(np.mean(exact))}
 
 
 def new_generator(model_cfg, seed):

@@ -4,12 +4,17 @@ The caption fixes the picture, so a small model can learn to draw exactly what i
 benchmark measures guidance, not what the model fails to draw:
 - each colour has its own column (red left, green centre, blue right), so a colour appears at most once;
 - the shape (circle, square, triangle) is named next to its colour; all shapes have one size;
-- "moving up" / "moving down" moves the shape 1 px per frame through its column; unstated, it stays still
-  at the column's middle.
+- a caption ending in "moving up" / "moving down" moves every shape 1 px per frame through its column;
+  unstated, they stay still at their columns' middles. The scene moves as one: with a motion word per object,
+  the two-layer text encoder could not tell which object a motion belongs to (as it could not tell which
+  shape belongs to which colour before the pair tokens), so the model drew an average of the paths, a shape
+  that stalls mid-column, blurs at the clip's ends and jumps.
 Objects never overlap and stay inside the frame; visibility() reports each per frame from the rendered
 label map, the ground truth the detector is checked against.
 """
 from __future__ import annotations
+
+import re
 
 from dataclasses import dataclass
 
@@ -81,27 +86,26 @@ def shape_mask(shape: str, cx: float, cy: float, r: float = RADIUS, height: int 
 
 
 def caption_for(things) -> str:
-    """"a red circle moving up and a blue square": a moving object always names its motion (an unnamed one
-    would leave the model to guess the path and draw the average of both)."""
-    parts = []
-    for t in things:
-        words = ["a", t.color, t.shape]
-        if t.motion:
-            words += ["moving", t.motion]
-        parts.append(" ".join(words))
-    return " and ".join(parts)
+    """"a red circle and a blue square moving up": the scene's motion, when it moves, is named once at the end
+    (an unnamed one would leave the model to guess the path and draw the average of both)."""
+    motions = {t.motion for t in things}
+    if len(motions) > 1:
+        raise ValueError("the world moves a scene as one: give every object the same motion (or none)")
+    motion = motions.pop() if motions else None
+    return " and ".join(f"a {t.color} {t.shape}" for t in things) + (f" moving {motion}" if motion else "")
 
 
 def caption_objects(caption: str) -> list[str]:
-    """The object names of a caption_for caption, in order: "a red circle moving up and a blue square"
+    """The object names of a caption_for caption, in order: "a red circle and a blue square moving up"
     -> ["red circle", "blue square"]."""
-    return [" ".join(part.split(" moving")[0].split()[-2:]) for part in caption.split(" and ")]
+    return [" ".join(part.split()[-2:]) for part in re.sub(r" moving \w+", "", caption).split(" and ")]
 
 
 def sample_scene(rng: np.random.Generator, frames: int | None = None, names: list[str] | None = None,
                  p_still: float = 1 / 3) -> Scene:
     """A random scene (or one with the given object names, in that order): one to three objects of different
-    colours, in a random order in the caption, each still with probability p_still, else moving up or down.
+    colours, in a random order in the caption, all still with probability p_still, else all moving up or all
+    moving down.
     `frames` is accepted for symmetry with render(); every scene fits any length the world is drawn at."""
     if names is None:
         count = int(rng.integers(1, 4))
@@ -109,8 +113,8 @@ def sample_scene(rng: np.random.Generator, frames: int | None = None, names: lis
         chosen = [(c, str(rng.choice(SHAPES))) for c in colors]
     else:
         chosen = [tuple(n.split()) for n in names]
-    things = tuple(Thing(color, shape, None if rng.random() < p_still else str(rng.choice(list(MOTIONS))))
-                   for color, shape in chosen)
+    motion = None if rng.random() < p_still else str(rng.choice(list(MOTIONS)))
+    things = tuple(Thing(color, shape, motion) for color, shape in chosen)
     return Scene(things, caption_for(things))
 
 
