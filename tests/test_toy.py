@@ -26,12 +26,13 @@ def test_scenes_are_captioned_and_never_overlap():
 
 
 def test_a_scene_moves_as_one_and_its_caption_says_so_once():
-    from nasa_video.toy.world import Thing, caption_for
+    from nasa_video.toy.world import Thing, caption_for, scene_from_caption
 
     rng = np.random.default_rng(3)
     moving = [s for s in (sample_scene(rng) for _ in range(60)) if s.things[0].motion]
     assert moving and all(len({t.motion for t in s.things}) == 1 for s in moving)
     assert all(s.caption.count(" moving ") == 1 and s.caption.endswith(s.things[0].motion) for s in moving)
+    assert all(scene_from_caption(s.caption) == s for s in moving)  # the exact render a caption asks for
     assert caption_for([Thing("red", "circle", "up"), Thing("blue", "square", "up")]) == \
         "a red circle and a blue square moving up"
     assert caption_objects("a red circle moving up and a blue square") == ["red circle", "blue square"]  # old form

@@ -101,6 +101,14 @@ def caption_objects(caption: str) -> list[str]:
     return [" ".join(part.split()[-2:]) for part in re.sub(r" moving \w+", "", caption).split(" and ")]
 
 
+def scene_from_caption(caption: str) -> Scene:
+    """caption_for's inverse: the scene a caption asks for (its exact render is the ground truth)."""
+    moving = re.search(r" moving (\w+)$", caption)
+    motion = moving.group(1) if moving else None
+    things = tuple(Thing(*name.split(), motion) for name in caption_objects(caption))
+    return Scene(things, caption)
+
+
 def sample_scene(rng: np.random.Generator, frames: int | None = None, names: list[str] | None = None,
                  p_still: float = 1 / 3) -> Scene:
     """A random scene (or one with the given object names, in that order): one to three objects of different
