@@ -34,22 +34,21 @@ def test_deterministic_for_a_seed(toy):
 
 
 def test_the_model_draws_what_it_is_told_and_nasa_removes_only_the_negative(toy):
-    """A fixed slice of the benchmark (16 pairs x 2 seeds; the full one: README / MODEL_CARD): with no guidance
-    the named objects are drawn (retention >= 85%, the issue's bar for this slice) and the negative is never
-    removed; with NASA at the shipped alpha the negative is gone, nothing unprompted appears, the others stay
-    (within one video of none's retention; corruption within 2 points) and the joint figure (removed, others retained,
-    nothing unprompted, clean) is at least 80% and 30 points over none's."""
+    """A fixed slice of the benchmark (16 pairs x 2 seeds; the full one: README / MODEL_CARD) held to the issue's
+    bars: with no guidance the named objects are drawn (retention >= 90%), each keeps its identity over the clip
+    (consistency >= 90%) and the negative is never removed; with NASA at the shipped alpha the joint figure (negative
+    removed, others retained, nothing unprompted, clean) is >= 95% and 30 points over none's, the clip stays
+    consistent, and retention and corruption are no worse than none's by more than 2 points (one video of 32 is 3.1,
+    so none may be lost)."""
     pairs = prompt_pairs()[:16]
     scale = float(toy.cfg.guidance.scale)
     result = run_removal(toy, [("none", 0.0), ("nasa", scale)], pairs, seeds=(0, 1), progress=False)["methods"]
     none, nasa = result["none"], result[f"nasa@{scale:g}"]
     print(f"\nbundled slice: none {none}\nnasa {nasa}")
-    assert none["success"] <= 0.05 and none["retention"] >= 0.85
-    assert nasa["success"] >= 0.95 and nasa["unprompted"] <= 0.05
-    assert nasa["joint_success"] >= max(0.80, none["joint_success"] + 0.30)
-    # One video of 32 is 3.1 points, so the slice allows one; the default benchmark (192 per row) holds the issue's
-    # 2 points: 94.8% with NASA against 95.8% without.
-    assert nasa["retention"] >= none["retention"] - 0.04 and nasa["corruption"] <= none["corruption"] + 0.02
+    assert none["success"] <= 0.05 and none["retention"] >= 0.90 and none["consistency"] >= 0.90
+    assert nasa["success"] >= 0.95 and nasa["unprompted"] <= 0.05 and nasa["consistency"] >= 0.90
+    assert nasa["joint_success"] >= max(0.95, none["joint_success"] + 0.30)
+    assert nasa["retention"] >= none["retention"] - 0.02 and nasa["corruption"] <= none["corruption"] + 0.02
 
 
 def clip_frames(gen):
@@ -65,3 +64,18 @@ def test_default_cli_run_is_fast_and_writes_the_clip(tmp_path, capsys, toy):
     assert time.perf_counter() - started < 30
     frames = read_video(out)
     assert frames.shape == (clip_frames(toy), 128, 192, 3)  # 48x32 frames shown 4x larger
+
+
+def test_a_negative_sent_mid_stream_takes_a_drawn_object_out_of_the_next_block(toy):
+    """The cached frames hold the red circle; from the block after set_negative it is gone at alpha 2 (at alpha 1
+    it only shrinks: MODEL_CARD.md), and the blue square stays."""
+    from nasa_video.toy.detect import regions
+
+    stream = toy.stream("a red circle and a blue square", seed=0)
+    blocks = iter(stream)
+    first = next(blocks).frames
+    stream.set_negative("red circle", 2.0)
+    later = np.concatenate([c.frames for c in blocks])
+    colours = lambda frames: [{r.color for r in f if r.shape} for f in regions(frames)]  # noqa: E731
+    assert all({"red", "blue"} <= seen for seen in colours(first))
+    assert all(seen == {"blue"} for seen in colours(later))
