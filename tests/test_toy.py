@@ -36,6 +36,11 @@ def test_a_scene_moves_as_one_and_its_caption_says_so_once():
     assert caption_for([Thing("red", "circle", "up"), Thing("blue", "square", "up")]) == \
         "a red circle and a blue square moving up"
     assert caption_objects("a red circle moving up and a blue square") == ["red circle", "blue square"]  # old form
+    with pytest.warns(UserWarning, match="once, at the end"):  # the old per-object form is named, not guessed at
+        WordTokenizer(VOCAB).ids("a red circle moving up and a blue square")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        WordTokenizer(VOCAB).ids("a red circle and a blue square moving up")
     with pytest.raises(ValueError, match="same motion"):
         caption_for([Thing("red", "circle", "up"), Thing("blue", "square", None)])
 

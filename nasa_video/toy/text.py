@@ -57,6 +57,9 @@ class WordTokenizer:
             more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             warnings.warn(f"the bundled text encoder does not know {shown}{more}; "
                           f"known words: {' '.join(w for w in self.vocab[3:] if ' ' not in w)}", stacklevel=3)
+        if warn and "moving" in words[:-2]:
+            warnings.warn("the bundled world moves a whole scene: name its motion once, at the end "
+                          "(\"a red circle and a blue square moving up\")", stacklevel=3)
         return [self.index.get(w, self.index["<unk>"]) for w in words] + [self.index["</s>"]]
 
     def __call__(self, texts, padding=None, max_length=None, truncation=False, add_special_tokens=True,

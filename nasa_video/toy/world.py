@@ -15,7 +15,6 @@ label map, the ground truth the detector is checked against.
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass
 
 import numpy as np
