@@ -67,9 +67,14 @@ def object_consistent(track: list) -> bool:
     return not steps or max(steps) <= MAX_STEP
 
 
+def colour_tracks(found: list) -> dict[str, list]:
+    """found: regions() of each frame. Per palette colour, its first region in each frame (None where absent)."""
+    return {c: [next((r for r in frame if r.color == c), None) for frame in found] for c in COLORS}
+
+
 def video_consistent(found: list) -> bool:
     """found: regions() of each frame. Does every colour detected in at least half the frames stay one object?"""
-    tracks = {c: [next((r for r in frame if r.color == c), None) for frame in found] for c in COLORS}
+    tracks = colour_tracks(found)
     detected = [c for c, track in tracks.items() if sum(r is not None for r in track) >= len(found) / 2]
     return all(object_consistent(tracks[c]) for c in detected)
 
