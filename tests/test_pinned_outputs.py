@@ -3,8 +3,12 @@ a mid-stream change and a rolling cache, compared with latents and frames stored
 
 The store was written by the code before the structural refactor (issue 15); a refactor must leave every
 number unchanged. On the machine that wrote it the outputs are bit-identical (NASA_VIDEO_PIN_EXACT=1 asserts
-that); elsewhere a CPU with other vector units may round matrix products differently, so the default check
-allows 1e-5 (the methods change outputs by orders of magnitude more than that).
+that); elsewhere a CPU with other vector units (AVX2 vs AVX-512) or another thread count sums matrix products in
+another order. fp32 rounds each sum at ~1e-7 of its size; through 2-layer blocks, 3-4 steps and up to 5 blocks of
+autoregression (each block attends to the last, so a difference grows block by block) this was seen to reach
+8.4e-6 of the tensor's largest value (4.77e-5 at 5.7, toy-change on an AMD EPYC, 1 and 2 threads). The check
+allows 1e-4 of each tensor's largest value (PIN_RTOL), ten times that, and still a thousand times below what
+any method or scale changes (a NASA alpha step of 0.25 moves the toy's latents by > 0.1 of their range).
 Rewrite the store (only when a change of numbers is intended): NASA_VIDEO_PIN_WRITE=1 pytest tests/test_pinned_outputs.py
 """
 import os
@@ -58,12 +62,26 @@ def test_outputs_equal_the_pinned_store():
         save_file(got, str(STORE))
         pytest.skip(f"wrote {STORE}")
     want = load_file(str(STORE))
-    assert sorted(got) == sorted(want)
+    assert sorted(got) == sorted(want), f"keys differ: {sorted(set(got) ^ set(want))}"
     exact = bool(os.environ.get("NASA_VIDEO_PIN_EXACT"))
-    for key in sorted(want):
-        if exact or want[key].dtype == torch.uint8:
-            # uint8 frames: equal up to one level where a latent rounds across a .5 boundary
-            diff = (got[key].int() - want[key].int()).abs().max().item() if not exact else None
-            assert (torch.equal(got[key], want[key]) if exact else diff <= 1), key
-        else:
-            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5, msg=key)
+    failures = [line for key in sorted(want) if (line := pin_mismatch(key, got[key], want[key], exact))]
+    assert not failures, "pinned outputs differ:\n" + "\n".join(failures)
+
+
+PIN_RTOL = 1e-4  # of each latent tensor's largest magnitude; see the module docstring for the measured spread
+
+
+def pin_mismatch(key: str, got: torch.Tensor, want: torch.Tensor, exact: bool = False) -> str | None:
+    """None when got matches the pinned want, else one line naming the key, the difference and the bound."""
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"{key}: shape/dtype {tuple(got.shape)} {got.dtype} != pinned {tuple(want.shape)} {want.dtype}"
+    diff = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+    if exact:
+        bound = 0.0
+    elif want.dtype == torch.uint8:
+        bound = 1.0  # frames: one level where a latent rounds across a .5 boundary
+    else:
+        bound = PIN_RTOL * max(want.double().abs().max().item(), 1.0)
+    if diff > bound:
+        return f"{key}: max |got - pinned| = {diff:.3g} > {bound:.3g} (largest |pinned| {want.double().abs().max().item():.3g})"
+    return None
