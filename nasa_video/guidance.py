@@ -227,6 +227,11 @@ class Guidance:
         """The scale actually used at noise level sigma (NAG switches off below sigma_end)."""
         return scale
 
+    def guides(self, alphas: Sequence[float]) -> bool:
+        """Whether these alphas change the attention at all (False: plain attention on the positive, so a host
+        such as a diffusers pipeline may run its own processor instead)."""
+        return any(a != 0.0 for a in alphas)
+
     def check_negatives(self, count: int) -> None:
         if self.max_negatives is not None and count > self.max_negatives:
             raise UserError(f"{self.name} takes at most {self.max_negatives} negative prompt; "
@@ -258,6 +263,9 @@ class NoGuidance(Guidance):
     def prepare(self, kv, alphas):
         return PlainPlan(*kv.positive())
 
+    def guides(self, alphas):
+        return False
+
 
 class NASA(Guidance):
     """Negative-Away Steer Attention, fused: each negative's V is scaled by -alpha_i once per video and per
@@ -287,6 +295,9 @@ class NAG(Guidance):
 
     def scale_at(self, scale, sigma):
         return scale if sigma >= self.sigma_end else 1.0
+
+    def guides(self, alphas):
+        return bool(alphas) and alphas[0] > 1.0
 
     def prepare(self, kv, alphas):
         if kv.num_prompts == 1 or not alphas or alphas[0] <= 1.0:
