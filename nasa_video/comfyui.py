@@ -224,6 +224,9 @@ class NASANegativeWan:
         if not 0 <= start_step <= end_step:
             raise UserError(f"start_step {start_step} and end_step {end_step}: need 0 <= start_step <= end_step")
         diffusion = wan_model(model)
+        if isinstance(model.get_model_object("diffusion_model.blocks.0.cross_attn"), NegativeCrossAttention):
+            raise UserError("this MODEL already went through a NASA negative node: give one node all the negatives "
+                            "(Conditioning (Combine)) instead of chaining two")
         text_dim = diffusion.text_embedding[0].in_features
         negatives = negative_embeddings(negative, text_dim, int(getattr(diffusion, "text_len", 512)))
         guidance_method.check_negatives(len(negatives))

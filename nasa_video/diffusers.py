@@ -107,7 +107,7 @@ class NegativeAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
         image = None
         if getattr(attn, "add_k_proj", None) is not None:  # image-to-video: [CLIP image tokens | text tokens]
-            split = self.guidance.image_tokens
+            split = encoder_hidden_states.shape[1] - self.guidance.text_tokens
             image, encoder_hidden_states = encoder_hidden_states[:, :split], encoder_hidden_states[:, split:]
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         k_pos, v_pos = project_kv(attn, encoder_hidden_states)
@@ -143,7 +143,7 @@ class DiffusersGuidance:
         self._kv: dict[tuple[str, int], tuple[list, tuple]] = {}  # per (transformer, layer): this call's negative K/V
         self._contexts: dict[str, list[torch.Tensor]] = {}  # per transformer: the negatives through its text embedder
         self._pass = {"step": 0, "sigma": 1.0, "unconditional": False}
-        self.image_tokens = 0
+        self.text_tokens = 0
         self._noted = False
 
     # ---- what the user sets ---------------------------------------------------------------------------
@@ -221,6 +221,7 @@ class DiffusersGuidance:
             self._hooks.append(transformer.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         # The pipeline's encode_prompt marks the start of a call, and hands over the call's negative.
         self._encode_prompt = self.pipe.encode_prompt
+        self._own_encode = "encode_prompt" in vars(self.pipe)  # someone's wrapper already: put it back on exit
         self.pipe.encode_prompt = self._encode_for_call
         self.pipe._nasa_guidance = self
         return self
@@ -233,7 +234,10 @@ class DiffusersGuidance:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        del self.pipe.encode_prompt  # the instance attribute goes; the class's method shows again
+        if self._own_encode:
+            self.pipe.encode_prompt = self._encode_prompt
+        else:
+            del self.pipe.encode_prompt  # the instance attribute goes; the class's method shows again
         self._encode_prompt = None
         self.pipe._nasa_guidance = None
         self._originals, self._kv, self._contexts = None, {}, {}
@@ -254,8 +258,10 @@ class DiffusersGuidance:
         args = dict(prompt=prompt, negative_prompt=negative_prompt, num_videos_per_prompt=num_videos_per_prompt,
                     prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                     max_sequence_length=max_sequence_length, device=device, dtype=dtype, **kwargs)
-        if not do_classifier_free_guidance and (negative_prompt is not None or negative_prompt_embeds is not None):
-            for text in [negative_prompt] if isinstance(negative_prompt, str) else (negative_prompt or []):
+        texts = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
+        given = negative_prompt_embeds is not None or any(t.strip() for t in texts)  # front ends often pass ""
+        if not do_classifier_free_guidance and given:
+            for text in texts:
                 self._check_length(text, max_sequence_length)
             positive, negative = self._encode_prompt(do_classifier_free_guidance=True, **args)
             self._call_negatives = [(negative, 1.0)]
@@ -279,8 +285,9 @@ class DiffusersGuidance:
         unconditional = uncond is not None and context is not None and (
             context is uncond or (context.shape == uncond.shape and torch.equal(context, uncond.to(context.dtype))))
         self._pass = {"step": step, "sigma": sigma, "unconditional": unconditional}
-        image = kwargs.get("encoder_hidden_states_image", args[3] if len(args) > 3 else None)
-        self.image_tokens = 0 if image is None else int(image.shape[1])  # they lead the context of attn2
+        # image-to-video: attn2's context is [image tokens | text tokens]; the image embedder may merge two images
+        # (first-last frame), so the text's length is what splits them
+        self.text_tokens = 0 if context is None else int(context.shape[1])
 
     def _active_negatives(self) -> list[tuple[torch.Tensor, float]]:
         return self._call_negatives if self._call_negatives is not None else self.negatives

@@ -214,7 +214,9 @@ def test_bad_input_is_one_line_and_patches_nothing(comfy, setup):
              (lambda: NASANegativeWan().patch(model, negative, 5.0), "out of range for nasa"),
              (lambda: NASANegativeWan().patch(model, negative, 0.5, method="nag"), "out of range for nag"),
              (lambda: NASANegativeWan().patch(model, negative, 0.5, start_step=4, end_step=2), "start_step"),
-             (lambda: NASANegativeWan().patch(model, negative + negative, 1.0, method="vsf"), "at most 1")]
+             (lambda: NASANegativeWan().patch(model, negative + negative, 1.0, method="vsf"), "at most 1"),
+             (lambda: NASANegativeWan().patch(NASANegativeWan().patch(model, negative, 0.5)[0], negative, 0.5),
+              "chaining two")]
     for make, message in cases:
         with pytest.raises(UserError, match=message) as info:
             make()

@@ -109,7 +109,7 @@ def test_guided_cross_attention_equals_the_formula(pipe, image):
         hidden = torch.randn(1, 20, 24, generator=g)
         text = torch.randn(1, length, 24, generator=g)
         context = torch.cat([torch.randn(1, 4, 24, generator=g), text], 1) if image else text
-        handle.image_tokens = 4 if image else 0
+        handle.text_tokens = length
         with torch.no_grad():
             got = processor(attn, hidden, context)
             plain = original(attn, hidden, context)
@@ -159,6 +159,12 @@ def test_processors_and_encode_prompt_are_restored(pipe):
     assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
     assert "encode_prompt" not in vars(pipe) and pipe.encode_prompt.__func__ is WanPipeline.encode_prompt
     handle.disable()  # twice is harmless
+    wrapper = pipe.encode_prompt  # someone's own wrapper on the instance is put back too
+    pipe.encode_prompt = wrapper
+    with enable_guidance(pipe, negative_prompt="snow"):
+        assert pipe.encode_prompt is not wrapper
+    assert vars(pipe)["encode_prompt"] is wrapper
+    del pipe.encode_prompt
     with pytest.raises(RuntimeError, match="boom"):
         with enable_guidance(pipe, negative_prompt="snow"):
             raise RuntimeError("boom")
@@ -175,6 +181,8 @@ def test_the_calls_negative_prompt_is_honoured_at_guidance_one(pipe, caplog):
             per_call = run(pipe, negative_prompt="snow")
         after = run(pipe)  # a call without one: no negative, the plain pipeline
     assert torch.equal(per_call, standing), rel(per_call, standing)
+    with enable_guidance(pipe, negative_prompt="snow", scale=1.0):  # front ends pass "": not a negative
+        assert torch.equal(run(pipe, negative_prompt=""), standing)
     assert torch.equal(after, plain)
     notes = [r.getMessage() for r in caplog.records if "ignore negative_prompt" in r.getMessage()]
     assert len(notes) == 1 and "\n" not in notes[0]
@@ -292,8 +300,10 @@ def test_bad_input_is_one_line_and_patches_nothing(pipe):
             run(pipe)
 
 
-def test_image_to_video_pipeline(pipe):
-    """diffusers' WanImageToVideoPipeline: the image tokens lead attn2's context and attend as diffusers does."""
+@pytest.mark.parametrize("last_image", [False, True], ids=["image-to-video", "first-last-frame"])
+def test_image_to_video_pipeline(pipe, last_image):
+    """diffusers' WanImageToVideoPipeline: the image tokens lead attn2's context (two images' worth, merged by the
+    image embedder, for first-last-frame) and attend as diffusers does; only the text part is guided."""
     import numpy as np
     from diffusers import WanImageToVideoPipeline
     from PIL import Image
@@ -301,19 +311,29 @@ def test_image_to_video_pipeline(pipe):
 
     torch.manual_seed(2)
     vision = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=2,
-                                                            num_attention_heads=2, image_size=32, intermediate_size=16,
+                                                            num_attention_heads=2, image_size=8, intermediate_size=16,
                                                             patch_size=1)).eval()
-    i2v = WanImageToVideoPipeline(transformer=tiny_transformer(image_dim=4, in_channels=36), vae=pipe.vae,
-                                  scheduler=pipe.scheduler, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                  image_encoder=vision, image_processor=CLIPImageProcessor(crop_size=32, size=32))
-    image = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype("uint8"))
+    extra = dict(pos_embed_seq_len=2 * (8 * 8 + 1)) if last_image else {}
+    i2v = WanImageToVideoPipeline(transformer=tiny_transformer(image_dim=4, in_channels=36, added_kv_proj_dim=24,
+                                                               **extra),
+                                  vae=pipe.vae, scheduler=pipe.scheduler, text_encoder=pipe.text_encoder,
+                                  tokenizer=pipe.tokenizer, image_encoder=vision,
+                                  image_processor=CLIPImageProcessor(crop_size=8, size=8))
+
+    def image(seed):
+        return Image.fromarray((np.random.default_rng(seed).random((16, 16, 3)) * 255).astype("uint8"))
+    images = dict(image=image(0), last_image=image(1)) if last_image else dict(image=image(0))
 
     def call():  # diffusers' image-to-video processor assumes 512 text tokens
-        return run(i2v, image=image, max_sequence_length=512)
+        return run(i2v, max_sequence_length=512, **images)
     plain = call()
     with enable_guidance(i2v, negative_prompt="snow", scale=0.0):
         assert torch.equal(call(), plain)
-    with enable_guidance(i2v, negative_prompt="snow", scale=1.0) as handle:
+    # a vanishing alpha runs the guided path: it must give diffusers' own result, image branch and split included
+    with enable_guidance(i2v, negative_prompt="snow", scale=1e-9) as handle:
+        tiny = call()
+        assert handle.text_tokens == 512
+    assert rel(tiny, plain) < 1e-5, f"the guided path at alpha 1e-9 is {rel(tiny, plain):.2e} from diffusers' own"
+    with enable_guidance(i2v, negative_prompt="snow", scale=1.0):
         guided = call()
-        assert handle.image_tokens > 0
     assert rel(guided, plain) > 1e-3
