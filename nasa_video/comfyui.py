@@ -240,3 +240,50 @@ class NASANegativeWan:
 
 NODE_CLASS_MAPPINGS = {"NASANegativeWan": NASANegativeWan}
 NODE_DISPLAY_NAME_MAPPINGS = {"NASANegativeWan": "NASA negative (Wan)"}
+
+
+LOADER = '''"""nasa-video's ComfyUI nodes, installed by `python -m nasa_video.comfyui`: the code is nasa_video.comfyui."""
+from nasa_video.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+'''
+
+
+def install(comfyui_dir: str, name: str = "nasa_video_nodes") -> str:
+    """Install the node pack from the installed package: writes custom_nodes/<name>/__init__.py, a two-line loader
+    of this module, into a ComfyUI folder. Returns the file written."""
+    import os
+    from pathlib import Path
+
+    custom = Path(comfyui_dir) / "custom_nodes"
+    if not custom.is_dir():
+        raise UserError(f"{comfyui_dir} has no custom_nodes/ folder: give the folder ComfyUI runs from")
+    folder = custom / name
+    target = folder / "__init__.py"
+    try:
+        folder.mkdir(exist_ok=True)
+        partial = folder / ".__init__.py.partial"
+        partial.write_text(LOADER)
+        os.replace(partial, target)  # atomic: ComfyUI never reads half a file
+    except OSError as error:
+        raise UserError(f"cannot write {target}: {error.strerror}; check the folder's permissions") from None
+    return str(target)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m nasa_video.comfyui",
+                                     description="Install the 'NASA negative (Wan)' node into a ComfyUI folder.")
+    parser.add_argument("comfyui_dir", help="the ComfyUI folder (the one holding custom_nodes/)")
+    args = parser.parse_args(argv)
+    try:
+        path = install(args.comfyui_dir)
+    except UserError as error:
+        print(f"nasa_video.comfyui: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}; restart ComfyUI (with nasa-video installed in its Python) to load the node")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -222,3 +222,17 @@ def test_bad_input_is_one_line_and_patches_nothing(comfy, setup):
             make()
         assert "\n" not in str(info.value)
         assert model.object_patches == {}
+
+
+def test_install_from_the_package_writes_a_loader(tmp_path, capsys):
+    from nasa_video.comfyui import main
+
+    assert main([str(tmp_path)]) == 2 and "no custom_nodes/" in capsys.readouterr().err
+    (tmp_path / "custom_nodes").mkdir()
+    assert main([str(tmp_path)]) == 0
+    loader = tmp_path / "custom_nodes" / "nasa_video_nodes" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("installed_nasa_nodes", loader)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.NODE_CLASS_MAPPINGS == {"NASANegativeWan": NASANegativeWan}
+    assert [p.name for p in loader.parent.iterdir()] == ["__init__.py"]  # no partial file left
