@@ -34,8 +34,25 @@ def test_one_forward_per_step_plus_cache_pass(tiny_generator, guidance):
 
 
 def test_negative_text_kv_built_once_per_video(tiny_generator):
-    stream = tiny_generator.stream(PROMPT, negative=[NEG, "blue square"], decode=False)
-    list(stream)
+    """Observed on the K/V projections themselves: every cross-attention to_k / to_v runs once per prompt (the
+    positive and the two negatives) for the whole video, never inside a block's steps."""
+    blocks = tiny_generator.model.blocks
+    calls = {"k": 0, "v": 0}
+
+    def counter(name):
+        def hook(*_):
+            calls[name] += 1
+        return hook
+    hooks = [b.attn2.to_k.register_forward_hook(counter("k")) for b in blocks]
+    hooks += [b.attn2.to_v.register_forward_hook(counter("v")) for b in blocks]
+    try:
+        stream = tiny_generator.stream(PROMPT, negative=[NEG, "blue square"], decode=False)
+        chunks = list(stream)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(chunks) == 2
+    assert calls == {"k": 3 * len(blocks), "v": 3 * len(blocks)}, calls
     assert stream.text_cache.negative_builds == 1
 
 
