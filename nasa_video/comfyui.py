@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .errors import UserError
-from .guidance import METHODS, make_guidance, nag, nasa, vsf
+from .guidance import METHODS, make_guidance, nag, nasa, real_length, vsf
 
 METHOD_CHOICES = ("nasa", "nag", "vsf")
 
@@ -67,12 +67,6 @@ def negative_embeddings(conditioning, text_dim: int, text_len: int) -> list[torc
                             f"reads: shorten it")
         out.append(embeds)  # padding kept: Wan attends to all its text positions, the negative's too (VSF drops it)
     return out
-
-
-def real_length(embeds: torch.Tensor) -> int:
-    """Tokens before the padding (ComfyUI's Wan text encoder zeroes the masked rows)."""
-    nonzero = embeds.detach().abs().sum(-1).gt(0).any(0)
-    return int(nonzero.nonzero().max()) + 1 if nonzero.any() else 0
 
 
 def step_of(transformer_options: dict) -> int | None:

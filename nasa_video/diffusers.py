@@ -32,7 +32,7 @@ import torch
 
 from .attention import attend
 from .errors import UserError
-from .guidance import Guidance, ScaleSchedule, make_guidance, merge_text_kv, parse_negatives
+from .guidance import Guidance, ScaleSchedule, make_guidance, merge_text_kv, parse_negatives, real_length
 
 log = logging.getLogger("nasa_video")
 
@@ -320,9 +320,8 @@ class DiffusersGuidance:
             transformer = dict(self.transformers)[transformer_name]
             embedder = transformer.condition_embedder.text_embedder
             param = next(embedder.parameters())
-            contexts = []
-            for embeds, _ in self._active_negatives():
-                real = int((embeds.abs().sum(-1) > 0).sum(-1).max())  # Wan zeroes the padding rows
+            contexts, lengths = [], tuple(real_length(e) for e, _ in self._active_negatives())
+            for (embeds, _), real in zip(self._active_negatives(), lengths):
                 if real > length:
                     raise UserError(f"the negative prompt has {real} tokens but this call's prompt has {length} "
                                     f"(max_sequence_length): raise max_sequence_length or shorten the negative")
@@ -332,7 +331,6 @@ class DiffusersGuidance:
                                                                  embeds.shape[2])], 1)
                 with torch.no_grad():
                     contexts.append(embedder(embeds.to(param.device, param.dtype)))
-            lengths = tuple(int((e.abs().sum(-1) > 0).sum(-1).max()) for e, _ in self._active_negatives())
             self._contexts[transformer_name] = (contexts, lengths)
         return self._contexts[transformer_name]
 

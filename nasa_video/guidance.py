@@ -476,6 +476,13 @@ class ScaleSchedule:
 Negatives = list[tuple[str, float]]
 
 
+def real_length(embeds: torch.Tensor) -> int:
+    """Tokens of prompt embeddings [B, L, C] before their padding, the most over the batch: Wan's text encoders
+    (umT5 here, diffusers' and ComfyUI's) zero the padding rows."""
+    nonzero = embeds.detach().abs().sum(-1).gt(0).any(0)
+    return int(nonzero.nonzero().max()) + 1 if nonzero.any() else 0
+
+
 def parse_negatives(negative) -> Negatives:
     """None | "text" | ["a", "b"] | [("a", 1.0), ("b", 0.5)] | {"a": 1.0} -> [(prompt, weight), ...]."""
     if negative is None:
