@@ -277,7 +277,7 @@ class NASA(Guidance):
     bench_scale = 0.5
 
     def prepare(self, kv, alphas):
-        if kv.num_prompts == 1 or not any(alphas):
+        if kv.num_prompts == 1 or not self.guides(alphas):
             return PlainPlan(*kv.positive())
         return NASAPlan(kv, alphas)
 
@@ -300,7 +300,7 @@ class NAG(Guidance):
         return bool(alphas) and alphas[0] > 1.0
 
     def prepare(self, kv, alphas):
-        if kv.num_prompts == 1 or not alphas or alphas[0] <= 1.0:
+        if kv.num_prompts == 1 or not self.guides(alphas):
             return PlainPlan(*kv.positive())
         return NAGPlan(kv, alphas[0], self.tau, self.blend)
 
@@ -317,7 +317,7 @@ class VSF(Guidance):
         self.bias = bias
 
     def prepare(self, kv, alphas):
-        if kv.num_prompts == 1 or not alphas or alphas[0] == 0.0:
+        if kv.num_prompts == 1 or not self.guides(alphas):
             return PlainPlan(*kv.positive())
         return VSFPlan(kv, alphas[0], self.bias)
 

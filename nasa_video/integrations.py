@@ -24,7 +24,7 @@ import torch
 
 from .errors import UserError
 from .guidance import (METHODS, CrossAttentionProcessor, GuidanceSetting, ScaleSchedule, make_guidance, merge_text_kv,
-                       parse_negatives)
+                       parse_negatives, real_length)
 
 
 def find_generator(pipeline) -> torch.nn.Module:
@@ -98,7 +98,7 @@ class UpstreamGuidance:
         self.guidance.check_negatives(len(embeddings))
         self.negative_texts, self.weights, self._embeddings = texts, list(weights), embeddings
         # real token counts (VSF drops the padding; upstream zeroes padding rows)
-        self.negative_lengths = tuple(int((e[0].abs().sum(-1) > 0).sum()) for e in embeddings)
+        self.negative_lengths = tuple(real_length(e) for e in embeddings)
         self._negative_kv = None
 
     def set_scale(self, scale) -> None:
