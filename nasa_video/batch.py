@@ -244,7 +244,7 @@ class StreamBatch:
                 rows.append(tuple(0.0 for _ in stream.negatives))
             else:
                 local = max(0, block - member.joined)
-                rows.append(tuple(stream.text_cache.alphas(stream.schedule(local, step))))
+                rows.append(tuple(stream.text_cache.alphas(stream.schedule.at(local, step, stream.guidance))))
         return tuple(rows)
 
     def _forward(self, x, t_value: float, position: int, block: int, step: int, guided: bool = True) -> torch.Tensor:

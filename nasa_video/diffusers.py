@@ -25,7 +25,6 @@ guidance methods before the output projection; the image branch of image-to-vide
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -149,10 +148,8 @@ class DiffusersGuidance:
     # ---- what the user sets ---------------------------------------------------------------------------
     def set_scale(self, scale: ScaleLike) -> None:
         """A constant, a list with one scale per step (the last repeats) or a function step -> scale."""
-        schedule = _schedule(scale)
+        schedule = _schedule(scale)  # a non-number is refused here
         for value in schedule.values():
-            if not math.isfinite(value):
-                raise UserError(f"scale {value} is not a number: give a finite scale")
             self.method.check_scale(value)
         self.schedule = schedule
 
@@ -297,8 +294,7 @@ class DiffusersGuidance:
         negatives = self._active_negatives()
         if self._pass["unconditional"] or not negatives:
             return ()
-        scale = self.schedule(0, self._pass["step"])
-        self.method.check_scale(scale)  # a function's value is only known now (NaN fails the range check too)
+        scale = self.schedule.at(0, self._pass["step"], self.method)  # a function's value is checked only now
         scale = self.method.scale_at(scale, self._pass["sigma"])
         alphas = tuple(scale * w for _, w in negatives)
         return alphas if self.method.guides(alphas) else ()

@@ -198,7 +198,10 @@ class Guidance:
     in_attention = True
     scale_range = (0.0, 0.0)
     max_negatives: int | None = None
-    bench_scale = 0.0  # the scale `nasa-video bench` runs it at: one at which the method guides
+    # The scale it guides at: `nasa-video bench` runs it there, and a video asking for this method without a scale
+    # gets it (the model config's guidance.scale belongs to the config's own method).
+    bench_scale = 0.0
+    setting_ranges: dict[str, tuple[float, float]] = {}  # each setting's usable interval, inclusive, beside its default
 
     def cross_attention(self, q: torch.Tensor, kv: TextKV, alphas: Sequence[float]) -> torch.Tensor:
         """The guided attention output [B, S, H, D] of query q [B, S, H, D]. A method defines this, or prepare()
@@ -244,13 +247,37 @@ class Guidance:
 
     def check_weight(self, weight: float, scales: Sequence[float]) -> None:
         """A negative's weight multiplies the scale: it must be finite, >= 0, and keep scale x weight in range."""
+        self.check_weights([weight], scales)
+
+    def check_weights(self, weights: Sequence[float], scales: Sequence[float]) -> None:
+        """Weights of the negatives, each finite and >= 0; with each scale, every term scale x w_i and their sum
+        stay in the scale's range (four copies of one negative at the top scale would subtract four times it)."""
         lo, hi = self.scale_range
-        if not (math.isfinite(weight) and weight >= 0):
-            raise UserError(f"--negative-weight {weight} is not a usable weight: use a finite number >= 0")
+        for weight in weights:
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+                raise UserError(f"--negative-weight {weight} is not a usable weight: use a finite number >= 0")
+        total = sum(weights)
         for scale in scales:
-            if not lo <= scale * weight <= hi:
-                raise UserError(f"--negative-weight {weight} with --scale {scale} gives {scale * weight:g}, out of "
-                                f"range for {self.name}: keep scale x weight in [{lo}, {hi}]")
+            for weight in weights:
+                if not lo <= scale * weight <= hi:
+                    raise UserError(f"--negative-weight {weight} with --scale {scale} gives {scale * weight:g}, out "
+                                    f"of range for {self.name}: keep scale x weight in [{lo}, {hi}]")
+            if len(weights) > 1 and not scale * total <= hi:
+                raise UserError(f"{len(weights)} negatives of total weight {total:g} at --scale {scale} subtract "
+                                f"{scale * total:g} in all, out of range for {self.name}: keep scale x (sum of "
+                                f"weights) <= {hi} (lower --scale or the weights)")
+
+    @classmethod
+    def check_settings(cls, settings: dict) -> None:
+        """Each setting a finite number inside its declared range (one line naming it otherwise)."""
+        for key, value in settings.items():
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(f"{cls.name} setting {key}={value!r} is not a finite number")
+            lo, hi = cls.setting_ranges.get(key, (-math.inf, math.inf))
+            if not lo <= value <= hi:
+                raise UserError(f"{cls.name} setting {key}={value:g} is out of range: use a value in [{lo:g}, {hi:g}]")
 
 
 class NoGuidance(Guidance):
@@ -289,6 +316,9 @@ class NAG(Guidance):
     scale_range = (1.0, 20.0)
     max_negatives = 1
     bench_scale = 5.0  # NAG guides only for nag_scale > 1
+    # tau: the clip on ||Zt|| / ||Z+|| (a clip below 1 shrinks even the positive); blend: a convex mix; sigma_end: a
+    # noise level
+    setting_ranges = {"tau": (1.0, 20.0), "blend": (0.0, 1.0), "sigma_end": (0.0, 1.0)}
 
     def __init__(self, tau: float = 2.5, blend: float = 0.25, sigma_end: float = 0.0):
         self.tau, self.blend, self.sigma_end = tau, blend, sigma_end
@@ -312,6 +342,8 @@ class VSF(Guidance):
     scale_range = (0.0, 5.0)
     max_negatives = 1
     bench_scale = 1.0
+
+    setting_ranges = {"bias": (-10.0, 10.0)}  # a logit offset: past +-10 the negative columns own or lose the softmax
 
     def __init__(self, bias: float = -0.1):
         self.bias = bias
@@ -362,6 +394,7 @@ def make_guidance(name: str, **settings) -> Guidance:
     unknown = sorted(set(settings) - set(known))
     if unknown:
         raise UserError(f"{name} has no setting {', '.join(unknown)}; its settings: {', '.join(known) or 'none'}")
+    cls.check_settings(settings)
     return cls(**{k: v for k, v in settings.items() if v is not None})
 
 
@@ -448,6 +481,17 @@ class ScaleSchedule:
 
     def __init__(self, spec: ScaleSpec):
         self.spec = spec
+        if not callable(spec):
+            self.values()  # a malformed spec fails here, in one line, not inside a block
+
+    def at(self, block: int, step: int, method: "Guidance") -> float:
+        """The scale at (block, step), checked against the method's range (a function's values are known only
+        now: NaN or out of range is one line, not a broken video)."""
+        value = self(block, step)
+        if not math.isfinite(value):
+            raise UserError(f"the scale function gave {value} at block {block}, step {step}: return finite numbers")
+        method.check_scale(value)
+        return value
 
     def __call__(self, block: int, step: int) -> float:
         spec = self.spec
@@ -465,11 +509,24 @@ class ScaleSchedule:
         spec = self.spec
         if callable(spec):
             return []
-        if isinstance(spec, (int, float)):
-            return [float(spec)]
+
+        def number(x) -> float:
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise UserError(f"scale {x!r} is not a finite number: give a number, a list per block (of numbers "
+                                f"or per-step lists) or a function (block, step) -> scale")
+            return float(x)
+        if isinstance(spec, (int, float, str, bytes)) or not isinstance(spec, Sequence):
+            return [number(spec)]
+        if len(spec) == 0:
+            raise UserError("scale is an empty list: give one scale per block (the last repeats)")
         flat: list[float] = []
         for item in spec:
-            flat.extend([float(item)] if isinstance(item, (int, float)) else [float(x) for x in item])
+            if isinstance(item, Sequence) and not isinstance(item, (str, bytes)):
+                if len(item) == 0:
+                    raise UserError("a block's scale list is empty: give one scale per step (the last repeats)")
+                flat.extend(number(x) for x in item)
+            else:
+                flat.append(number(item))
         return flat
 
 
@@ -491,11 +548,15 @@ def parse_negatives(negative) -> Negatives:
         return [(negative, 1.0)] if negative.strip() else []
     if isinstance(negative, dict):
         negative = list(negative.items())
+    if not isinstance(negative, (list, tuple)):
+        raise UserError(f"negative {negative!r}: give text, a list of texts, (text, weight) pairs or a dict")
     out: Negatives = []
     for item in negative:
         if isinstance(item, str):
             out.append((item, 1.0))
-        else:
-            text, weight = item
-            out.append((str(text), float(weight)))
+            continue
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)):
+            raise UserError(f"negative {item!r}: each negative is text or a (text, weight) pair")
+        out.append((item[0], float(item[1])))
     return [(t, w) for t, w in out if t.strip()]

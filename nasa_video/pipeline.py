@@ -92,6 +92,12 @@ def method_from_config(cfg: DictConfig, name: str | None = None, **settings) -> 
     return make_guidance(name, **{**configured, **{k: v for k, v in settings.items() if v is not None}})
 
 
+def default_scale(spec, guidance: Guidance) -> float:
+    """The scale a video runs at when none is given: the config's guidance.scale belongs to the config's own
+    method; any other method runs at its own (bench_scale, one at which it guides)."""
+    return float(spec.guidance.scale) if guidance.name == spec.guidance.method else float(guidance.bench_scale)
+
+
 def resolve_compile(compile: bool | None, device) -> bool:
     """The compile switch: None means on for CUDA (where it pays), off for the CPU (where compiling a video's few
     shapes costs more than it saves); True / False as given."""
@@ -297,6 +303,9 @@ class StreamingGenerator:
         """output_type="latent": the clean latents of the whole video in one .safetensors (written atomically)."""
         from safetensors.torch import save_file
 
+        from .video_io import check_output_path
+
+        check_output_path(out, suffix=".safetensors")  # before the video, not after it
         stream = self.stream(prompt, negative, scale, guidance, frames, seed, rolling, decode=False, **inputs)
         switches = _check_prompt_at(prompt_at, stream)
         start, first, latents, recache_seconds, recaches = time.perf_counter(), 0.0, [], 0.0, 0
@@ -327,6 +336,7 @@ def _check_prompt_at(prompt_at, stream) -> dict[int, str]:
             raise UserError(f"--prompt-at {block}: the video has {stream.num_blocks} blocks (0..{stream.num_blocks - 1})")
         check_prompt(text, f"prompt at block {block}")
         stream.gen.text.check_readable(text, f"prompt at block {block}")
+        stream.gen.text.encode(text)  # over the token limit: one line now, not a partial video at that block
     return switches
 
 
@@ -407,8 +417,9 @@ class Stream:
         self.negatives: list[tuple[str, float]] = []
         self._negative_items: list[tuple] = []  # (label, weight, embeddings or None for text)
         self._negative_key: list = []
-        self.schedule = ScaleSchedule(spec.guidance.scale)
-        self.set_negative(negative, spec.guidance.scale if scale is None else scale, negative_prompt_embeds)
+        self.schedule = ScaleSchedule(default_scale(spec, self.guidance))
+        self.set_negative(negative, default_scale(spec, self.guidance) if scale is None else scale,
+                          negative_prompt_embeds)
         self._apply_pending()
         self.kv_cache: tuple | None = None  # the self-attention cache(s) of the running video (set by iteration)
         self.held: dict[int, torch.Tensor] = {}  # start frame -> the cache pass's input, for blocks in the cache
@@ -483,9 +494,8 @@ class Stream:
         schedule = self.schedule if scale is None else ScaleSchedule(scale)
         for value in schedule.values():
             self.guidance.check_scale(value)
+        self.guidance.check_weights([weight for _, weight, _ in items], schedule.values())
         for text, weight, embeds in items:
-            if weight != 1.0:
-                self.guidance.check_weight(weight, schedule.values())
             if embeds is None:
                 self.gen.text.check_readable(text, "negative prompt")
                 self.gen.text.encode(text)  # fail now (e.g. too many tokens), not in the middle of a block
@@ -665,7 +675,7 @@ class Stream:
         x0 = x
         for step, t_value in enumerate(gen.steps):
             t = t_of(t_value)
-            output = self._predict(x, t, self.schedule(block, step), start, kv_cache, self.guidance)
+            output = self._predict(x, t, self.schedule.at(block, step, self.guidance), start, kv_cache, self.guidance)
             x0 = flow.prediction_to_x0(output.float(), x, t, gen.prediction)
             if step + 1 < len(gen.steps):
                 noise = torch.randn(shape, generator=rng, device=device, dtype=torch.float32)
@@ -676,7 +686,8 @@ class Stream:
         if context_t > 0:
             noise = torch.randn(shape, generator=rng, device=device, dtype=torch.float32)
             context = flow.add_noise(x0, noise, t_of(context_t))
-        self._predict(context, t_of(context_t), self.schedule(block, len(gen.steps) - 1), start, kv_cache,
+        last = self.schedule.at(block, len(gen.steps) - 1, self.guidance)
+        self._predict(context, t_of(context_t), last, start, kv_cache,
                        self.cache_pass_guidance)
         if kv_cache is self.kv_cache:
             self._hold(start, context)

@@ -100,10 +100,14 @@ class Job:
 
 def _number(body: dict, key: str, default, kind, lo, hi):
     value = body.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise BadRequest(f"{key} must be {'a whole number' if kind is int else 'a number'}, got {value!r}")
-    if not math.isfinite(value) or not lo <= value <= hi:
-        raise BadRequest(f"{key} must be between {lo} and {hi}, got {value}")
+    whole = kind is int
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            whole and isinstance(value, float) and math.isfinite(value) and not value.is_integer()):
+        raise BadRequest(f"{key} must be {'a whole number' if whole else 'a number'}, got {str(value)[:40]!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest(f"{key} must be a finite number, got {value}")
+    if not lo <= value <= hi:  # compared exactly: a 401-digit integer is out of range, not an overflow
+        raise BadRequest(f"{key} must be between {lo} and {hi}, got {str(value)[:40]}")
     return kind(value)
 
 
@@ -150,10 +154,12 @@ def parse_job(body, limits: Limits, default_method: str, default_scale: float) -
     if not prompt:
         raise BadRequest("prompt is empty")
     method = body.get("method", default_method)
-    if method not in METHODS:
-        raise BadRequest(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise BadRequest(f"unknown method {str(method)[:40]!r}; choose one of {', '.join(sorted(METHODS))}")
     negative = parse_negative_list(body.get("negative"), limits)
-    scale = _number(body, "scale", default_scale, float, -1e6, 1e6)
+    # the config's scale belongs to its own method; another method runs at its own default
+    own_default = default_scale if method == default_method else METHODS[method].bench_scale
+    scale = _number(body, "scale", own_default, float, -1e6, 1e6)
     check_scale(method, scale, len(negative))
     seed = _number(body, "seed", 0, int, 0, 2**31 - 1)
     blocks = _number(body, "blocks", 0, int, 0, limits.max_blocks)
@@ -427,7 +433,10 @@ class VideoServer:
                     prompt = _text(message.get("prompt", ""), "prompt", self.limits.max_prompt_chars)
                     if not prompt:
                         raise BadRequest("prompt is empty")
-                    stream.set_prompt(prompt, recache=message.get("recache") is True)
+                    recache = message.get("recache", False)
+                    if not isinstance(recache, bool):
+                        raise BadRequest(f"recache must be true or false, got {str(recache)[:40]}")
+                    stream.set_prompt(prompt, recache=recache)
                 elif message["type"] == "negative":
                     stream.set_negative(parse_negative_list(message.get("negative"), self.limits) or None, scale)
                 elif scale is not None:

@@ -19,21 +19,28 @@ def ffmpeg_exe() -> str:
                         "or set IMAGEIO_FFMPEG_EXE to an ffmpeg on this machine") from None
 
 
-def check_output_path(path: str | os.PathLike, create_parent: bool = False) -> Path:
+def check_output_path(path: str | os.PathLike, create_parent: bool = False, suffix: str = ".mp4") -> Path:
+    """An output file that can be written, checked before the work that fills it: the right suffix, an existing
+    writable folder (a real probe file, so /proc or a read-only mount fails here, not in ffmpeg after the video)."""
     path = Path(path)
-    if path.suffix.lower() != ".mp4":
-        raise UserError(f"output {path} must end in .mp4")
+    if path.suffix.lower() != suffix:
+        raise UserError(f"output {path} must end in {suffix}")
     if path.is_dir():
-        raise UserError(f"output {path} is a folder; give a file name ending in .mp4")
+        raise UserError(f"output {path} is a folder; give a file name ending in {suffix}")
     parent = path.parent if str(path.parent) else Path(".")
     if create_parent:
         parent.mkdir(parents=True, exist_ok=True)
     if not parent.is_dir():
         raise UserError(f"cannot write {path}: folder {parent} does not exist (create it or choose another --out)")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write {path}: folder {parent} is not writable (choose another --out)")
     if path.exists() and not os.access(path, os.W_OK):
         raise UserError(f"cannot write {path}: the file exists and is read-only (choose another --out)")
+    probe = parent / f".{path.name}.{os.getpid()}.probe"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: folder {parent} does not take new files ({error.strerror}); "
+                        f"choose another --out") from None
     return path
 
 

@@ -152,3 +152,85 @@ def test_midstream_bad_weight_is_refused_and_the_stream_goes_on(tiny_generator):
         stream.set_negative([("blue", math.nan)])
     assert next(blocks).block == 1 and stream.negatives == [("red circle", 1.0)]
     assert torch.isfinite(torch.as_tensor(stream.text_cache.layers[0].k)).all()
+
+
+@pytest.mark.parametrize("scale,message", [
+    ("abc", "not a finite number"), ([], "empty list"), ([[0.5], []], "scale list is empty"),
+    ([0.5, math.nan], "not a finite number"), ({"a": 1}, "not a finite number"),
+])
+def test_malformed_scales_are_one_line(tiny_generator, scale, message):
+    with pytest.raises(UserError, match=message) as error:
+        tiny_generator.stream(PROMPT, "red circle", scale=scale)
+    one_line(error)
+    stream = tiny_generator.stream(PROMPT, "red circle", scale=0.5)
+    with pytest.raises(UserError, match=message):
+        stream.set_scale(scale)  # mid-stream too
+
+
+@pytest.mark.parametrize("value", [math.nan, 9.0])
+def test_a_scale_function_out_of_range_stops_the_block_in_one_line(tiny_generator, value):
+    stream = tiny_generator.stream(PROMPT, "red circle", scale=lambda block, step: 0.5 if block == 0 else value)
+    chunks = []
+    with pytest.raises(UserError, match="scale function gave nan|out of range for nasa") as error:
+        for chunk in stream:
+            chunks.append(chunk)
+    one_line(error)
+    assert len(chunks) == 1  # block 0 was made; block 1 was refused, not drawn with a broken scale
+
+
+@pytest.mark.parametrize("negative", [[("red circle", 1.0, "extra")], [(1, 2)], [("red", "heavy")], 42])
+def test_malformed_negatives_are_one_line(tiny_generator, negative):
+    with pytest.raises(UserError, match="negative") as error:
+        tiny_generator.stream(PROMPT, negative, scale=0.5)
+    one_line(error)
+
+
+def test_the_sum_of_weighted_negatives_is_bounded(tiny_generator):
+    with pytest.raises(UserError, match="subtract 12 in all") as error:
+        tiny_generator.stream(PROMPT, ["red circle"] * 4, scale=3.0)
+    one_line(error)
+    assert len(list(tiny_generator.stream(PROMPT, ["red circle"] * 3, scale=1.0))) == 2  # 3 in all: allowed
+
+
+@pytest.mark.parametrize("settings,message", [
+    (("nag", {"tau": 0.0}), "tau=0 is out of range"), (("nag", {"blend": 100.0}), "blend=100 is out of range"),
+    (("nag", {"sigma_end": -0.5}), "sigma_end=-0.5 is out of range"), (("vsf", {"bias": 1e30}), "out of range"),
+    (("vsf", {"bias": "high"}), "not a finite number"),
+])
+def test_method_settings_are_range_checked(settings, message):
+    from nasa_video.guidance import make_guidance
+
+    name, values = settings
+    with pytest.raises(UserError, match=message) as error:
+        make_guidance(name, **values)
+    one_line(error)
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    gen = StreamingGenerator.from_config("tiny", device="cpu")
+    state = {k: v.clone() for k, v in gen.model.state_dict().items()}
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key].view(-1)[0] = float("nan")
+    path = tmp_path / "broken.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(UserError, match="NaN or infinite weights") as error:
+        StreamingGenerator.from_config("tiny", checkpoint=str(path), device="cpu")
+    assert key in one_line(error)
+
+
+@pytest.mark.parametrize("name,message", [("video.mp4", "must end in .safetensors"),
+                                          ("missing/video.safetensors", "does not exist")])
+def test_latent_output_checks_its_path_before_the_video(tiny_generator, tmp_path, name, message):
+    with pytest.raises(UserError, match=message) as error:
+        tiny_generator.generate(PROMPT, tmp_path / name, output_type="latent", progress=False)
+    one_line(error)
+    assert not list(tmp_path.rglob("*"))
+
+
+def test_an_over_long_scheduled_prompt_is_refused_before_the_first_block(tiny_generator, tmp_path):
+    with pytest.raises(UserError, match="tokens") as error:
+        tiny_generator.generate(PROMPT, tmp_path / "x.mp4", prompt_at={1: "x" * 80}, progress=False)
+    one_line(error)
+    assert not list(tmp_path.iterdir())  # not even x.partial.mp4

@@ -276,7 +276,7 @@ def test_bad_input_is_one_line_and_patches_nothing(pipe):
         (lambda: enable_guidance(pipe, negative_prompt="x" * 600), "over the limit of 512"),
         (lambda: enable_guidance(pipe, negative_prompt="snow", scale=5.0), "out of range for nasa"),
         (lambda: enable_guidance(pipe, negative_prompt="snow", scale=0.5, method="nag"), "out of range for nag"),
-        (lambda: enable_guidance(pipe, negative_prompt="snow", scale=float("nan")), "not a number"),
+        (lambda: enable_guidance(pipe, negative_prompt="snow", scale=float("nan")), "not a finite number"),
         (lambda: enable_guidance(pipe, negative_prompt="snow", method="cfg"), "guidance_scale > 1"),
         (lambda: enable_guidance(pipe, negative_prompt="snow", method="nope"), "unknown guidance"),
         (lambda: enable_guidance(pipe, negative_prompt=["a", "b"], method="vsf", scale=1.0), "at most 1"),

@@ -139,7 +139,10 @@ def tiny_generator_frames(gen, block):
 
 
 @pytest.mark.parametrize("message, reason", [({"type": "prompt", "prompt": ""}, "prompt is empty"),
-                                             ({"type": "prompt", "prompt": 5}, "prompt must be a string")])
+                                             ({"type": "prompt", "prompt": 5}, "prompt must be a string"),
+                                             ({"type": "prompt", "prompt": "a blue square", "recache": "yes"},
+                                              "recache must be true or false"),
+                                             ({"type": "scale", "scale": 10 ** 400}, "scale must be between")])
 def test_bad_prompt_switch_is_refused_and_the_stream_goes_on(client, message, reason):
     job = start(client, blocks=3)
     with client.websocket_connect(f"/api/jobs/{job}/stream") as ws:
@@ -175,10 +178,20 @@ def test_bad_change_is_refused_and_the_stream_goes_on(client):
     ({"scale": "big"}, "scale must be a number"),
     ({"path": "/etc/passwd"}, "unknown field"),
     ({"prompt": "word " * 80}, "tokens"),
+    ({"scale": 10 ** 400}, "scale must be between"),  # a 401-digit integer: 400, not an overflow
+    ({"seed": 10 ** 400}, "seed must be between"),
+    ({"blocks": 10 ** 400}, "blocks must be between"),
+    ({"method": ["nasa"]}, "unknown method"),
 ])
 def test_bad_requests_get_400_with_a_message(client, body, needle):
     response = client.post("/api/jobs", json={"prompt": "a red circle", **body})
     assert response.status_code == 400 and needle in response.json()["error"], response.text
+
+
+@pytest.mark.parametrize("raw", [b'{"prompt": "a red circle", "scale": NaN}', b'{"prompt": "a", "seed": Infinity}'])
+def test_non_finite_numbers_get_400(client, raw):
+    response = client.post("/api/jobs", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "finite" in response.json()["error"], response.text
 
 
 def test_not_json_unknown_job_and_clip_names(client):

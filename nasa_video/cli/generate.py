@@ -76,6 +76,10 @@ def check_arguments(args) -> None:
     if late and not endless:
         raise UserError(f"--prompt-at {late[0]}: the video has {total} blocks (0..{total - 1}); "
                         f"use an earlier block or more --frames")
+    if args.guidance == "none" and (args.negative or args.scale is not None):
+        given = "--negative" if args.negative else "--scale"
+        raise UserError(f"{given} has no effect with --guidance none: drop it, or pick a method "
+                        f"(nasa, nag, vsf, cfg)")
     if args.recache and not args.prompt_at:
         raise UserError("--recache acts at a prompt switch: add --prompt-at BLOCK:TEXT, or drop --recache")
     check_output_path(args.out, create_parent=args.out == DEFAULT_OUT)
@@ -84,7 +88,7 @@ def check_arguments(args) -> None:
 
 def generate(args) -> int:
     check_arguments(args)
-    from ..pipeline import StreamingGenerator, method_from_config
+    from ..pipeline import StreamingGenerator, default_scale, method_from_config
 
     weights = args.negative_weight or [1.0] * len(args.negative)
     negatives = list(zip(args.negative, weights))
@@ -99,7 +103,7 @@ def generate(args) -> int:
     result = gen.generate(args.prompt, args.out, negatives, args.scale, method, args.frames, args.seed,
                           args.rolling or None, progress=not args.quiet, prompt_at=dict(args.prompt_at),
                           recache=args.recache)
-    scale = gen.spec.guidance.scale if args.scale is None else args.scale
+    scale = default_scale(gen.spec, method) if args.scale is None else args.scale
     guided = method.name != "none" and (negatives or not method.in_attention)
     how = f"with {method.name} scale={scale:g}" if guided else "without guidance (no negative prompt)" \
         if method.name != "none" else "without guidance"

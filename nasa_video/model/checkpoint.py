@@ -147,6 +147,11 @@ def load_generator_weights(model: torch.nn.Module, path_or_obj, strict: bool = T
     if problems and strict:
         raise UserError(f"checkpoint does not match the model config (layout guessed: {layout}): "
                         f"{'; '.join(problems)}. Check --model matches the checkpoint")
+    broken = [k for k, v in state.items()
+              if k in expected and torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # they would make every frame NaN (an all-black video) without a word
+        raise UserError(f"checkpoint holds NaN or infinite weights in {len(broken)} tensor(s) ({', '.join(broken[:3])}): "
+                        f"the file is corrupt or from a diverged run; use another checkpoint")
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     return layout
 
