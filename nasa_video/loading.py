@@ -20,8 +20,38 @@ def available_models() -> list[str]:
 
 
 def load_config(model: str = "toy", overrides: dict | None = None) -> DictConfig:
-    """A bundled config by name (tiny, causvid, self-forcing, ...) or a YAML path, with overrides merged.
+    """A bundled config by name (tiny, causvid, self-forcing, ...) or a YAML path, with overrides merged, and
+    validated once (config.validate_model_config): a bad file is one line naming it and the key.
     A config with `base: NAME` is that config with its own keys merged over it (a variant)."""
+    from .config import validate_model_config
+
+    path = _config_path(model)
+    cfg = _read_with_bases(path, ())
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
+    validate_model_config(cfg, str(path))
+    return cfg
+
+
+def _read_with_bases(path: Path, chain: tuple) -> DictConfig:
+    """One YAML and the `base:` configs under it, merged; a syntax error or a cycle of bases is one line."""
+    if path.resolve() in chain:
+        names = " -> ".join(str(p) for p in chain + (path.resolve(),))
+        raise UserError(f"{path}: base: makes a cycle ({names}); a variant names another config as its base")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as error:  # yaml's ScannerError / ParserError, omegaconf's own: their first line says where
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read model config {path}: {first}") from None
+    if not isinstance(cfg, DictConfig):
+        raise UserError(f"{path}: a model config is a mapping of sections, not a {type(cfg).__name__}")
+    if "base" in cfg:
+        base = cfg.pop("base")
+        cfg = OmegaConf.merge(_read_with_bases(_config_path(str(base)), chain + (path.resolve(),)), cfg)
+    return cfg
+
+
+def _config_path(model: str) -> Path:
     path = Path(model)
     if path.suffix in (".yaml", ".yml") and not path.exists():
         raise UserError(f"model config not found: {model} (a YAML path); or name a bundled model: "
@@ -30,13 +60,7 @@ def load_config(model: str = "toy", overrides: dict | None = None) -> DictConfig
         path = CONFIG_DIR / f"{MODEL_ALIASES.get(model, model.replace('-', '_'))}.yaml"
     if not path.exists():
         raise UserError(f"unknown model {model!r}; choose one of {', '.join(available_models())} or give a YAML path")
-    cfg = OmegaConf.load(path)
-    if "base" in cfg:
-        base = cfg.pop("base")
-        cfg = OmegaConf.merge(load_config(str(base)), cfg)
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
-    return cfg
+    return path
 
 
 def resolve_dtype(name: str | None, device: "torch.device") -> "torch.dtype":

@@ -67,6 +67,19 @@ CASES = [
     (["--model", "nope"], "tiny", "unknown model"),
     (["--model", "missing.yaml"], "tiny", "model config not found: missing.yaml"),
     (["--model", "causvid", "--checkpoint", "/nonexistent/model.pt"], "tiny", "not found"),
+    # method settings inside their declared ranges (each of these used to write a broken video)
+    (["--guidance", "nag", "--guidance-setting", "tau=0", "--negative", "red"], "tiny", "tau=0 is out of range"),
+    (["--guidance", "nag", "--guidance-setting", "blend=100", "--negative", "red"], "tiny", "blend=100 is out"),
+    (["--guidance", "nag", "--guidance-setting", "sigma_end=-1", "--negative", "red"], "tiny", "sigma_end=-1 is"),
+    (["--guidance", "vsf", "--guidance-setting", "bias=1e30", "--negative", "red"], "tiny", "bias=1e+30 is out"),
+    (["--guidance", "vsf", "--guidance-setting", "bias=1e39", "--negative", "red"], "tiny", "bias=1e+39 is out"),
+    # the sum of weighted negatives is bounded, not only each term
+    (["--scale", "3"] + ["--negative", "red circle"] * 4, "toy", "subtract 12 in all"),
+    # silently ignored input says so
+    (["--guidance", "none", "--negative", "red"], "tiny", "no effect with --guidance none"),
+    (["--guidance", "none", "--scale", "1"], "tiny", "no effect with --guidance none"),
+    # outputs that cannot be written, and a scheduled prompt the encoder cannot take, before the first block
+    (["--prompt-at", "1:" + "x" * 80], "tiny", "prompt is 81 tokens"),
 ]
 
 
@@ -86,6 +99,21 @@ def test_generate_corpus(tmp_path, capsys, extra, model, message):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("nasa-video: error:"), err
     assert message in lines[0] and "Traceback" not in err, err
     assert not list(out_dir.iterdir())  # nothing written, not even a partial file
+
+
+def test_an_unwritable_folder_is_one_line(tmp_path, capsys):
+    code, err = run(generate(out="/proc/x.mp4"), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "cannot write /proc/x.mp4" in lines[0], err
+
+
+def test_a_method_without_a_scale_runs_at_its_own_default(tmp_path, capsys):
+    """The config's scale (NASA's 1.0 for the toy) belongs to NASA: --guidance nag without --scale runs NAG at its
+    own default, where it guides (nag_scale 1 would do nothing), and the closing line says which."""
+    out = tmp_path / "x.mp4"
+    code = main(generate("--guidance", "nag", "--negative", "red circle", model="toy", out=out))
+    printed = capsys.readouterr().out
+    assert code == 0 and "with nag scale=5" in printed, printed
 
 
 @pytest.mark.parametrize("name", ["empty.safetensors", "garbage.safetensors", "shards", "evil.pt"])
@@ -150,3 +178,45 @@ def test_argument_errors_are_fast():
     print(f"argument error in {seconds:.2f} s")
     assert result.returncode == 2 and result.stderr.startswith("nasa-video: error: argument --seed")
     assert seconds < 10
+
+
+def _tiny_yaml(**changes):
+    """The tiny config's text with some `key: value` lines replaced (or removed, for None)."""
+    from nasa_video.loading import CONFIG_DIR
+
+    lines = []
+    for line in (CONFIG_DIR / "tiny.yaml").read_text().splitlines():
+        key = line.split(":", 1)[0]
+        if key.strip() in changes and line.startswith("  " if key.startswith("  ") else key):
+            value = changes[key.strip()]
+            if value is None:
+                continue
+            line = f"{key}: {value}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+BAD_YAMLS = [
+    ("num_layers: four", lambda: _tiny_yaml(num_layers="four"), "generator.num_layers must be a whole number"),
+    ("no num_layers", lambda: _tiny_yaml(num_layers=None), "generator.num_layers must be a whole number"),
+    ("height: -32", lambda: _tiny_yaml(height="-32"), "video.height must be at least 1"),
+    ("height: 60", lambda: _tiny_yaml(height="60"), "multiples of the codec's stride"),
+    ("steps: [2000]", lambda: _tiny_yaml(steps="[2000]"), "sampling.steps must be timesteps"),
+    ("no cache section", lambda: _tiny_yaml().replace("cache:\n", "cache_old:\n"), "has no cache: section"),
+    ("a YAML list", lambda: "- 1\n- 2\n", "mapping of sections"),
+    ("a syntax error", lambda: "video: [1, 2\nname: x\n", "cannot read model config"),
+    ("an empty file", lambda: "", "has no generator: section"),
+    ("base: itself", lambda: "base: {self}\nname: loop\n", "makes a cycle"),
+]
+
+
+@pytest.mark.parametrize("make,message", [c[1:] for c in BAD_YAMLS], ids=[c[0] for c in BAD_YAMLS])
+def test_bad_model_yamls_are_one_line_before_torch(tmp_path, capsys, make, message):
+    path = tmp_path / "model.yaml"
+    path.write_text(make().replace("{self}", str(path)))
+    out = tmp_path / "x.mp4"
+    code, err = run(generate(model=str(path), out=out), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("nasa-video: error:"), err
+    assert message in lines[0] and str(path) in lines[0] and "Traceback" not in err, err
+    assert not out.exists()
