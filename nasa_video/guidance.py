@@ -398,6 +398,24 @@ def make_guidance(name: str, **settings) -> Guidance:
     return cls(**{k: v for k, v in settings.items() if v is not None})
 
 
+def method_from_config(cfg, name: str | None = None, **settings) -> Guidance:
+    """The guidance method a model config asks for (or `name`), with its own settings from the config's
+    guidance.settings.<method> (NAG's tau, blend, sigma_end; VSF's bias), overridden by `settings`. Needs no
+    generator: the CLI checks a method and its settings before anything heavy loads."""
+    from omegaconf import OmegaConf
+
+    name = str(cfg.guidance.method if name is None else name)
+    section = (cfg.guidance.get("settings") or {}).get(name) or {}
+    configured = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else dict(section)
+    return make_guidance(name, **{**configured, **{k: v for k, v in settings.items() if v is not None}})
+
+
+def default_scale(spec, guidance: Guidance) -> float:
+    """The scale a video runs at when none is given: the config's guidance.scale belongs to the config's own
+    method (spec: config.model_spec); any other method runs at its own bench_scale, one at which it guides."""
+    return float(spec.guidance.scale) if guidance.name == spec.guidance.method else float(guidance.bench_scale)
+
+
 # ---- the cross-attention processor ------------------------------------------------------------------------
 @dataclass
 class GuidanceSetting:

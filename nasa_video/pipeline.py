@@ -26,7 +26,8 @@ from omegaconf import DictConfig
 
 from . import attention
 from .errors import UserError
-from .guidance import Guidance, NoGuidance, ScaleSchedule, ScaleSpec, make_guidance, parse_negatives
+from .guidance import (Guidance, NoGuidance, ScaleSchedule, ScaleSpec, default_scale, make_guidance,
+                       method_from_config, parse_negatives)
 from .loading import build_generator, build_vae_and_text, load_config, resolve_device, resolve_dtype
 from .config import SEED_LIMIT, check_cache_holds, latent_frames_for, model_spec, pixel_frames  # noqa: F401 (re-exported)
 from .memory import check_fits
@@ -79,23 +80,6 @@ def check_prompt(prompt, what: str = "prompt") -> None:
 def check_seed(seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise UserError(f"--seed {seed} is out of range: use a whole number in [0, 2^63)")
-
-
-def method_from_config(cfg: DictConfig, name: str | None = None, **settings) -> Guidance:
-    """The guidance method a config asks for (or `name`), with its own settings from the config's
-    guidance.settings.<method> (NAG's tau, blend, sigma_end; VSF's bias), overridden by `settings`."""
-    from omegaconf import OmegaConf
-
-    name = str(cfg.guidance.method if name is None else name)
-    section = (cfg.guidance.get("settings") or {}).get(name) or {}
-    configured = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else dict(section)
-    return make_guidance(name, **{**configured, **{k: v for k, v in settings.items() if v is not None}})
-
-
-def default_scale(spec, guidance: Guidance) -> float:
-    """The scale a video runs at when none is given: the config's guidance.scale belongs to the config's own
-    method; any other method runs at its own (bench_scale, one at which it guides)."""
-    return float(spec.guidance.scale) if guidance.name == spec.guidance.method else float(guidance.bench_scale)
 
 
 def resolve_compile(compile: bool | None, device) -> bool:

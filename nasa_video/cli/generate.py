@@ -50,10 +50,10 @@ def register(sub) -> None:
     p.set_defaults(func=generate)
 
 
-def check_arguments(args) -> None:
-    """Everything that can be checked before torch loads: counts, the model's config, the frame count, the
-    output path, ffmpeg."""
-    from ..config import check_cache_holds, latent_frames_for
+def check_arguments(args):
+    """Everything that can be checked before the generator loads: counts, the model's config, the frame count,
+    the output path, ffmpeg, and the method with its settings, scale and weights. Returns the method."""
+    from ..config import check_cache_holds, latent_frames_for, model_spec
     from ..loading import load_config
     from ..video_io import check_output_path, ffmpeg_exe
 
@@ -84,21 +84,35 @@ def check_arguments(args) -> None:
         raise UserError("--recache acts at a prompt switch: add --prompt-at BLOCK:TEXT, or drop --recache")
     check_output_path(args.out, create_parent=args.out == DEFAULT_OUT)
     ffmpeg_exe()
+    return check_guidance(args, cfg, model_spec(cfg))
+
+
+def check_guidance(args, cfg, spec):
+    """The method, its settings, the scale and the negatives' weights, as the stream will check them, but before
+    the generator loads (seconds, not the minute a real model takes)."""
+    from ..guidance import default_scale, method_from_config
+
+    method = method_from_config(cfg, args.guidance, **dict(args.guidance_setting))
+    if args.scale is not None and not args.negative and method.in_attention:
+        raise UserError(f"--scale {args.scale:g} has no effect without a negative prompt ({method.name} steers away "
+                        f"from it): add --negative TEXT, or drop --scale")
+    scale = default_scale(spec, method) if args.scale is None else args.scale
+    method.check_scale(scale)
+    method.check_negatives(len(args.negative))
+    if args.negative:
+        method.check_weights(args.negative_weight or [1.0] * len(args.negative), [scale])
+    return method
 
 
 def generate(args) -> int:
-    check_arguments(args)
-    from ..pipeline import StreamingGenerator, default_scale, method_from_config
+    method = check_arguments(args)
+    from ..pipeline import StreamingGenerator, default_scale
 
     weights = args.negative_weight or [1.0] * len(args.negative)
     negatives = list(zip(args.negative, weights))
     started = time.perf_counter()
     gen = StreamingGenerator.from_config(args.model, args.checkpoint, args.wan, args.device, args.dtype,
                                          args.attention, compile=args.compile)
-    method = method_from_config(gen.cfg, args.guidance, **dict(args.guidance_setting))
-    if args.scale is not None and not negatives and method.in_attention:
-        raise UserError(f"--scale {args.scale:g} has no effect without a negative prompt ({method.name} steers away "
-                        f"from it): add --negative TEXT, or drop --scale")
     loaded = time.perf_counter() - started
     result = gen.generate(args.prompt, args.out, negatives, args.scale, method, args.frames, args.seed,
                           args.rolling or None, progress=not args.quiet, prompt_at=dict(args.prompt_at),
