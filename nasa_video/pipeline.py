@@ -93,14 +93,18 @@ def resolve_compile(compile: bool | None, device) -> bool:
 EMBEDS = "<prompt_embeds>"
 
 
-def check_embeds(embeds, text_dim: int, what: str = "prompt_embeds") -> torch.Tensor:
-    """A text encoder output [1, L, text_dim] (as TextEncoder.encode returns it), checked and made float32."""
+def check_embeds(embeds, text_dim: int, what: str = "prompt_embeds", length: int | None = None) -> torch.Tensor:
+    """A text encoder output [1, L, text_dim] (as TextEncoder.encode returns it), checked and made float32.
+    length: the encoder's own L; the prompt and every negative share one text cache, so all must have it."""
     if not isinstance(embeds, torch.Tensor):
         raise UserError(f"{what} must be a tensor [1, L, {text_dim}], not {type(embeds).__name__}")
     if embeds.dim() != 3 or embeds.shape[0] != 1 or embeds.shape[2] != text_dim or embeds.shape[1] == 0:
         raise UserError(f"{what} has shape {list(embeds.shape)}; the text encoder's output is [1, L, {text_dim}]")
     if not torch.isfinite(embeds).all():
         raise UserError(f"{what} holds NaN or infinite values")
+    if length is not None and embeds.shape[1] != length:
+        raise UserError(f"{what} has {embeds.shape[1]} tokens; this model's text encoder gives {length} (its padding "
+                        f"rows zero): pad it with zero rows to {length}, as the encoder does")
     return embeds.detach().float()
 
 
@@ -110,7 +114,7 @@ def embeds_length(embeds: torch.Tensor) -> int:
     return int(rows[-1]) + 1 if len(rows) else embeds.shape[1]
 
 
-def negative_embeds_items(embeds, text_dim: int) -> list[tuple[str, float, torch.Tensor]]:
+def negative_embeds_items(embeds, text_dim: int, length: int | None = None) -> list[tuple[str, float, torch.Tensor]]:
     """negative_prompt_embeds: a tensor, a list of tensors, or a list of (tensor, weight) -> [(label, weight, tensor)]."""
     if embeds is None:
         return []
@@ -120,8 +124,17 @@ def negative_embeds_items(embeds, text_dim: int) -> list[tuple[str, float, torch
     for i, item in enumerate(embeds):
         tensor, weight = item if isinstance(item, (tuple, list)) else (item, 1.0)
         items.append((f"<negative_prompt_embeds {i}>", float(weight),
-                      check_embeds(tensor, text_dim, f"negative_prompt_embeds[{i}]")))
+                      check_embeds(tensor, text_dim, f"negative_prompt_embeds[{i}]", length)))
     return items
+
+
+LATENT_LIMIT = 1e4  # initial noise is N(0, 1); a value this size is a mistake (unnormalised latents, a wrong tensor)
+
+
+def _text_length(gen) -> int | None:
+    """The token count the generator's text encoder gives every prompt (None when it does not say)."""
+    length = getattr(getattr(gen, "text", None), "max_length", None)
+    return int(length) if isinstance(length, int) else None
 
 
 def _sync(device: torch.device) -> None:
@@ -199,7 +212,7 @@ class StreamingGenerator:
 
     # ---- the stream -------------------------------------------------------------------------------------
     def stream(self, prompt: str | None, negative=None, scale: ScaleSpec | None = None,
-               guidance: str | Guidance | None = None, frames: int | None = None, seed: int = 0,
+               guidance: str | Guidance | None = None, frames: int | None = None, seed: int | None = None,
                rolling: bool | None = None, decode: bool = True, *, prompt_embeds: torch.Tensor | None = None,
                negative_prompt_embeds=None, latents=None, generator: torch.Generator | None = None,
                overlap_decode: bool | None = None) -> "Stream":
@@ -225,7 +238,7 @@ class StreamingGenerator:
         return StreamBatch(self, specs, guidance, frames, rolling, decode)
 
     def generate(self, prompt: str | None, out: str | os.PathLike, negative=None, scale: ScaleSpec | None = None,
-                 guidance: str | Guidance | None = None, frames: int | None = None, seed: int = 0,
+                 guidance: str | Guidance | None = None, frames: int | None = None, seed: int | None = None,
                  rolling: bool | None = None, progress: bool = True, *, prompt_at: dict[int, str] | None = None,
                  recache: bool = False, output_type: str = "mp4", **inputs) -> GenerationResult:
         """Write an MP4 as the blocks arrive (temp file, renamed at the end). Ctrl-C keeps the finished blocks.
@@ -303,7 +316,7 @@ class StreamingGenerator:
                 stream.set_prompt(switches[chunk.block + 1], recache=recache)
         video = torch.cat(latents, dim=2).contiguous()
         tmp = f"{out}.partial"
-        save_file({"latents": video}, tmp, metadata={"prompt": str(prompt), "seed": str(seed),
+        save_file({"latents": video}, tmp, metadata={"prompt": str(prompt), "seed": str(stream.seed),
                                                      "frames_per_block": str(stream.fpb)})
         os.replace(tmp, out)
         return GenerationResult(str(out), video.shape[2], len(latents), time.perf_counter() - start, first, False,
@@ -359,12 +372,17 @@ class Stream:
         if prompt_embeds is None:
             check_prompt(prompt)
         else:
-            prompt_embeds = check_embeds(prompt_embeds, text_dim).to(gen.device)
+            prompt_embeds = check_embeds(prompt_embeds, text_dim, length=_text_length(gen)).to(gen.device)
         if generator is None:
+            seed = 0 if seed is None else seed
             check_seed(seed)
+        elif seed is not None:  # one of them would be ignored
+            raise UserError("give seed or generator, not both: the generator draws all the noise, so seed would be "
+                            "ignored")
         elif not isinstance(generator, torch.Generator) or generator.device.type != gen.device.type:
             raise UserError(f"generator must be a torch.Generator on {gen.device.type} (the stream's device)")
         self.gen, self.decode = gen, decode
+        self.ended = False  # set when every block is made
         # Overlapped, a negative set after chunk k (k >= 1) applies from block k + 2: block k + 1 is already made.
         self.overlap_decode = gen.overlap_decode if overlap_decode is None else bool(overlap_decode)
         self.fpb = spec.video.frames_per_block
@@ -424,6 +442,9 @@ class Stream:
                 want = f"[1, {channels}, {frames or 'F'}, {h}, {w}]"
                 raise UserError(f"latents{'' if frames is None else f'[{i}]'} has shape {shape}; this model's "
                                 f"initial noise is {want}")
+            if not torch.isfinite(item).all() or item.abs().max() > LATENT_LIMIT:
+                raise UserError(f"latents{'' if frames is None else f'[{i}]'} hold NaN, infinite or huge values; "
+                                f"they are the initial noise, about N(0, 1) (at most {LATENT_LIMIT:g} in size)")
         covered = blocks[0].shape[2] // self.fpb if isinstance(latents, torch.Tensor) else len(blocks)
         if self.latent_total is not None and covered < self.num_blocks:
             raise UserError(f"latents cover {covered} blocks but the video has {self.num_blocks}: give "
@@ -456,21 +477,24 @@ class Stream:
         latents of every block still in the self-attention cache, oldest first, under the new prompt, so the
         cached window's K/V agree with the new prompt. Cost: one forward per cached block (up to the cache's
         capacity / frames_per_block), reported in the next FrameChunk's recache_seconds."""
+        self._check_running("set_prompt")
         if prompt_embeds is None:
             check_prompt(prompt)
             self.gen.text.check_readable(prompt)
             embeds = self.gen.text.encode(prompt)  # fail now, not in the middle of a block
             label = prompt
         else:
-            embeds = check_embeds(prompt_embeds, self.gen.model.config.text_dim).to(self.gen.device)
+            embeds = check_embeds(prompt_embeds, self.gen.model.config.text_dim,
+                                  length=_text_length(self.gen)).to(self.gen.device)
             label = prompt if isinstance(prompt, str) and prompt.strip() else EMBEDS
         self._pending_prompt = (label, embeds, bool(recache))
 
     def set_negative(self, negative, scale: ScaleSpec | None = None, negative_prompt_embeds=None) -> None:
         """Replace the negative prompt(s) (str, list of str, or (text, weight) pairs, and/or negative_prompt_embeds:
         a tensor [1, L, text_dim], a list of them or of (tensor, weight) pairs) from the next block."""
+        self._check_running("set_negative")
         items = [(t, w, None) for t, w in parse_negatives(negative)]
-        items += negative_embeds_items(negative_prompt_embeds, self.gen.model.config.text_dim)
+        items += negative_embeds_items(negative_prompt_embeds, self.gen.model.config.text_dim, _text_length(self.gen))
         self._queue_negatives(items, scale)
 
     def _queue_negatives(self, items: list[tuple], scale: ScaleSpec | None) -> None:
@@ -486,6 +510,7 @@ class Stream:
         self._pending = (items, schedule)
 
     def set_scale(self, scale: ScaleSpec) -> None:
+        self._check_running("set_scale")
         self._queue_negatives(self._negative_items if self._pending is None else self._pending[0], scale)
 
     def _apply_pending(self) -> bool:
@@ -520,7 +545,13 @@ class Stream:
         return recache
 
     def __iter__(self) -> Iterator[FrameChunk]:
-        return self._run()
+        yield from self._run()
+        self.ended = True  # every block is made: a later change would apply to nothing
+
+    def _check_running(self, what: str) -> None:
+        if self.ended:
+            raise UserError(f"{what} after the stream ended (all its blocks are made) would apply to nothing: "
+                            f"start a new stream")
 
     @torch.no_grad()
     def _run(self) -> Iterator[FrameChunk]:

@@ -234,3 +234,49 @@ def test_an_over_long_scheduled_prompt_is_refused_before_the_first_block(tiny_ge
         tiny_generator.generate(PROMPT, tmp_path / "x.mp4", prompt_at={1: "x" * 80}, progress=False)
     one_line(error)
     assert not list(tmp_path.iterdir())  # not even x.partial.mp4
+
+
+def test_embeddings_of_another_length_are_refused_up_front_and_mid_stream(tiny_generator):
+    """The prompt and every negative share one text cache: embeddings must have the encoder's own length (today's
+    alternative was a raw RuntimeError one block later)."""
+    dim = tiny_generator.model.config.text_dim
+    length = tiny_generator.text.max_length
+    short = torch.randn(1, length - 3, dim)
+    with pytest.raises(UserError, match=f"has {length - 3} tokens") as error:
+        tiny_generator.stream(PROMPT, negative_prompt_embeds=short, scale=0.5)
+    one_line(error)
+    with pytest.raises(UserError, match=f"pad it with zero rows to {length}"):
+        tiny_generator.stream(None, prompt_embeds=short)
+    stream = tiny_generator.stream(PROMPT, "red circle", scale=0.5)
+    for change in (lambda: stream.set_negative(None, negative_prompt_embeds=short),
+                   lambda: stream.set_prompt(prompt_embeds=short)):
+        with pytest.raises(UserError, match="tokens"):
+            change()
+    assert len(list(stream)) == 2  # the stream goes on with what it had
+    padded = torch.cat([short, torch.zeros(1, 3, dim)], 1)  # padded as the encoder pads: accepted
+    assert len(list(tiny_generator.stream(PROMPT, negative_prompt_embeds=padded, scale=0.5))) == 2
+
+
+@pytest.mark.parametrize("fill", [math.nan, 1e6])
+def test_nan_or_huge_latents_are_refused(tiny_generator, fill):
+    shape = (1, 4, 6, 8, 8)
+    with pytest.raises(UserError, match="NaN, infinite or huge") as error:
+        tiny_generator.stream(PROMPT, latents=torch.full(shape, fill))
+    one_line(error)
+
+
+def test_seed_and_generator_together_are_refused(tiny_generator):
+    with pytest.raises(UserError, match="seed or generator, not both") as error:
+        tiny_generator.stream(PROMPT, seed=3, generator=torch.Generator().manual_seed(3))
+    one_line(error)
+    assert len(list(tiny_generator.stream(PROMPT, generator=torch.Generator().manual_seed(3)))) == 2
+
+
+def test_changes_after_the_stream_ended_say_so(tiny_generator):
+    stream = tiny_generator.stream(PROMPT, "red circle", scale=0.5)
+    assert len(list(stream)) == 2
+    for change in (lambda: stream.set_prompt("a blue square"), lambda: stream.set_negative("blue square"),
+                   lambda: stream.set_scale(1.0)):
+        with pytest.raises(UserError, match="after the stream ended") as error:
+            change()
+        one_line(error)

@@ -78,6 +78,7 @@ CASES = [
     # silently ignored input says so
     (["--guidance", "none", "--negative", "red"], "tiny", "no effect with --guidance none"),
     (["--guidance", "none", "--scale", "1"], "tiny", "no effect with --guidance none"),
+    (["--wan", "/models/Wan2.1-T2V-1.3B-Diffusers"], "toy", "--wan has no effect with --model toy"),
     # outputs that cannot be written, and a scheduled prompt the encoder cannot take, before the first block
     (["--prompt-at", "1:" + "x" * 80], "tiny", "prompt is 81 tokens"),
 ]

@@ -76,6 +76,9 @@ def check_arguments(args):
     if late and not endless:
         raise UserError(f"--prompt-at {late[0]}: the video has {total} blocks (0..{total - 1}); "
                         f"use an earlier block or more --frames")
+    if args.wan and str(cfg.weights.get("source", "")) != "wan":
+        raise UserError(f"--wan has no effect with --model {args.model}: its VAE and text encoder are "
+                        f"{cfg.weights.get('source', 'its own')}, not Wan's; drop --wan, or use --model causvid")
     if args.guidance == "none" and (args.negative or args.scale is not None):
         given = "--negative" if args.negative else "--scale"
         raise UserError(f"{given} has no effect with --guidance none: drop it, or pick a method "
