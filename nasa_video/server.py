@@ -68,6 +68,7 @@ class Limits:
     backlog_blocks: int = 8       # blocks kept for a viewer that reads slower than they are made (older dropped)
     unclaimed_job_seconds: float = 120.0  # a job nobody connects to is dropped
     kept_videos: int = 8          # finished videos whose frames can still be saved
+    max_body_bytes: int = 16384   # a job request is a few hundred bytes; larger bodies are refused unread
 
 
 class BadRequest(ValueError):
@@ -133,14 +134,24 @@ def parse_negative_list(value, limits: Limits) -> list[str]:
     return texts
 
 
+def api_words(message: str) -> str:
+    """A library message in the API's field names: the checks are shared with the CLI, whose flags they name."""
+    for flag, field in (("--negative-weight", "negative weight"), ("--scale", "scale"), ("--negative", "negative"),
+                        ("--guidance ", "method "), ("--seed", "seed")):
+        message = message.replace(flag, field)
+    return message
+
+
 def check_scale(method: str, scale: float, negatives: int) -> None:
-    """The method's own scale range and negative count, as the CLI enforces them."""
+    """The method's own scale range, negative count and weighted sum, as the CLI enforces them. (A scale without a
+    negative is kept, unlike the CLI: the page sends its slider's scale, and a negative may come mid-stream.)"""
     guidance = make_guidance(method)
     try:
         guidance.check_scale(scale)
         guidance.check_negatives(negatives)
+        guidance.check_weights([1.0] * negatives, [scale])
     except UserError as error:
-        raise BadRequest(str(error)) from None
+        raise BadRequest(api_words(str(error))) from None
 
 
 def parse_job(body, limits: Limits, default_method: str, default_scale: float) -> Job:
@@ -353,6 +364,7 @@ class VideoServer:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for text in texts:
+                self.gen.text.check_readable(text)  # a text the encoder reads as nothing: refused at POST
                 self.gen.text.encode(text)
         return sorted({str(w.message) for w in caught})
 
@@ -364,7 +376,7 @@ class VideoServer:
         try:
             notes = await self.on_device(self._encode_checks, [job.prompt, *job.negative])
         except UserError as error:
-            raise BadRequest(str(error)) from None
+            raise BadRequest(api_words(str(error))) from None
         self.unclaimed[job.id] = job
         return job, notes
 
@@ -730,6 +742,7 @@ def create_app(server: VideoServer):
     from starlette.applications import Starlette
     from starlette.responses import FileResponse, JSONResponse
     from starlette.routing import Route, WebSocketRoute
+    from starlette.websockets import WebSocketDisconnect
 
     async def page(request):
         return FileResponse(WEB / "index.html", media_type="text/html")
@@ -738,8 +751,18 @@ def create_app(server: VideoServer):
         return JSONResponse(server.info())
 
     async def create(request):
+        limit = server.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # refused before a byte of it is read
+            return JSONResponse({"error": f"the request body is {declared} bytes; the server takes at most {limit}"},
+                                status_code=413)
+        raw = b""
+        async for piece in request.stream():  # no Content-Length (chunked): read only up to the limit
+            raw += piece
+            if len(raw) > limit:
+                return JSONResponse({"error": f"the request body is over {limit} bytes"}, status_code=413)
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except ValueError:
             return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
         try:
@@ -777,8 +800,8 @@ def create_app(server: VideoServer):
         await server.run(ws, job)
         try:
             await ws.close()
-        except RuntimeError:
-            pass  # the client went first
+        except (RuntimeError, OSError, WebSocketDisconnect):
+            pass  # the client went first (uvicorn raises ClientDisconnected, an OSError, on a closed socket)
 
     routes = [Route("/", page), Route("/api/info", info), Route("/api/jobs", create, methods=["POST"]),
               Route("/api/jobs/{job}/save", save, methods=["POST"]), Route("/clips/{name}", clip),

@@ -79,6 +79,7 @@ CASES = [
     (["--guidance", "none", "--negative", "red"], "tiny", "no effect with --guidance none"),
     (["--guidance", "none", "--scale", "1"], "tiny", "no effect with --guidance none"),
     (["--wan", "/models/Wan2.1-T2V-1.3B-Diffusers"], "toy", "--wan has no effect with --model toy"),
+    (["--rolling", "--frames", "1000000001"], "toy", "use --rolling without --frames"),
     # outputs that cannot be written, and a scheduled prompt the encoder cannot take, before the first block
     (["--prompt-at", "1:" + "x" * 80], "tiny", "prompt is 81 tokens"),
 ]
@@ -235,3 +236,26 @@ def test_method_errors_come_before_the_generator_loads(argv, tmp_path):
     print(f"method error in {seconds:.2f} s")
     assert result.returncode == 2 and "out of range" in result.stderr, result.stderr
     assert "diffusers" not in result.stderr and seconds < 20 and not list(tmp_path.iterdir())
+
+
+def test_sigterm_keeps_the_finished_blocks_like_ctrl_c(tmp_path):
+    """A terminated run (SIGTERM, as schedulers and `kill` send) ends like Ctrl-C: exit 130, the finished blocks in
+    the MP4, no hidden partial file left."""
+    import signal
+
+    from nasa_video.video_io import read_video
+
+    out = tmp_path / "long.mp4"
+    process = subprocess.Popen([sys.executable, "-m", "nasa_video.cli", "generate", "--model", "toy", "--prompt", PROMPT,
+                                "--rolling", "--frames", "4799", "--quiet", "--device", "cpu", "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / ".long.partial.mp4"
+    deadline = time.time() + 120
+    while not (partial.exists() and partial.stat().st_size > 0) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    time.sleep(0.5)  # a few more blocks
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, (stdout, stderr)
+    assert "interrupted: kept the" in stdout and "Traceback" not in stderr, stderr
+    assert out.exists() and not partial.exists() and len(read_video(out)) > 0

@@ -186,6 +186,30 @@ def test_bad_change_is_refused_and_the_stream_goes_on(client):
 def test_bad_requests_get_400_with_a_message(client, body, needle):
     response = client.post("/api/jobs", json={"prompt": "a red circle", **body})
     assert response.status_code == 400 and needle in response.json()["error"], response.text
+    assert "--" not in response.json()["error"], "the message names a CLI flag, not the API's field"
+
+
+def test_a_body_over_the_limit_is_refused_unread(client, server):
+    limit = server.limits.max_body_bytes
+    response = client.post("/api/jobs", json={"prompt": "a red circle", "pad": "x" * limit})
+    assert response.status_code == 413 and f"at most {limit}" in response.json()["error"]
+
+    def chunks():  # no Content-Length: the server stops reading at the limit
+        yield b'{"prompt": "'
+        for _ in range(limit // 1000 + 2):
+            yield b"x" * 1000
+        yield b'"}'
+    response = client.post("/api/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "over" in response.json()["error"]
+
+
+def test_a_negative_the_encoder_cannot_read_is_refused_at_post(tmp_path):
+    from nasa_video.pipeline import StreamingGenerator
+
+    gen = StreamingGenerator.from_config("toy", device="cpu")
+    with TestClient(create_app(VideoServer(gen, tmp_path / "clips", Limits()))) as client:
+        response = client.post("/api/jobs", json={"prompt": "a red circle", "negative": ["\U0001F534"]})
+    assert response.status_code == 400 and "encode to nothing" in response.json()["error"], response.text
 
 
 @pytest.mark.parametrize("raw", [b'{"prompt": "a red circle", "scale": NaN}', b'{"prompt": "a", "seed": Infinity}'])

@@ -10,6 +10,7 @@ from .common import (HelpFormatter, attention, device, dtype, finite, method_arg
                      prompt_at, seed, setting, weight)
 
 DEFAULT_OUT = "outputs/nasa-video.mp4"
+MAX_HOURS = 24  # a longer --frames is a typo or a wish for an endless stream (--rolling without --frames)
 
 
 def register(sub) -> None:
@@ -62,6 +63,10 @@ def check_arguments(args):
                         f"give one weight per negative prompt or none")
     cfg = load_config(args.model)
     latent = int(cfg.video.latent_frames)
+    if args.frames is not None and args.frames > MAX_HOURS * 3600 * int(cfg.video.fps):
+        raise UserError(f"--frames {args.frames} is {args.frames / int(cfg.video.fps) / 86400:,.0f} days of video; "
+                        f"for a stream that runs until stopped use --rolling without --frames, or ask for at most "
+                        f"{MAX_HOURS} hours")
     if args.frames is not None:
         stride = int(cfg.video.vae_stride[0])
         latent = latent_frames_for(args.frames, int(cfg.video.frames_per_block), stride)
@@ -107,8 +112,15 @@ def check_guidance(args, cfg, spec):
     return method
 
 
+def _stop_like_ctrl_c(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a job scheduler, `kill`): keep the finished blocks, as Ctrl-C does
+
+
 def generate(args) -> int:
+    import signal
+
     method = check_arguments(args)
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     from ..pipeline import StreamingGenerator, default_scale
 
     weights = args.negative_weight or [1.0] * len(args.negative)
