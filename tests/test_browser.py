@@ -100,6 +100,15 @@ def test_page_streams_and_takes_a_negative_change(live_server, browser, tmp_path
         "const c = document.getElementById('screen'); const d = c.getContext('2d')"
         ".getImageData(0, 0, c.width, c.height).data; let s = 0; for (const v of d) s += v; return s;")
     assert drawn > 0
+    # the canvas keeps up: it shows a block within about one of the newest received (blocks are made far faster
+    # than they play; stale frames are dropped rather than queued for minutes)
+    wait_for(lambda: len(cells()) >= marked_at + 6, what="more blocks")
+    shown = int(browser.find_element(By.ID, "screen").get_attribute("data-block"))
+    newest = int(cells()[-1].get_attribute("data-block"))
+    assert newest - shown <= 2, f"the canvas shows block {shown} while block {newest} has arrived"
+    width = browser.execute_script("return document.getElementById('view').getBoundingClientRect().width")
+    top = browser.execute_script("return document.getElementById('view').getBoundingClientRect().top")
+    assert width <= 560 and top < 100, "the video panel wrapped under the controls"
     browser.find_element(By.ID, "stop").click()
     wait_for(lambda: "stopped" in browser.find_element(By.ID, "state").text, what="the stream to stop")
     browser.find_element(By.ID, "save").click()
