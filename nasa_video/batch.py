@@ -158,6 +158,8 @@ class StreamBatch:
         module docstring says why). Returns its name. Bad arguments raise UserError now, not mid-block."""
         spec = dict(spec)
         name = spec.pop("name", len(self.members) + len(self._joining) if name is None else name)
+        if isinstance(name, bool) or not isinstance(name, (str, int)):
+            raise UserError(f"a stream's name is a string or a number, not {type(name).__name__} ({name!r:.40})")
         if name in self.members or name in self._joining:
             raise UserError(f"two streams are named {name!r}")
         unknown = set(spec) - SPEC_KEYS

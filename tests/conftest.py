@@ -66,3 +66,11 @@ def collect_chunks(stream, at=None, action=None):
         if at is not None and chunk.block + 1 == at:
             action(stream)
     return out
+
+
+def assert_close_to_scale(got, want, rel: float, what: str = "tensor") -> None:
+    """got == want up to rel of want's largest magnitude: for outputs that pass through many layers, steps and
+    blocks, where rounding (another vector width, thread count or summation order) grows with the values."""
+    scale = max(want.double().abs().max().item(), 1e-12)
+    diff = (got.double() - want.double()).abs().max().item()
+    assert diff <= rel * scale, f"{what}: max |difference| {diff:.3g} > {rel:g} x {scale:.3g}"

@@ -280,3 +280,12 @@ def test_changes_after_the_stream_ended_say_so(tiny_generator):
         with pytest.raises(UserError, match="after the stream ended") as error:
             change()
         one_line(error)
+
+
+def test_a_meta_device_and_a_list_as_a_stream_name_are_one_line(tiny_generator):
+    with pytest.raises(UserError, match="runs on cpu or cuda") as error:
+        StreamingGenerator.from_config("tiny", device="meta")
+    one_line(error)
+    with pytest.raises(UserError, match="a stream's name is a string or a number") as error:
+        tiny_generator.stream_batch([{"name": ["a"], "prompt": PROMPT}])
+    one_line(error)

@@ -259,3 +259,11 @@ def test_sigterm_keeps_the_finished_blocks_like_ctrl_c(tmp_path):
     assert process.returncode == 130, (stdout, stderr)
     assert "interrupted: kept the" in stdout and "Traceback" not in stderr, stderr
     assert out.exists() and not partial.exists() and len(read_video(out)) > 0
+
+
+def test_a_prompt_that_names_no_object_says_so(tmp_path, capsys):
+    out = tmp_path / "x.mp4"
+    code, err = run(["generate", "--model", "toy", "--prompt", "a red moving up", "--quiet", "--device", "cpu",
+                     "--out", str(out)], capsys)
+    warnings = [line for line in err.splitlines() if line.startswith("nasa-video: warning:")]
+    assert code == 0 and any("names no shape" in w for w in warnings), err

@@ -8,6 +8,8 @@ from omegaconf import OmegaConf
 from nasa_video.guidance import METHODS, Guidance, attend_all_prompts, nasa, register_method
 from nasa_video.loading import load_config
 
+from .conftest import assert_close_to_scale
+
 PROMPT = "a red circle and a blue square"
 
 
@@ -44,7 +46,8 @@ def test_a_registered_method_streams_through_the_pipeline(half_nasa, tiny_genera
     reference = [c.latents for c in tiny_generator.stream(PROMPT, negative, scale=0.5, guidance="nasa", seed=2)]
     plain = [c.latents for c in tiny_generator.stream(PROMPT, negative, scale=0.5, guidance="none", seed=2)]
     assert half_nasa.calls > 0
-    assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(mine, reference))
+    for i, (a, b) in enumerate(zip(mine, reference)):  # alpha folded differently: rounding, grown over blocks
+        assert_close_to_scale(a, b, 1e-5, f"half-nasa vs nasa, block {i}")
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(mine, plain))
     # its own setting, from the API (config settings are the same mechanism)
     from nasa_video.pipeline import method_from_config
@@ -52,7 +55,8 @@ def test_a_registered_method_streams_through_the_pipeline(half_nasa, tiny_genera
     quarter = method_from_config(tiny_generator.cfg, "half-nasa", divisor=4.0)
     fourth = [c.latents for c in tiny_generator.stream(PROMPT, negative, scale=1.0, guidance=quarter, seed=2)]
     quarter_ref = [c.latents for c in tiny_generator.stream(PROMPT, negative, scale=0.25, guidance="nasa", seed=2)]
-    assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(fourth, quarter_ref))
+    for i, (a, b) in enumerate(zip(fourth, quarter_ref)):
+        assert_close_to_scale(a, b, 1e-5, f"half-nasa divisor 4 vs nasa 0.25, block {i}")
 
 
 def test_a_registered_method_runs_from_the_cli(half_nasa, tmp_path):
