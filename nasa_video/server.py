@@ -350,7 +350,8 @@ class VideoServer:
         for name, cls in METHODS.items():
             lo, hi = cls.scale_range
             methods[name] = {"min": lo if math.isfinite(lo) else None, "max": hi if math.isfinite(hi) else None,
-                             "max_negatives": cls.max_negatives}
+                             "max_negatives": cls.max_negatives,
+                             "default": self.default_scale if name == self.default_method else cls.bench_scale}
         return {"model": self.model_name, "fps": self.fps, "frames_per_block": self.frames_per_block,
                 "display_scale": self.display_scale, "default_method": self.default_method,
                 "default_scale": self.default_scale, "methods": methods,

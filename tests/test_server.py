@@ -58,7 +58,8 @@ def test_page_and_info(client):
     page = client.get("/")
     assert page.status_code == 200 and "<canvas" in page.text and "/api/jobs" in page.text
     info = client.get("/api/info").json()
-    assert info["methods"]["nasa"] == {"min": 0.0, "max": 3.0, "max_negatives": None}
+    assert info["methods"]["nasa"] == {"min": 0.0, "max": 3.0, "max_negatives": None, "default": 0.5}
+    assert info["methods"]["nag"]["default"] == 5.0  # each method its own default; the config's is NASA's
     assert info["frames_per_block"] == 3 and info["limits"]["max_blocks"] == 6
 
 
