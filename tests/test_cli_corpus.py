@@ -267,3 +267,17 @@ def test_a_prompt_that_names_no_object_says_so(tmp_path, capsys):
                      "--out", str(out)], capsys)
     warnings = [line for line in err.splitlines() if line.startswith("nasa-video: warning:")]
     assert code == 0 and any("names no shape" in w for w in warnings), err
+
+
+def test_help_and_argument_errors_need_no_torch():
+    """`generate --help` and a bad flag import neither torch nor diffusers (the method names come from the CLI's
+    list of built-ins, held equal to the registry here)."""
+    from nasa_video.cli.common import BUILTIN_METHODS
+    from nasa_video.guidance import CFG, NAG, NASA, VSF, NoGuidance
+
+    assert BUILTIN_METHODS == {c.name: c.in_attention for c in (NoGuidance, NASA, NAG, VSF, CFG)}
+    probe = ("import sys\nfrom nasa_video.cli import main\ncode = main(sys.argv[1:])\n"
+             "print('loaded:', sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    for argv in (["generate", "--help"], ["generate", "--prompt", "x", "--guidance", "magic"]):
+        result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
+        assert "loaded: []" in result.stdout, (argv, result.stdout, result.stderr)

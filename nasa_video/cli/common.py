@@ -5,6 +5,12 @@ from __future__ import annotations
 from ..errors import UserError
 
 
+# The built-in methods, so `--help` and a bad flag need not import torch (guidance.py does); a test holds this
+# equal to guidance.METHODS' own built-ins. Once guidance is imported (a method registered from a plugin or a test),
+# the registry itself answers.
+BUILTIN_METHODS = {"none": True, "nasa": True, "nag": True, "vsf": True, "cfg": False}  # name: acts in attention
+
+
 class MethodChoices:
     """argparse choices: the names in guidance.METHODS (only those acting inside attention if asked), sorted."""
 
@@ -12,9 +18,11 @@ class MethodChoices:
         self.in_attention_only = in_attention_only
 
     def names(self) -> list[str]:
-        from ..guidance import METHODS
+        import sys
 
-        return sorted(name for name, cls in METHODS.items() if cls.in_attention or not self.in_attention_only)
+        guidance = sys.modules.get("nasa_video.guidance")
+        methods = BUILTIN_METHODS if guidance is None else {n: c.in_attention for n, c in guidance.METHODS.items()}
+        return sorted(name for name, in_attention in methods.items() if in_attention or not self.in_attention_only)
 
     def __iter__(self):
         return iter(self.names())
