@@ -142,9 +142,9 @@ def api_words(message: str) -> str:
     return message
 
 
-def check_scale(method: str, scale: float, negatives: int) -> None:
-    """The method's own scale range, negative count and weighted sum, as the CLI enforces them. (A scale without a
-    negative is kept, unlike the CLI: the page sends its slider's scale, and a negative may come mid-stream.)"""
+def check_scale(method: str, scale: float, negatives: int, scale_given: bool = False) -> None:
+    """The method's own scale range, negative count and weighted sum, and a scale given without a negative (it
+    would do nothing), as the CLI refuses them. A negative sent mid-stream carries its own scale."""
     guidance = make_guidance(method)
     try:
         guidance.check_scale(scale)
@@ -152,6 +152,9 @@ def check_scale(method: str, scale: float, negatives: int) -> None:
         guidance.check_weights([1.0] * negatives, [scale])
     except UserError as error:
         raise BadRequest(api_words(str(error))) from None
+    if scale_given and not negatives and guidance.in_attention:
+        raise BadRequest(f"scale {scale:g} has no effect without a negative prompt ({method} steers away from it): "
+                         f"add a negative, or leave scale out")
 
 
 def parse_job(body, limits: Limits, default_method: str, default_scale: float) -> Job:
@@ -171,7 +174,7 @@ def parse_job(body, limits: Limits, default_method: str, default_scale: float) -
     # the config's scale belongs to its own method; another method runs at its own default
     own_default = default_scale if method == default_method else METHODS[method].bench_scale
     scale = _number(body, "scale", own_default, float, -1e6, 1e6)
-    check_scale(method, scale, len(negative))
+    check_scale(method, scale, len(negative), scale_given="scale" in body)
     seed = _number(body, "seed", 0, int, 0, 2**31 - 1)
     blocks = _number(body, "blocks", 0, int, 0, limits.max_blocks)
     return Job(secrets.token_hex(8), prompt, negative, method, scale, seed, blocks)
