@@ -175,8 +175,7 @@ class DiffusersGuidance:
         if len(weights) != len(embeds):
             raise UserError(f"{len(weights)} weights for {len(embeds)} negative prompt embeddings")
         self.method.check_negatives(len(embeds))
-        for w in weights:
-            self.method.check_weight(w, self.schedule.values())
+        self.method.check_weights(weights, self.schedule.values())  # each term and their sum
         self.negatives = list(zip(embeds, weights))
         self._kv, self._contexts = {}, {}
 

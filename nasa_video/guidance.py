@@ -245,10 +245,6 @@ class Guidance:
         if not lo <= value <= hi:
             raise UserError(f"--scale {value} is out of range for {self.name}: use a value in [{lo}, {hi}]")
 
-    def check_weight(self, weight: float, scales: Sequence[float]) -> None:
-        """A negative's weight multiplies the scale: it must be finite, >= 0, and keep scale x weight in range."""
-        self.check_weights([weight], scales)
-
     def check_weights(self, weights: Sequence[float], scales: Sequence[float]) -> None:
         """Weights of the negatives, each finite and >= 0; with each scale, every term scale x w_i and their sum
         stay in the scale's range (four copies of one negative at the top scale would subtract four times it)."""

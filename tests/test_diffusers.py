@@ -337,3 +337,9 @@ def test_image_to_video_pipeline(pipe, last_image):
     with enable_guidance(i2v, negative_prompt="snow", scale=1.0):
         guided = call()
     assert rel(guided, plain) > 1e-3
+
+
+def test_the_sum_of_weighted_negatives_is_bounded(pipe):
+    with pytest.raises(UserError, match="subtract 8 in all"):
+        enable_guidance(pipe, negative_prompt=["snow", "blur", "fog", "rain"], scale=2.0)
+    assert getattr(pipe, "_nasa_guidance", None) is None
