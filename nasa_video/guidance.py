@@ -130,28 +130,30 @@ class PlainPlan(AttentionPlan):
         return attend(q, self.k, self.v)
 
 
-def _weights(alphas: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    """[1, -alpha_1, ..., -alpha_N] as a [P, 1, 1, 1, 1] tensor in V's dtype (float64 stays float64)."""
-    dtype = like.dtype if like.dtype == torch.float64 else torch.float32
-    return torch.tensor([1.0] + [-float(a) for a in alphas], dtype=dtype, device=like.device).view(-1, 1, 1, 1, 1)
-
-
 class NASAPlan(AttentionPlan):
     """Z = sum_p softmax(Q K_p^T / sqrt(d)) (w_p V_p) with w = [1, -alpha_1, ...]: the alphas live in the scaled V
     (built here, once per change), all prompts attend in one launch with the query shared (stride 0 when B == 1),
-    and the combine is one sum over the prompt axis. Negatives with alpha 0 are left out."""
+    and the combine is one sum over the prompt axis. alphas: one tuple for every row, or one tuple per row (a batch
+    of videos, each with its own; a row with fewer negatives is padded with alpha 0). A negative whose alpha is 0
+    in every row is left out."""
 
-    def __init__(self, kv: TextKV, alphas: Sequence[float]):
-        keep = [0] + [i + 1 for i, a in enumerate(alphas) if a != 0.0]
+    def __init__(self, kv: TextKV, alphas: Sequence[float] | Sequence[Sequence[float]]):
         k, v = kv.stacked()
-        batch = kv.k.shape[0]
+        batch, negatives = kv.k.shape[0], kv.num_prompts - 1
+        per_row = [tuple(row) for row in alphas] if alphas and isinstance(alphas[0], (tuple, list)) else \
+            [tuple(alphas)] * batch
+        per_row = [row + (0.0,) * (negatives - len(row)) for row in per_row]
+        keep = [0] + [p + 1 for p in range(negatives) if any(row[p] != 0.0 for row in per_row)]
         if len(keep) < kv.num_prompts:
             index = torch.tensor([p * batch + b for p in keep for b in range(batch)], device=k.device)
             k, v = k.index_select(0, index), v.index_select(0, index)
-        weights = _weights([alphas[i - 1] for i in keep[1:]], v)
+        dtype = v.dtype if v.dtype == torch.float64 else torch.float32
+        weights = torch.tensor([[1.0] * batch] + [[-float(row[p - 1]) for row in per_row] for p in keep[1:]],
+                               dtype=dtype, device=v.device)
         self.prompts = len(keep)
         self.k = k
-        self.v = (v.unflatten(0, (self.prompts, batch)) * weights).to(v.dtype).flatten(0, 1)
+        self.v = (v.unflatten(0, (self.prompts, batch)) * weights.view(self.prompts, batch, 1, 1, 1)).to(
+            v.dtype).flatten(0, 1)
 
     def __call__(self, q):
         z = attend_prompts(q, self.k, self.v)
@@ -190,9 +192,83 @@ class VSFPlan(AttentionPlan):
         return attend(q, self.k, self.v, self.bias)
 
 
+class RowsPlan(AttentionPlan):
+    """One plan per row (each row's video prepared alone, as it would run alone), their outputs stacked."""
+
+    def __init__(self, plans: Sequence[AttentionPlan]):
+        self.plans = list(plans)
+
+    def __call__(self, q):
+        return torch.cat([plan(q[b:b + 1]) for b, plan in enumerate(self.plans)])
+
+
+class GroupedPlan(AttentionPlan):
+    """Rows guided by different methods in one forward: each method's plan runs on its own rows."""
+
+    def __init__(self, groups: Sequence[tuple[Sequence[int], AttentionPlan]]):
+        self.groups = [(list(rows), plan) for rows, plan in groups]
+        self._index: dict = {}
+
+    def __call__(self, q):
+        out = None
+        for rows, plan in self.groups:
+            index = self._index.get((q.device, tuple(rows)))
+            if index is None:
+                index = self._index[(q.device, tuple(rows))] = torch.tensor(rows, device=q.device)
+            z = plan(q.index_select(0, index))
+            if out is None:
+                out = z.new_empty((q.shape[0], *z.shape[1:]))
+            out.index_copy_(0, index, z)
+        return out
+
+
+class RowsText:
+    """One layer's text K/V for a forward over several rows (videos, or CFG's conditions): each row's own TextKV
+    (batch 1, its own prompts), and, built when a method asks for it, all of them zero-padded to one prompt count
+    and stacked on the batch axis (padding prompts have zero K/V; a method gives them alpha 0)."""
+
+    def __init__(self, rows: Sequence[TextKV]):
+        self.rows = list(rows)
+        self._merged: TextKV | None = None
+
+    def uniform(self) -> bool:
+        """Every row has the same prompts layout (count and real negative lengths)."""
+        first = self.rows[0]
+        return all(r.num_prompts == first.num_prompts and r.negative_lengths == first.negative_lengths
+                   for r in self.rows)
+
+    def merged(self) -> TextKV:
+        if self._merged is not None:
+            return self._merged
+        if len(self.rows) == 1:
+            self._merged = self.rows[0]
+            return self._merged
+        lengths = {r.k.shape[1] for r in self.rows}
+        if len(lengths) > 1:
+            raise UserError(f"the streams' prompt embeddings have different lengths {sorted(lengths)}: give every "
+                            f"stream embeddings of one length (the text encoder's max_length)")
+        heads = self.rows[0].heads
+        prompts = max(r.num_prompts for r in self.rows)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            missing = prompts * heads - t.shape[2]
+            return t if missing == 0 else torch.cat([t, t.new_zeros(*t.shape[:2], missing, t.shape[3])], 2)
+
+        lengths_ = self.rows[0].negative_lengths if self.uniform() else None
+        self._merged = TextKV(torch.cat([pad(r.k) for r in self.rows]), torch.cat([pad(r.v) for r in self.rows]),
+                              heads, lengths_)
+        return self._merged
+
+
 class Guidance:
-    """Base of every method. in_attention: acts inside cross-attention (one pass per step) or on outputs
-    (CFG: the pipeline runs a second pass with its own self-attention cache and calls combine())."""
+    """Base of every method. in_attention: acts inside cross-attention (one pass per step) or on outputs.
+
+    The block loop (engine.BlockEngine) gives each video `conditions` rows of one forward. A method with one
+    condition (NASA, NAG, VSF, none) is guided inside every cross-attention: prepare_rows() builds its plan for
+    all its rows at once, each row with its video's alphas. A method with two (CFG) gets a conditional row (the
+    video's prompt) and an unconditional row (its negative, or the empty prompt), both plain attention, each
+    with its own self-attention cache rows, and combine() turns their predictions into the video's (diffusers'
+    guiders call this num_conditions)."""
 
     name = "base"
     in_attention = True
@@ -202,6 +278,21 @@ class Guidance:
     # gets it (the model config's guidance.scale belongs to the config's own method).
     bench_scale = 0.0
     setting_ranges: dict[str, tuple[float, float]] = {}  # each setting's usable interval, inclusive, beside its default
+    conditions = 1  # rows per video in the forward (see the class docstring)
+
+    def combine(self, predictions: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
+        """The video's prediction from its `conditions` rows' predictions (one condition: the row's own)."""
+        return predictions[0]
+
+    def prepare_rows(self, text: RowsText, alphas: Sequence[Sequence[float]]) -> "AttentionPlan":
+        """The plan for several rows, row b with its own text K/V (text.rows[b]) and alphas[b]. The default runs one
+        plan over the stacked rows when they share their alphas and prompt layout, else each row's own plan (what
+        that video alone computes); NASA overrides it with one fused launch for any per-row alphas."""
+        if len(text.rows) == 1:
+            return self.prepare(text.rows[0], alphas[0])
+        if len(set(map(tuple, alphas))) == 1 and text.uniform():
+            return self.prepare(text.merged(), alphas[0])
+        return RowsPlan([self.prepare(kv, a) for kv, a in zip(text.rows, alphas)])
 
     def cross_attention(self, q: torch.Tensor, kv: TextKV, alphas: Sequence[float]) -> torch.Tensor:
         """The guided attention output [B, S, H, D] of query q [B, S, H, D]. A method defines this, or prepare()
@@ -304,6 +395,14 @@ class NASA(Guidance):
             return PlainPlan(*kv.positive())
         return NASAPlan(kv, alphas)
 
+    def prepare_rows(self, text, alphas):
+        if len(text.rows) == 1:
+            return self.prepare(text.rows[0], alphas[0])
+        kv = text.merged()
+        if kv.num_prompts == 1 or not any(self.guides(a) for a in alphas):
+            return PlainPlan(*kv.positive())
+        return NASAPlan(kv, [tuple(a) for a in alphas])
+
 
 class NAG(Guidance):
     """Normalized Attention Guidance; scale is nag_scale s (guidance only when s > 1)."""
@@ -352,10 +451,12 @@ class VSF(Guidance):
 
 class CFG(Guidance):
     """Classifier-free guidance with the negative prompt as the unconditional branch (empty prompt when none):
-    v = v(y-) + w (v(y+) - v(y-)). Two passes per step and a second self-attention cache."""
+    v = v(y-) + w (v(y+) - v(y-)). Two rows per video (conditional, unconditional) in each forward, each with its
+    own self-attention cache rows."""
 
     name = "cfg"
     in_attention = False
+    conditions = 2
     scale_range = (0.0, 20.0)
     max_negatives = 1
     bench_scale = 3.0
@@ -363,9 +464,39 @@ class CFG(Guidance):
     def prepare(self, kv, alphas):
         return PlainPlan(*kv.positive())  # each CFG pass is plain attention on its own prompt
 
-    @staticmethod
-    def combine(v_pos: torch.Tensor, v_neg: torch.Tensor, scale: float) -> torch.Tensor:
+    def combine(self, predictions, scale):
+        v_pos, v_neg = predictions
         return v_neg + scale * (v_pos - v_neg)
+
+
+def _same_method(a: Guidance, b: Guidance) -> bool:
+    """One plan may serve both: the same method with the same settings."""
+    return a is b or (type(a) is type(b) and vars(a) == vars(b))
+
+
+class RowsGuidance(Guidance):
+    """The setting of a forward whose rows each have their own method (the videos of a batch): rows with the same
+    method and settings share one plan (that method's prepare_rows), the groups run side by side (GroupedPlan).
+    Not a method of its own (not registered)."""
+
+    name = "rows"
+
+    def __init__(self, methods: Sequence[Guidance]):
+        self.methods = tuple(methods)
+        self.groups: list[tuple[Guidance, list[int]]] = []
+        for row, method in enumerate(self.methods):
+            group = next((g for g in self.groups if _same_method(g[0], method)), None)
+            if group is None:
+                self.groups.append((method, [row]))
+            else:
+                group[1].append(row)
+
+    def prepare(self, text: RowsText, alphas):
+        if len(self.groups) == 1:
+            return self.groups[0][0].prepare_rows(text, alphas)
+        return GroupedPlan([(rows, method.prepare_rows(RowsText([text.rows[r] for r in rows]),
+                                                       [alphas[r] for r in rows]))
+                            for method, rows in self.groups])
 
 
 METHODS: dict[str, type[Guidance]] = {}
@@ -436,8 +567,12 @@ class CrossAttentionProcessor:
         self._plan_key: tuple | None = None
 
     def __deepcopy__(self, memo):
-        # A copied network (EMA, critic) gets no text: the K/V belong to a TextCache, and may hold a graph.
-        return CrossAttentionProcessor(None, GuidanceSetting(self.setting.method, self.setting.alphas))
+        # A copied network (EMA, critic) gets no text: the K/V belong to a TextCache, and may hold a graph. Nor the
+        # block loop's per-row setting, which belongs to the forward of a batch of videos.
+        setting = self.setting
+        if isinstance(setting.method, RowsGuidance):
+            return CrossAttentionProcessor(None, GuidanceSetting(NoGuidance()))
+        return CrossAttentionProcessor(None, GuidanceSetting(setting.method, setting.alphas))
 
     def prepare(self) -> AttentionPlan | None:
         """The plan for the current text and setting, rebuilt only when either changed (a new alpha rescales the

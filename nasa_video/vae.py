@@ -194,23 +194,24 @@ class OverlappedDecoder:
     copy to the host only synchronises that side stream, never the denoising one. On the CPU the worker's
     torch ops release the GIL and run beside the loop's. submit() -> a Future of (frames, seconds)."""
 
-    def __init__(self, decoder: BlockDecoder, device):
+    def __init__(self, decoder: BlockDecoder | None, device):
+        """decoder: the one decoder it serves, or None when each submit names its own (a batch's videos)."""
         self.decoder, self.device = decoder, torch.device(device)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="nasa-video-decode")
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def submit(self, latents: torch.Tensor) -> Future:
+    def submit(self, latents: torch.Tensor, decoder: BlockDecoder | None = None) -> Future:
         event = None
         if self.stream is not None:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
-        return self.pool.submit(self._decode, latents, event)
+        return self.pool.submit(self._decode, decoder or self.decoder, latents, event)
 
-    def _decode(self, latents: torch.Tensor, event) -> tuple[np.ndarray, float]:
+    def _decode(self, decoder: BlockDecoder, latents: torch.Tensor, event) -> tuple[np.ndarray, float]:
         with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
             if event is not None:
                 self.stream.wait_event(event)
-            return decode_now(self.decoder, latents)
+            return decode_now(decoder, latents)
 
     def close(self) -> None:
         """Let a decode in flight finish (the decoder's state stays whole), then stop the worker."""

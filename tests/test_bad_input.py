@@ -71,9 +71,9 @@ def test_an_endless_stream_stops_at_the_position_table_and_keeps_a_partial_file(
 
 
 def test_a_crash_midway_keeps_a_partial_file_never_the_final_name(tiny_generator, tmp_path, monkeypatch):
-    from nasa_video import pipeline
+    from nasa_video.engine import BlockEngine
 
-    original = pipeline.Stream._denoise_block
+    original = BlockEngine._denoise
     calls = []
 
     def failing(self, *args):
@@ -82,7 +82,7 @@ def test_a_crash_midway_keeps_a_partial_file_never_the_final_name(tiny_generator
             raise RuntimeError("device lost")
         return original(self, *args)
 
-    monkeypatch.setattr(pipeline.Stream, "_denoise_block", failing)
+    monkeypatch.setattr(BlockEngine, "_denoise", failing)
     out = tmp_path / "x.mp4"
     with pytest.raises(RuntimeError, match="device lost"):
         tiny_generator.generate(PROMPT, out, progress=False)

@@ -75,23 +75,25 @@ def test_single_negative_methods_refuse_several():
 
 def test_cfg_combine():
     a, b = torch.randn(3), torch.randn(3)
-    torch.testing.assert_close(CFG.combine(a, b, 1.0), a)
-    torch.testing.assert_close(CFG.combine(a, b, 3.0), b + 3 * (a - b))
+    torch.testing.assert_close(CFG().combine((a, b), 1.0), a)
+    torch.testing.assert_close(CFG().combine((a, b), 3.0), b + 3 * (a - b))
 
 
 def count_forwards(model):
+    """The model's forwards, each recorded as its number of rows (videos x conditions)."""
     calls = []
-    return calls, model.register_forward_pre_hook(lambda m, args: calls.append(1))
+    return calls, model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
 
 
 def test_cfg_stream_two_passes_and_scale_one_equals_positive(tiny_generator):
+    """CFG's conditional and unconditional passes are two rows of one forward (and of one cache)."""
     prompt, negative = "a red circle and a blue square", "red circle"
     calls, handle = count_forwards(tiny_generator.model)
     try:
         cfg_one = list(tiny_generator.stream(prompt, negative, 1.0, "cfg", decode=False))
     finally:
         handle.remove()
-    assert len(calls) == 2 * len(cfg_one) * (len(tiny_generator.steps) + 1)
+    assert calls == [2] * len(cfg_one) * (len(tiny_generator.steps) + 1)
     plain = list(tiny_generator.stream(prompt, negative, 0.0, "none", decode=False))
     for a, b in zip(cfg_one, plain):
         torch.testing.assert_close(a.latents, b.latents, rtol=1e-5, atol=1e-5)

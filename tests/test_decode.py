@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from nasa_video.pipeline import Stream, StreamingGenerator
+from nasa_video.engine import BlockEngine
+from nasa_video.pipeline import StreamingGenerator
 from nasa_video.vae import BF16_DECODE_TOLERANCE, decode_precision
 
 FOUR_BLOCKS = {"video": {"latent_frames": 12}, "cache": {"capacity_frames": 12}}
@@ -62,14 +63,14 @@ def test_decode_runs_beside_the_next_blocks_denoising(monkeypatch):
     gen = StreamingGenerator.from_config("toy", device="cpu", overrides=FOUR_BLOCKS)
     log = []
     gen.decoder = SlowDecoder(gen.decoder, 0.3, log)
-    real = Stream._denoise_block
+    real = BlockEngine._denoise
 
-    def slow_denoise(self, kv_cache, rng, start, shape, block=None):
-        log.append(("denoise", start // self.fpb))
+    def slow_denoise(self, position):
+        log.append(("denoise", self.block))
         time.sleep(0.4)
-        return real(self, kv_cache, rng, start, shape, block)
+        return real(self, position)
 
-    monkeypatch.setattr(Stream, "_denoise_block", slow_denoise)
+    monkeypatch.setattr(BlockEngine, "_denoise", slow_denoise)
     chunks = []
     for chunk in gen.stream("a red circle", "blue", 1.0, seed=2, overlap_decode=True):
         log.append(("yield", chunk.block))

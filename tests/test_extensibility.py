@@ -72,6 +72,57 @@ def test_a_registered_method_runs_from_the_cli(half_nasa, tmp_path):
                  "half-nasa", "--scale", "7", "--quiet", "--device", "cpu", "--out", str(tmp_path / "x.mp4")]) == 2
 
 
+def test_a_registered_method_streams_in_a_batch_beside_the_built_in_ones(half_nasa, tiny_generator):
+    """half-nasa rows beside NAG and NASA rows in one forward per step (each method plans its own rows): every
+    video is the one it makes alone."""
+    specs = [dict(prompt=PROMPT, negative="red circle", scale=1.0, seed=2, method="half-nasa"),
+             dict(prompt=PROMPT, negative="blue square", scale=5.0, seed=3, method="nag"),
+             dict(prompt=PROMPT, negative=[("red circle", 1.0), ("blue square", 0.5)], scale=0.5, seed=4)]
+    batch = list(tiny_generator.stream_batch(specs, decode=False))
+    assert half_nasa.calls > 0
+    for i, spec in enumerate(specs):
+        alone = tiny_generator.stream(PROMPT, spec["negative"], spec["scale"], spec.get("method"), seed=spec["seed"],
+                                      decode=False)
+        for block, chunk in enumerate(alone):
+            assert_close_to_scale(batch[block][i].latents, chunk.latents, 1e-5, f"{i} block {block}")
+
+
+def test_a_registered_method_streams_through_the_server_beside_another_job(half_nasa, tiny_generator, tmp_path):
+    """The server has no batched / unbatched split: a half-nasa job and a NAG job share the batch (every forward
+    has both rows once both run), and each job's frames are its stream's alone."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from nasa_video.server import Limits, VideoServer, create_app
+
+    from .test_server import assert_frames_match, frames_of, start, until
+
+    server = VideoServer(tiny_generator, tmp_path / "clips", Limits(max_blocks=6, max_streams=2))
+    rows, forward = [], tiny_generator.model.forward
+
+    def counting(x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return forward(x, *args, **kwargs)
+
+    tiny_generator.model.forward = counting
+    try:
+        with TestClient(create_app(server)) as client:
+            mine = start(client, method="half-nasa", scale=2.0, seed=1, blocks=3)
+            other = start(client, method="nag", scale=5.0, seed=2, blocks=3, prompt="a blue square")
+            with client.websocket_connect(f"/api/jobs/{mine}/stream") as a, \
+                    client.websocket_connect(f"/api/jobs/{other}/stream") as b:
+                _, a_seen = until(a, "done")
+                _, b_seen = until(b, "done")
+    finally:
+        tiny_generator.model.forward = forward
+    assert 2 in rows and half_nasa.calls > 0
+    for seen, args in ((a_seen, ("a red circle", ["noise"], 2.0, "half-nasa", 33, 1)),
+                       (b_seen, ("a blue square", ["noise"], 5.0, "nag", 33, 2))):
+        blocks = [m for m in seen if m["type"] == "block"]
+        for block, chunk in zip(blocks, tiny_generator.stream(*args, rolling=True), strict=True):
+            assert_frames_match(frames_of(block), chunk.frames)
+
+
 def test_a_registered_method_is_benchmarked(half_nasa):
     from nasa_video.bench import video_flops
 

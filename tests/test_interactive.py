@@ -36,9 +36,9 @@ def _swap_text(stream, gen, prompt):
 def _manual_recache(stream, gen, cache):
     """Re-run the cache pass over the held clean latents, oldest first, with the model's forward alone."""
     last = len(gen.steps) - 1
-    for start in sorted(stream.held):
-        gen.model.set_text(cache.guide(stream.cache_pass_guidance, stream.schedule(start // 3, last)))
-        gen.model(stream.held[start], torch.zeros(1, 3), start, stream.kv_cache[0])
+    for block, (position, context) in sorted(stream.held.items()):
+        gen.model.set_text(cache.guide(stream.cache_pass_guidance, stream.schedule(block, last)))
+        gen.model(context, torch.zeros(1, 3), position, stream.kv_cache)
 
 
 @pytest.mark.parametrize("recache", [False, True])
@@ -71,8 +71,8 @@ def test_recache_changes_the_cached_window_and_keeps_the_negatives(gen):
         stream = gen.stream(PROMPT, NEG, 0.8, seed=3, decode=False)
         _chunks(stream, K, lambda s: s.set_prompt(NEW, recache=recache))
         streams[recache] = stream
-    k_plain, k_re = streams[False].kv_cache[0].k[-1], streams[True].kv_cache[0].k[-1]  # layer 0 reads no text
-    tpf = streams[True].kv_cache[0].tokens_per_frame
+    k_plain, k_re = streams[False].kv_cache.k[-1], streams[True].kv_cache.k[-1]  # layer 0 reads no text
+    tpf = streams[True].kv_cache.tokens_per_frame
     assert not torch.allclose(k_plain[:, :K * 3 * tpf], k_re[:, :K * 3 * tpf])  # the window was re-cached
     assert streams[True].negatives == NEG and streams[True].text_cache.negative_builds == 1
     assert [b for b, _ in streams[True].recaches] == [K]

@@ -447,7 +447,7 @@ def test_a_loopback_server_refuses_foreign_host_names(server):
 def test_save_mid_stream_and_after_holds_every_frame(client, server, monkeypatch):
     import time
 
-    from nasa_video import batch
+    from nasa_video import stream as batch
     from nasa_video.video_io import read_video
 
     # Each block takes at least half a second, so the save (applied between blocks) lands before the last block

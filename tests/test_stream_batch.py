@@ -1,11 +1,13 @@
-"""Several streams in one forward (StreamBatch) equal each stream run alone (fp32, within 1e-5), including when one
-stream changes mid-way or leaves; the tiny config, CPU, offline."""
+"""Several streams in one forward (StreamBatch) equal each stream run alone (fp32, within 1e-5), whatever their
+methods, including when one stream changes mid-way or leaves; a batch of one is the stream itself; the tiny
+config, CPU, offline."""
+import numpy as np
 import pytest
 import torch
 
 from nasa_video.errors import UserError
 
-from .conftest import collect_chunks
+from .conftest import assert_close_to_scale, collect_chunks
 
 SPECS = [dict(prompt="a fox in a field", negative=[("snow", 1.0), ("blur", 0.5)], scale=0.8, seed=1),
          dict(prompt="a boat at sea", negative="rain", scale=0.3, seed=2),
@@ -75,9 +77,46 @@ def test_a_stream_can_leave_between_blocks(gen):
             close(chunks[block][i], chunk)
 
 
+MIXED = [dict(prompt="a fox in a field", negative="snow", scale=5.0, seed=1, method="nag"),
+         dict(prompt="a boat at sea", negative="rain", scale=1.5, seed=2, method="vsf"),
+         dict(prompt="a city at night", negative="fog", scale=3.0, seed=3, method="cfg"),
+         dict(prompt="a red kite", negative=[("snow", 1.0), ("blur", 0.5)], scale=0.8, seed=4, method="nasa"),
+         dict(prompt="a cat", negative="rain", seed=5, method="none")]
+
+
+def test_every_method_in_one_batch_equals_each_stream_alone(gen):
+    """NAG, VSF, CFG (two rows of the one cache), NASA and none side by side in one forward per step: each video is
+    the one it makes alone (fp32; rows batched differently sum their products in another order)."""
+    calls = []
+    handle = gen.model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        batch = list(gen.stream_batch(MIXED, decode=False))
+    finally:
+        handle.remove()
+    steps = len(gen.steps) + 1
+    assert calls == [len(MIXED) + 1] * (len(batch) * steps)  # one forward per step; CFG's video takes two rows
+    for i, spec in enumerate(MIXED):
+        stream = gen.stream(spec["prompt"], spec["negative"], spec.get("scale"), spec["method"], seed=spec["seed"],
+                            decode=False)
+        for block, chunk in enumerate(stream):
+            assert_close_to_scale(batch[block][i].latents, chunk.latents, 1e-5, f"{spec['method']} block {block}")
+
+
+def test_a_batch_overlapping_its_decode_equals_the_sequential_batch(gen):
+    specs = [dict(SPECS[0], frames=21), dict(SPECS[1], frames=9)]  # the second leaves after its first block
+    plain = list(gen.stream_batch(specs))
+    overlapped = [chunk for chunks in gen.stream_batch(specs, overlap_decode=True) for chunk in chunks.items()]
+    made = [(name, chunk) for chunks in plain for name, chunk in chunks.items()]
+    assert sorted((n, c.block) for n, c in overlapped) == sorted((n, c.block) for n, c in made)
+    by_key = {(n, c.block): c for n, c in made}
+    for name, chunk in overlapped:
+        assert np.array_equal(chunk.frames, by_key[name, chunk.block].frames)
+        assert chunk.first_frame == by_key[name, chunk.block].first_frame
+
+
 def test_batch_refusals_are_one_line(gen):
-    with pytest.raises(UserError, match="run cfg streams one by one"):
-        gen.stream_batch(SPECS, guidance="cfg")
+    with pytest.raises(UserError, match="unknown guidance 'cfgg'"):
+        gen.stream_batch([dict(SPECS[0], method="cfgg")])
     with pytest.raises(UserError, match="unknown argument 'sead'"):
         gen.stream_batch([dict(prompt="a fox", sead=1)])
     with pytest.raises(UserError, match="at least one stream"):
@@ -177,3 +216,55 @@ def test_the_key_mask_hides_slots_filled_before_a_row_joined():
     cache.place(4, 2)
     cache.place(6, 2)  # the rolling window evicts frames 0-1: row 1 sees all of what is left, the mask goes
     assert cache.frames == [2, 3, 4, 5, 6, 7] and cache.key_mask() is None
+
+
+def test_schedule_rebase_and_recache_a_batch_of_one_is_the_stream(rolling_gen):
+    """The drift the two loops once had: a per-block scale schedule, a position re-base, then a prompt switch with
+    a re-cache. The re-cache asks the schedule for the blocks it re-runs (their own indices, not their positions
+    after the re-base), a stream and a batch of one make the same video bit for bit, and both record it."""
+    gen = rolling_gen
+    asked = []
+
+    def scale(block, step):
+        asked.append((block, step))
+        return (0.3, 0.6, 0.9, 1.2, 0.2, 0.7, 1.1, 0.5)[block]
+
+    def run(make):
+        stream, chunks, calls = None, [], {}
+        for chunk, stream in make():
+            chunks.append(chunk)
+            asked.clear()
+            if chunk.block == 5:
+                stream.set_prompt("a red kite", recache=True)
+            calls[chunk.block] = list(asked)
+            if chunk.block == 7:
+                break
+        return chunks, stream, calls
+
+    def alone():
+        stream = gen.stream("a fox in a field", "snow", scale, seed=5, rolling=True, decode=False)
+        return ((chunk, stream) for chunk in stream)
+
+    def batch_of_one():
+        batch = gen.stream_batch([dict(prompt="a fox in a field", negative="snow", scale=scale, seed=5)],
+                                 rolling=True, decode=False)
+        return ((out[0], batch[0]) for out in batch)
+
+    (mine, stream, _), (theirs, member, _) = run(alone), run(batch_of_one)
+    assert list(stream.rebases) == list(member.rebases) == [4, 7]
+    for a, b in zip(mine, theirs, strict=True):
+        assert torch.equal(a.latents, b.latents), f"block {a.block}: {(a.latents - b.latents).abs().max():.3g}"
+    assert [b for b, _ in stream.recaches] == [b for b, _ in member.recaches] == [6]
+    assert mine[6].recache_seconds > 0 and theirs[6].recache_seconds > 0
+    # what block 6 asked the schedule for at the last step: the re-cached blocks 4 and 5 (held across the re-base
+    # at block 4), then its own block
+    last = len(gen.steps) - 1
+    asked.clear()
+    stream = gen.stream("a fox in a field", "snow", scale, seed=5, rolling=True, decode=False)
+    for chunk in stream:
+        if chunk.block == 5:
+            asked.clear()
+            stream.set_prompt("a red kite", recache=True)
+        if chunk.block == 6:
+            break
+    assert sorted({b for b, s in asked if s == last}) == [4, 5, 6]

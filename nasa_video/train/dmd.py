@@ -163,11 +163,13 @@ class DMDTrainer(Trainer):
     def real_x0(self, x_t, t, positive, unconditional, kappa: float) -> torch.Tensor:
         """Teacher with CFG, in x0 space (CFG mixes outputs affinely, so x0 or v gives the same)."""
         text = PromptEmbeddings(torch.cat([positive, unconditional]))
+        self.teacher.set_guidance(NoGuidance())  # CFG acts on outputs: plain attention, whatever ran on it before
         out = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), prompts=text)
         cond, uncond = output_to_x0(out, torch.cat([x_t, x_t]), self._sigma(torch.cat([t, t])), self.prediction).chunk(2)
         return uncond + kappa * (cond - uncond)
 
     def fake_x0(self, x_t, t, positive) -> torch.Tensor:
+        self.fake.set_guidance(NoGuidance())
         out = self.fake(x_t, t, prompts=PromptEmbeddings(positive))
         return output_to_x0(out, x_t, self._sigma(t), self.prediction)
 
@@ -207,6 +209,7 @@ class DMDTrainer(Trainer):
         with torch.no_grad():
             x0 = self.generate(x0_data, positive, student_negative, alpha)
         x_t, t, noise = self._noise_for_score(x0)
+        self.fake.set_guidance(NoGuidance())
         out = self.fake(x_t, t, prompts=PromptEmbeddings(positive))
         critic = F.mse_loss(output_to_velocity(out, x_t, self._sigma(t), self.prediction), noise - x0)
         self.opt_f.zero_grad(set_to_none=True)

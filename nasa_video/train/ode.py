@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..guidance import NoGuidance
 from ..model.cache import PromptEmbeddings
 from ..schedule import FlowSchedule, output_to_velocity, output_to_x0
 from .distributed import Distributed
@@ -64,6 +65,7 @@ def teacher_ode_trajectory(teacher, positive, unconditional, noise, flow: FlowSc
     """The teacher's probability-flow ODE with CFG (Euler), from noise [B, C, F, h, w] at the first student
     step to x0: the states at every student step and the end, [B, S + 1, C, F, h, w]. positive [B, L, D];
     unconditional [B or 1, L, D]."""
+    teacher.set_guidance(NoGuidance())  # plain attention on the prompts handed in, whatever ran on it before
     path, marks = sigma_path(flow, student_steps, steps_per_segment, spacing)
     x, recorded, b = noise, [], noise.shape[0]
     text = PromptEmbeddings(torch.cat([positive, unconditional.expand(b, -1, -1)]))
@@ -88,6 +90,7 @@ def ode_regression_loss(student, text, trajectory, k, student_steps, flow: FlowS
     k_frames = k.repeat_interleave(frames_per_block, 1).to(states.device)
     x_t = torch.gather(states, 1, k_frames[:, None, None, :, None, None].expand(-1, 1, c, -1, h, w)).squeeze(1)
     t = student_steps.to(states.device)[k_frames]
+    student.set_guidance(NoGuidance())
     out = student(torch.cat([x0, x_t], 2), torch.cat([torch.zeros_like(t), t], 1), attn_mask=mask,
                   frame_positions=positions, prompts=text)[:, :, f:]
     return F.mse_loss(output_to_x0(out, x_t, flow.frame_sigma(t).float(), prediction), x0)

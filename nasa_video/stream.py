@@ -1,0 +1,390 @@
+"""A video in progress (Stream) and several of them in one forward (StreamBatch), over the one block loop
+(engine.BlockEngine): a Stream iterated alone is an engine of one video; a StreamBatch adds and removes videos
+between blocks. Both take the same per-video inputs and the same mid-stream changes (set_prompt, set_negative,
+set_scale, from the next block)."""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterator, Sequence
+
+import torch
+
+from .config import SEED_LIMIT, latent_frames_for, pixel_frames
+from .engine import BlockEngine, FrameChunk
+from .errors import UserError
+from .guidance import Guidance, NoGuidance, ScaleSchedule, ScaleSpec, default_scale, method_from_config, parse_negatives
+from .model.cache import TextCache
+
+_PLAIN = NoGuidance()
+
+
+def check_prompt(prompt, what: str = "prompt") -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError(f"the {what} is empty: give some text")
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"--seed {seed} is out of range: use a whole number in [0, 2^63)")
+
+
+EMBEDS = "<prompt_embeds>"
+
+
+def check_embeds(embeds, text_dim: int, what: str = "prompt_embeds", length: int | None = None) -> torch.Tensor:
+    """A text encoder output [1, L, text_dim] (as TextEncoder.encode returns it), checked and made float32.
+    length: the encoder's own L; the prompt and every negative share one text cache, so all must have it."""
+    if not isinstance(embeds, torch.Tensor):
+        raise UserError(f"{what} must be a tensor [1, L, {text_dim}], not {type(embeds).__name__}")
+    if embeds.dim() != 3 or embeds.shape[0] != 1 or embeds.shape[2] != text_dim or embeds.shape[1] == 0:
+        raise UserError(f"{what} has shape {list(embeds.shape)}; the text encoder's output is [1, L, {text_dim}]")
+    if not torch.isfinite(embeds).all():
+        raise UserError(f"{what} holds NaN or infinite values")
+    if length is not None and embeds.shape[1] != length:
+        raise UserError(f"{what} has {embeds.shape[1]} tokens; this model's text encoder gives {length} (its padding "
+                        f"rows zero): pad it with zero rows to {length}, as the encoder does")
+    return embeds.detach().float()
+
+
+def embeds_length(embeds: torch.Tensor) -> int:
+    """Real token count of an encoder output whose padding rows are zero (Wan's convention): last non-zero row + 1."""
+    rows = embeds[0].abs().sum(-1).nonzero()
+    return int(rows[-1]) + 1 if len(rows) else embeds.shape[1]
+
+
+def negative_embeds_items(embeds, text_dim: int, length: int | None = None) -> list[tuple[str, float, torch.Tensor]]:
+    """negative_prompt_embeds: a tensor, a list of tensors, or a list of (tensor, weight) -> [(label, weight, tensor)]."""
+    if embeds is None:
+        return []
+    if isinstance(embeds, torch.Tensor):
+        embeds = [embeds]
+    items = []
+    for i, item in enumerate(embeds):
+        tensor, weight = item if isinstance(item, (tuple, list)) else (item, 1.0)
+        items.append((f"<negative_prompt_embeds {i}>", float(weight),
+                      check_embeds(tensor, text_dim, f"negative_prompt_embeds[{i}]", length)))
+    return items
+
+
+LATENT_LIMIT = 1e4  # initial noise is N(0, 1); a value this size is a mistake (unnormalised latents, a wrong tensor)
+
+
+def _text_length(gen) -> int | None:
+    """The token count the generator's text encoder gives every prompt (None when it does not say)."""
+    length = getattr(getattr(gen, "text", None), "max_length", None)
+    return int(length) if isinstance(length, int) else None
+
+
+class Stream:
+    """One video in progress. set_prompt() / set_negative() / set_scale() take effect from the next block and
+    compose: only the changed text K/V are rebuilt, the self-attention cache (the video so far) is kept, unless
+    set_prompt(..., recache=True) asks to recompute it under the new prompt."""
+
+    def __init__(self, gen, prompt, negative, scale, guidance, frames, seed, rolling, decode,
+                 prompt_embeds=None, negative_prompt_embeds=None, latents=None, generator=None,
+                 overlap_decode: bool | None = None):
+        cfg, spec = gen.cfg, gen.spec
+        text_dim = gen.model.config.text_dim
+        if prompt_embeds is None:
+            check_prompt(prompt)
+        else:
+            prompt_embeds = check_embeds(prompt_embeds, text_dim, length=_text_length(gen)).to(gen.device)
+        if generator is None:
+            seed = 0 if seed is None else seed
+            check_seed(seed)
+        elif seed is not None:  # one of them would be ignored
+            raise UserError("give seed or generator, not both: the generator draws all the noise, so seed would be "
+                            "ignored")
+        elif not isinstance(generator, torch.Generator) or generator.device.type != gen.device.type:
+            raise UserError(f"generator must be a torch.Generator on {gen.device.type} (the stream's device)")
+        self.gen, self.decode = gen, decode
+        self.ended = False  # set when every block is made
+        # Overlapped, a negative set after chunk k (k >= 1) applies from block k + 2: block k + 1 is already made.
+        self.overlap_decode = gen.overlap_decode if overlap_decode is None else bool(overlap_decode)
+        self.fpb = spec.video.frames_per_block
+        self.rolling = spec.cache.rolling if rolling is None else rolling
+        if frames is None:
+            self.latent_total = None if self.rolling else spec.video.latent_frames
+        else:
+            self.latent_total = latent_frames_for(int(frames), self.fpb, gen.temporal_stride)
+        self.max_latent_frames = gen.model.max_frame_positions  # temporal positions the generator can encode
+        # A rolling stream re-bases its positions (engine.rebase_positions) and never runs out; a fixed cache cannot.
+        self.endless = self.rolling and hasattr(gen.model, "shift_positions")
+        self.rebases: deque[int] = deque(maxlen=1024)  # the latest blocks before which positions were re-based
+        if self.latent_total is not None and self.latent_total > self.max_latent_frames and not self.endless:
+            most = pixel_frames(self.max_latent_frames // self.fpb * self.fpb, gen.temporal_stride)
+            raise UserError(f"{pixel_frames(self.latent_total, gen.temporal_stride)} frames need {self.latent_total} "
+                            f"latent frames but {cfg.name} encodes positions for {self.max_latent_frames}; "
+                            f"ask for at most {most} frames")
+        self.guidance = guidance if isinstance(guidance, Guidance) else method_from_config(cfg, guidance)
+        self.uncond_cache: TextCache | None = None  # CFG: the negative (or empty) prompt as its own context
+        # CFG always refreshes both caches with their own contexts; attention methods follow the config.
+        in_cache = spec.guidance.in_cache_pass or not self.guidance.in_attention
+        self.cache_pass_guidance = self.guidance if in_cache else _PLAIN
+        self.seed, self.generator = seed, generator
+        self.latent_hw = (spec.video.height // gen.spatial_stride, spec.video.width // gen.spatial_stride)
+        self.latents = self._check_latents(latents)
+        if prompt_embeds is None:
+            gen.text.check_readable(prompt)
+            prompt_embeds = gen.text.encode(prompt)
+        self.prompt = prompt if isinstance(prompt, str) and prompt.strip() else EMBEDS
+        with torch.no_grad():
+            self.text_cache = TextCache(gen.model, prompt_embeds)
+        self._pending: tuple | None = None
+        self._pending_prompt: tuple | None = None
+        self.negatives: list[tuple[str, float]] = []
+        self._negative_items: list[tuple] = []  # (label, weight, embeddings or None for text)
+        self._negative_key: list = []
+        self.schedule = ScaleSchedule(default_scale(spec, self.guidance))
+        self.set_negative(negative, default_scale(spec, self.guidance) if scale is None else scale,
+                          negative_prompt_embeds)
+        self._apply_pending()
+        self._engine: BlockEngine | None = None  # the block loop running this video alone (set by iteration)
+        self.recaches: list[tuple[int, float]] = []  # (block, seconds) of each re-cache done
+
+    def _check_latents(self, latents):
+        """latents: None, a tensor [1, C, F, h, w], or a list of per-block tensors [1, C, fpb, h, w]."""
+        if latents is None:
+            return None
+        channels, (h, w) = self.gen.model.config.in_channels, self.latent_hw
+        blocks = [latents] if isinstance(latents, torch.Tensor) else list(latents)
+        for i, item in enumerate(blocks):
+            frames = self.fpb if not isinstance(latents, torch.Tensor) else None
+            if (not isinstance(item, torch.Tensor) or item.dim() != 5 or item.shape[0] != 1
+                    or tuple(item.shape[1:2]) + tuple(item.shape[3:]) != (channels, h, w)
+                    or (frames is not None and item.shape[2] != frames)):
+                shape = list(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
+                want = f"[1, {channels}, {frames or 'F'}, {h}, {w}]"
+                raise UserError(f"latents{'' if frames is None else f'[{i}]'} has shape {shape}; this model's "
+                                f"initial noise is {want}")
+            if not torch.isfinite(item).all() or item.abs().max() > LATENT_LIMIT:
+                raise UserError(f"latents{'' if frames is None else f'[{i}]'} hold NaN, infinite or huge values; "
+                                f"they are the initial noise, about N(0, 1) (at most {LATENT_LIMIT:g} in size)")
+        covered = blocks[0].shape[2] // self.fpb if isinstance(latents, torch.Tensor) else len(blocks)
+        if self.latent_total is not None and covered < self.num_blocks:
+            raise UserError(f"latents cover {covered} blocks but the video has {self.num_blocks}: give "
+                            f"{self.latent_total} latent frames")
+        return latents
+
+    def _initial_noise(self, block: int, shape, rng: torch.Generator) -> torch.Tensor:
+        device = self.gen.device
+        if self.latents is None:
+            return torch.randn(shape, generator=rng, device=device, dtype=torch.float32)
+        if isinstance(self.latents, torch.Tensor):
+            piece = self.latents[:, :, block * self.fpb:(block + 1) * self.fpb]
+        else:
+            piece = self.latents[block] if block < len(self.latents) else self.latents[:0]
+        if piece.shape[2] != self.fpb:
+            raise UserError(f"the given latents end before block {block}; the stream ends here")
+        return piece.to(device=device, dtype=torch.float32)
+
+    @property
+    def num_blocks(self) -> int | None:
+        return None if self.latent_total is None else self.latent_total // self.fpb
+
+    def set_prompt(self, prompt: str | None = None, recache: bool = False,
+                   prompt_embeds: torch.Tensor | None = None) -> None:
+        """Replace the positive prompt (text, or the encoder's output prompt_embeds [1, L, text_dim]) from the next
+        block; the negatives and scale are kept (and set_negative / set_scale compose with it).
+
+        recache=False: later blocks attend to the video so far as it was cached (under the old prompt).
+        recache=True (LongLive's KV re-cache): before the next block, the cache pass is re-run over the clean
+        latents of every block still in the self-attention cache, oldest first, under the new prompt, so the
+        cached window's K/V agree with the new prompt. Cost: one forward per cached block (up to the cache's
+        capacity / frames_per_block), reported in the next FrameChunk's recache_seconds."""
+        self._check_running("set_prompt")
+        if prompt_embeds is None:
+            check_prompt(prompt)
+            self.gen.text.check_readable(prompt)
+            embeds = self.gen.text.encode(prompt)  # fail now, not in the middle of a block
+            label = prompt
+        else:
+            embeds = check_embeds(prompt_embeds, self.gen.model.config.text_dim,
+                                  length=_text_length(self.gen)).to(self.gen.device)
+            label = prompt if isinstance(prompt, str) and prompt.strip() else EMBEDS
+        self._pending_prompt = (label, embeds, bool(recache))
+
+    def set_negative(self, negative, scale: ScaleSpec | None = None, negative_prompt_embeds=None) -> None:
+        """Replace the negative prompt(s) (str, list of str, or (text, weight) pairs, and/or negative_prompt_embeds:
+        a tensor [1, L, text_dim], a list of them or of (tensor, weight) pairs) from the next block."""
+        self._check_running("set_negative")
+        items = [(t, w, None) for t, w in parse_negatives(negative)]
+        items += negative_embeds_items(negative_prompt_embeds, self.gen.model.config.text_dim, _text_length(self.gen))
+        self._queue_negatives(items, scale)
+
+    def _queue_negatives(self, items: list[tuple], scale: ScaleSpec | None) -> None:
+        self.guidance.check_negatives(len(items))
+        schedule = self.schedule if scale is None else ScaleSchedule(scale)
+        for value in schedule.values():
+            self.guidance.check_scale(value)
+        self.guidance.check_weights([weight for _, weight, _ in items], schedule.values())
+        for text, weight, embeds in items:
+            if embeds is None:
+                self.gen.text.check_readable(text, "negative prompt")
+                self.gen.text.encode(text)  # fail now (e.g. too many tokens), not in the middle of a block
+        self._pending = (items, schedule)
+
+    def set_scale(self, scale: ScaleSpec) -> None:
+        self._check_running("set_scale")
+        self._queue_negatives(self._negative_items if self._pending is None else self._pending[0], scale)
+
+    def _apply_pending(self) -> bool:
+        """Apply the queued changes; True when a re-cache is due before the next block."""
+        recache = False
+        if self._pending_prompt is not None:
+            label, embeds, recache = self._pending_prompt
+            self._pending_prompt = None
+            with torch.no_grad():
+                self.text_cache.set_positive(embeds)
+            self.prompt = label
+        if self._pending is None:
+            return recache
+        items, self.schedule = self._pending
+        self._pending = None
+        texts, weights = [t for t, _, _ in items], [w for _, w, _ in items]
+        key = [t if e is None else id(e) for t, _, e in items]
+        if key != self._negative_key:
+            text = self.gen.text
+            embeddings = [text.encode(t) if e is None else e.to(self.gen.device) for t, _, e in items]
+            lengths = [text.token_count(t) if e is None else embeds_length(e) for t, _, e in items]
+            with torch.no_grad():
+                self.text_cache.set_negatives(texts, weights, embeddings, lengths)
+                if not self.guidance.in_attention:
+                    self.uncond_cache = TextCache(self.gen.model, embeddings[0] if embeddings else text.encode(""))
+        if not self.guidance.in_attention and self.uncond_cache is None:
+            with torch.no_grad():
+                self.uncond_cache = TextCache(self.gen.model, self.gen.text.encode(""))
+        self.text_cache.weights = weights
+        self.negatives = [(t, w) for t, w, _ in items]
+        self._negative_items, self._negative_key = items, key
+        return recache
+
+    def __iter__(self) -> Iterator[FrameChunk]:
+        """The blocks, one FrameChunk each: the block loop with this video alone (its decoder is the generator's)."""
+        gen = self.gen
+        gen.decoder.reset()
+        self._engine = BlockEngine(gen, self.rolling, self.decode, self.decode and self.overlap_decode, "the stream")
+        self._engine.add(self, 0, gen.decoder if self.decode else None)
+        try:
+            while (chunks := self._engine.step()) is not None:
+                yield chunks[0]
+        finally:
+            self._engine.close()
+        self.ended = True  # every block is made: a later change would apply to nothing
+
+    @property
+    def kv_cache(self):
+        """The running video's self-attention cache (CFG: its conditional and unconditional rows); None before."""
+        return None if self._engine is None else self._engine.kv_cache
+
+    @property
+    def held(self) -> dict:
+        """{block: (position, cache-pass input)} of the blocks still in the cache (what a re-cache re-runs)."""
+        return {} if self._engine is None else self._engine.held
+
+    def _check_running(self, what: str) -> None:
+        if self.ended:
+            raise UserError(f"{what} after the stream ended (all its blocks are made) would apply to nothing: "
+                            f"start a new stream")
+
+
+SPEC_KEYS = {"prompt", "negative", "scale", "seed", "prompt_embeds", "negative_prompt_embeds", "latents", "generator",
+             "frames", "method"}
+
+
+class StreamBatch:
+    """Several streams, one batched forward per step. Iterate: one dict {name: FrameChunk} per block (step() makes
+    one block), until every stream has made its last block.
+
+    What is batched: the latents [B, C, F, h, w], the self-attention cache (one cache with a row per video, two for
+    CFG), and the text K/V: each row's method plans its rows with its own alphas (Guidance.prepare_rows; NASA's
+    is one fused launch for the whole batch). What stays per stream: its Stream object (text cache, scale
+    schedule, pending changes, random generator, initial noise) and its VAE decoder.
+
+    specs: one dict per stream with Stream's per-video arguments (prompt, negative, scale, seed, prompt_embeds,
+    negative_prompt_embeds, latents, generator, frames: its own length, default the batch's; method: any
+    registered method, default the batch's) and an optional name (default: its index). Change a stream between
+    blocks with batch[name].set_prompt / set_negative / set_scale (from the next block); remove(name) drops it
+    (its cache rows go) and add(spec) adds one, both from the next block; a join mid-run needs a rolling cache
+    without sink frames (engine module docstring). A chunk's block and first_frame count from the stream's own
+    start. overlap_decode: decode every stream's block k while block k + 1 is denoised (then a step returns the
+    chunks that are ready: a stream's block k one step after it was made, its first block at once)."""
+
+    def __init__(self, gen, specs: Sequence[dict], guidance: str | Guidance | None = None, frames: int | None = None,
+                 rolling: bool | None = None, decode: bool = True, overlap_decode: bool = False):
+        if not specs:
+            raise UserError("a stream batch needs at least one stream")
+        self.method = guidance if isinstance(guidance, Guidance) else method_from_config(gen.cfg, guidance)
+        self.gen, self.decode, self.frames = gen, decode, frames
+        self.rolling = gen.spec.cache.rolling if rolling is None else bool(rolling)
+        self.fpb = gen.spec.video.frames_per_block
+        self.engine = BlockEngine(gen, self.rolling, decode, decode and bool(overlap_decode))
+        self._count = 0
+        for spec in specs:
+            self.add(spec)
+
+    def __getitem__(self, name) -> Stream:
+        stream = self.engine.get(name)
+        if stream is None:
+            raise KeyError(name)
+        return stream
+
+    def __contains__(self, name) -> bool:
+        return name in self.engine
+
+    def __len__(self) -> int:
+        return len(self.engine)
+
+    @property
+    def running(self) -> bool:
+        """The batch has made a block (a stream added now joins a running batch)."""
+        return self.engine.running
+
+    @property
+    def accepts_joins(self) -> bool:
+        """Whether add() can take a stream now: before the first block always; mid-run only on a rolling cache
+        without sink frames."""
+        return self.engine.accepts_joins
+
+    def add(self, spec: dict, name=None):
+        """A new stream, from the next block. Returns its name. Bad arguments raise UserError now, not mid-block."""
+        spec = dict(spec)
+        name = spec.pop("name", self._count if name is None else name)
+        if isinstance(name, bool) or not isinstance(name, (str, int)):
+            raise UserError(f"a stream's name is a string or a number, not {type(name).__name__} ({name!r:.40})")
+        if name in self.engine.videos or name in self.engine._joining:
+            raise UserError(f"two streams are named {name!r}")
+        unknown = set(spec) - SPEC_KEYS
+        if unknown:
+            raise UserError(f"stream {name!r}: unknown argument {sorted(unknown)[0]!r}")
+        if not self.accepts_joins:
+            raise UserError("a stream can join a running batch only on a rolling cache without sink frames "
+                            "(rolling=True, cache.sink_frames: 0); start another batch for it")
+        method = self.method if spec.get("method") is None else method_from_config(self.gen.cfg, spec["method"])
+        stream = Stream(self.gen, spec.get("prompt"), spec.get("negative"), spec.get("scale"), method,
+                        spec.get("frames", self.frames), spec.get("seed", 0), self.rolling, self.decode,
+                        prompt_embeds=spec.get("prompt_embeds"),
+                        negative_prompt_embeds=spec.get("negative_prompt_embeds"), latents=spec.get("latents"),
+                        generator=spec.get("generator"))
+        self.engine.add(stream, name, self.gen.codec.streaming_decoder() if self.decode else None)
+        self._count += 1
+        return name
+
+    def remove(self, name) -> None:
+        """Stop a stream: from the next block the batch runs without it (its cache rows are dropped)."""
+        self.engine.remove(name)
+
+    def __iter__(self) -> Iterator[dict]:
+        try:
+            while True:
+                chunks = self.step()
+                if not chunks:
+                    return
+                yield chunks
+        finally:
+            self.engine.close()
+
+    def step(self) -> dict:
+        """Make one block of every stream: {name: FrameChunk}; {} when no stream is left. Streams whose last block
+        this was leave the batch."""
+        return self.engine.step() or {}
