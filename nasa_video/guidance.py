@@ -3,7 +3,9 @@
 Attention-space methods (NASA, NAG, VSF) receive, in every cross-attention layer,
 the query of the video tokens and the cached text K/V of the positive prompt and of each negative prompt,
 and return the attention output before the layer's output projection. Output-space methods (CFG) act on
-the model's prediction instead and ask the pipeline for a second pass with its own self-attention cache.
+the model's prediction instead: the block loop gives each video `conditions` rows of the same forward and cache,
+and the method's combine() mixes their predictions. A forward over several videos plans each method's rows with
+their own alphas (Guidance.prepare_rows, RowsGuidance).
 """
 from __future__ import annotations
 
