@@ -163,13 +163,16 @@ class NASAPlan(AttentionPlan):
 
 
 class NAGPlan(AttentionPlan):
-    """NAG with Z+ and Z- from one launch; the scale s is a tensor (no recompile per value), tau and blend are the
+    """NAG with Z+ and Z- from one launch; the scale s is a tensor (no recompile per value): one number, or one per
+    row [B] (a batch of videos; a row that does not guide has s = 1, which leaves Z+). tau and blend are the
     method's fixed knobs. The formula is nag()'s."""
 
-    def __init__(self, kv: TextKV, scale: float, tau: float, blend: float):
+    def __init__(self, kv: TextKV, scale: float | Sequence[float], tau: float, blend: float):
         self.k, self.v = (t[: 2 * kv.k.shape[0]] for t in kv.stacked())
         dtype = kv.v.dtype if kv.v.dtype == torch.float64 else torch.float32
-        self.scale = torch.tensor(float(scale), dtype=dtype, device=kv.v.device)
+        self.scale = torch.tensor(scale, dtype=dtype, device=kv.v.device)
+        if self.scale.dim():
+            self.scale = self.scale.view(-1, 1, 1, 1)
         self.tau, self.blend = tau, blend
 
     def __call__(self, q):
@@ -189,6 +192,30 @@ class VSFPlan(AttentionPlan):
         logit_bias = torch.zeros(self.k.shape[1], dtype=kv.k.dtype, device=kv.k.device)
         logit_bias[k_pos.shape[1]:] = bias
         self.bias = logit_bias.view(1, 1, 1, -1)
+
+    def __call__(self, q):
+        return attend(q, self.k, self.v, self.bias)
+
+
+class VSFRowsPlan(AttentionPlan):
+    """VSF for a batch of videos, each with its own scale and negative length: [K+; K-] and [V+; -s_b V-] with the
+    negative columns' logit bias per row, -inf past a row's real negative length (and over all of them for a row
+    that does not guide), so each row is the softmax it has alone."""
+
+    def __init__(self, kv: TextKV, scales: Sequence[float], lengths: Sequence[int], bias: float):
+        (k_pos, v_pos), (k_neg, v_neg) = kv.positive(), kv.prompt(1)
+        longest = max(lengths) if lengths else 0
+        k_neg, v_neg = k_neg[:, :longest], v_neg[:, :longest]
+        dtype = v_neg.dtype if v_neg.dtype == torch.float64 else torch.float32
+        s = torch.tensor(scales, dtype=dtype, device=v_neg.device).view(-1, 1, 1, 1)
+        self.k, self.v = torch.cat([k_pos, k_neg], 1), torch.cat([v_pos, (-s * v_neg).to(v_neg.dtype)], 1)
+        logit_bias = torch.zeros(len(scales), self.k.shape[1], dtype=kv.k.dtype, device=kv.k.device)
+        first = k_pos.shape[1]
+        for b, (scale, length) in enumerate(zip(scales, lengths)):
+            logit_bias[b, first:] = -float("inf")
+            if scale != 0.0:
+                logit_bias[b, first:first + length] = bias
+        self.bias = logit_bias.view(len(scales), 1, 1, -1)
 
     def __call__(self, q):
         return attend(q, self.k, self.v, self.bias)
@@ -431,6 +458,14 @@ class NAG(Guidance):
             return PlainPlan(*kv.positive())
         return NAGPlan(kv, alphas[0], self.tau, self.blend)
 
+    def prepare_rows(self, text, alphas):
+        if len(text.rows) == 1:
+            return self.prepare(text.rows[0], alphas[0])
+        kv = text.merged()
+        if kv.num_prompts == 1 or not any(self.guides(a) for a in alphas):
+            return PlainPlan(*kv.positive())
+        return NAGPlan(kv, [a[0] if self.guides(a) else 1.0 for a in alphas], self.tau, self.blend)
+
 
 class VSF(Guidance):
     """Value Sign Flip; scale is s in [V+; -s V-]; the negative's padding tokens are dropped."""
@@ -449,6 +484,17 @@ class VSF(Guidance):
         if kv.num_prompts == 1 or not self.guides(alphas):
             return PlainPlan(*kv.positive())
         return VSFPlan(kv, alphas[0], self.bias)
+
+    def prepare_rows(self, text, alphas):
+        if len(text.rows) == 1:
+            return self.prepare(text.rows[0], alphas[0])
+        kv = text.merged()
+        if kv.num_prompts == 1 or not any(self.guides(a) for a in alphas):
+            return PlainPlan(*kv.positive())
+        length = kv.k.shape[1]
+        lengths = [0 if row.num_prompts == 1 else row.negative_lengths[0] if row.negative_lengths else length
+                   for row in text.rows]
+        return VSFRowsPlan(kv, [a[0] if self.guides(a) else 0.0 for a in alphas], lengths, self.bias)
 
 
 class CFG(Guidance):

@@ -102,6 +102,36 @@ def test_every_method_in_one_batch_equals_each_stream_alone(gen):
             assert_close_to_scale(batch[block][i].latents, chunk.latents, 1e-5, f"{spec['method']} block {block}")
 
 
+@pytest.mark.parametrize("method,scales", [("nag", (5.0, 2.0, None)), ("vsf", (1.5, 0.4, None))])
+def test_nag_and_vsf_rows_with_their_own_scales_and_lengths_share_one_launch(gen, method, scales):
+    """Three videos of one method, each with its own scale and negative (of another token count), the last with
+    none: one fused plan for the batch (NAG: a per-row scale; VSF: per-row -inf past each negative's length), and
+    each video equals itself alone."""
+    from nasa_video.guidance import NAGPlan, VSFRowsPlan
+
+    negatives = ["snow", "heavy rain at night", None]
+    specs = [dict(prompt=p, negative=n, scale=s, seed=i, method=method)
+             for i, (p, n, s) in enumerate(zip(("a fox", "a boat at sea", "a city"), negatives, scales))]
+    plans = []
+    prepare = type(gen.model.blocks[0].attn2.processor).prepare
+
+    def recording(self):
+        plan = prepare(self)
+        plans.append(type(plan))
+        return plan
+
+    try:
+        type(gen.model.blocks[0].attn2.processor).prepare = recording
+        batch = list(gen.stream_batch(specs, decode=False))
+    finally:
+        type(gen.model.blocks[0].attn2.processor).prepare = prepare
+    assert (NAGPlan if method == "nag" else VSFRowsPlan) in plans
+    for i, spec in enumerate(specs):
+        stream = gen.stream(spec["prompt"], spec["negative"], spec["scale"], method, seed=i, decode=False)
+        for block, chunk in enumerate(stream):
+            assert_close_to_scale(batch[block][i].latents, chunk.latents, 1e-5, f"{method} video {i} block {block}")
+
+
 def test_a_batch_overlapping_its_decode_equals_the_sequential_batch(gen):
     specs = [dict(SPECS[0], frames=21), dict(SPECS[1], frames=9)]  # the second leaves after its first block
     plain = list(gen.stream_batch(specs))
