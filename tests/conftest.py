@@ -40,10 +40,35 @@ def guided(model, text_cache, method=None, scale: float = 0.0):
     return model
 
 
+_GENERATORS: dict = {}
+
+
+def shared_generator(model: str = "tiny", overrides: dict | None = None, **options):
+    """One StreamingGenerator per (model, overrides, options) for the whole session: tests that only stream share
+    it (a build costs 0.1-0.4 s, and the suite asked for dozens). Random-weight configs are built under seed 0 in a
+    forked RNG, so their weights do not depend on which test came first. A test that changes its generator (its
+    decoder, compile, dtype) builds its own with StreamingGenerator.from_config."""
+    import json
+
+    from nasa_video.pipeline import StreamingGenerator
+
+    options = {"device": "cpu", "dtype": "fp32", "attention_backend": "sdpa", **options}
+    key = (model, json.dumps(overrides, sort_keys=True), json.dumps(options, sort_keys=True))
+    if key not in _GENERATORS:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            _GENERATORS[key] = StreamingGenerator.from_config(model, overrides=overrides, **options)
+    return _GENERATORS[key]
+
+
+@pytest.fixture(scope="session")
+def make_generator():
+    return shared_generator
+
+
 @pytest.fixture(scope="session")
 def tiny_generator():
-    from nasa_video.pipeline import StreamingGenerator
-    return StreamingGenerator.from_config("tiny", device="cpu", dtype="fp32", attention_backend="sdpa")
+    return shared_generator("tiny")
 
 
 def write_latent_clips(folder, captions, count=4, shape=(4, 6, 8, 8)):

@@ -13,8 +13,8 @@ PROMPT = "a red circle and a blue square"
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return StreamingGenerator.from_config("toy", device="cpu")
+def toy(make_generator):
+    return make_generator("toy")
 
 
 def one_line(error) -> str:

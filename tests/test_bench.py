@@ -13,6 +13,7 @@ def causvid_with(layers: int):
     return load_config("causvid", {"generator": {"num_layers": layers}})
 
 
+@pytest.mark.slow
 def test_causvid_nasa_costs_under_five_percent():
     """The 30-layer count, exactly, from 1, 2 and 3 layers: every Wan block (layer) has the same shapes at every
     step, so the FLOPs are affine in the layer count (checked here on 1, 2, 3), at the real width, resolution,
@@ -77,6 +78,7 @@ def test_speed_report_statistics(monkeypatch):
     assert cfg["fps"] == report["frames"] / 4.0 and cfg["first_block_s"] == 0.5
 
 
+@pytest.mark.slow
 def test_speed_report_on_the_causvid_code_path():
     """The GPU script's path (random full-architecture weights, Wan VAE, no downloads), shrunk to run here."""
     from nasa_video.bench import random_weight_generator, speed_report

@@ -71,6 +71,7 @@ def wait_for(condition, timeout=60.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_page_streams_and_takes_a_negative_change(live_server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from nasa_video.cli import main
-from nasa_video.pipeline import StreamingGenerator
 from nasa_video.toy.removal import prompt_pairs, run_removal
 from nasa_video.toy.train import codec_agreement
 from nasa_video.video_io import read_video
@@ -19,8 +18,8 @@ pytestmark = pytest.mark.skipif(not WEIGHTS.exists(), reason="the bundled toy we
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return StreamingGenerator.from_config("toy", device="cpu")
+def toy(make_generator):
+    return make_generator("toy")
 
 
 def test_detector_agrees_with_ground_truth_on_codec_reconstructions(toy):
@@ -33,6 +32,7 @@ def test_deterministic_for_a_seed(toy):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 def test_the_model_draws_what_it_is_told_and_nasa_removes_only_the_negative(toy):
     """A fixed slice of the benchmark (16 pairs x 2 seeds; the full one: README / MODEL_CARD) held to the issue's
     bars: with no guidance the named objects are drawn (retention >= 90%), each keeps its identity over the clip

@@ -238,6 +238,7 @@ def test_method_errors_come_before_the_generator_loads(argv, tmp_path):
     assert "diffusers" not in result.stderr and seconds < 20 and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_sigterm_keeps_the_finished_blocks_like_ctrl_c(tmp_path):
     """A terminated run (SIGTERM, as schedulers and `kill` send) ends like Ctrl-C: exit 130, the finished blocks in
     the MP4, no hidden partial file left."""

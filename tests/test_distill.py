@@ -212,6 +212,7 @@ dmd: {{steps: 3, batch: 2, lr_generator: 1.0e-3, lr_critic: 1.0e-3, dfake_gen_up
     assert json.loads((tmp_path / "run" / "dmd.json").read_text())["steps"] == 4
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_on_the_tiny_config():
     """scripts/dmd_gpu_check.py (seconds and memory at full size on GPUs) runs its own CPU check here."""
     import subprocess

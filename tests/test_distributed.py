@@ -100,6 +100,7 @@ def _assert_same(a: dict, b: dict, **tol):
             torch.testing.assert_close(a[name][key], b[name][key], **tol, msg=f"{name}.{key}")
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_two_fsdp_ranks_on_the_same_draws_equal_one_process(tmp_path):
     """FSDP shards, all-gathers and averages gradients: two ranks fed the same clips and noise train exactly
@@ -114,6 +115,7 @@ def test_two_fsdp_ranks_on_the_same_draws_equal_one_process(tmp_path):
     assert moved > 1e-3  # the comparison is over trained weights, not the initial ones
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_ranks_draw_their_own_data_and_a_killed_sharded_run_resumes_exactly(tmp_path):
     """3 steps (generator updates at 0 and 2): the uninterrupted run and a run "killed" after 2 steps share one
@@ -147,6 +149,7 @@ def _torchrun(*cli_args):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_torchrun_ode_pairs_and_ode_stage(tmp_path):
     """The ODE stage's two commands under torchrun on two CPU ranks: pairs split over the ranks, then FSDP
@@ -175,6 +178,7 @@ ode: {{steps: 2, batch: 1, lr: 1.0e-3, checkpoint_every: 1}}
     build_generator(load_config("tiny"), "cpu", torch.float32, str(tmp_path / "run" / "model.pt"))  # strict
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_torchrun_train_dmd_command_end_to_end(tmp_path):
     """What a cluster user runs, on two CPU ranks: writes loadable student weights once, and resumes."""

@@ -12,7 +12,7 @@ import torch
 from nasa_video.errors import UserError
 from nasa_video.model.cache import SelfAttentionCache
 from nasa_video.model.causal_wan import _rms_norm, apply_rope
-from nasa_video.pipeline import StreamingGenerator
+from .conftest import shared_generator
 
 PROMPT, NEG = "a red circle and a blue square", "noise"
 
@@ -21,8 +21,7 @@ def small(model="tiny", rope=12, sink=0, capacity=6, **extra):
     overrides = {"generator": {"rope_max_seq_len": rope}, "cache": {"capacity_frames": capacity, "sink_frames": sink}}
     for key, value in extra.items():
         overrides.setdefault(key, {}).update(value)
-    return StreamingGenerator.from_config(model, device="cpu", dtype="fp32", attention_backend="sdpa",
-                                          overrides=overrides)
+    return shared_generator(model, overrides)
 
 
 BUNDLED = __import__("pathlib").Path(__file__).parents[1] / "nasa_video" / "toy" / "weights" / "generator.safetensors"
@@ -143,6 +142,7 @@ def _rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident size from /proc")
 def test_a_rolling_stream_of_1000_blocks_runs_with_flat_memory_and_speed():
     """1,000 blocks of the tiny model (16x16 video, one layer, one step, RoPE table of 15 positions: a re-base

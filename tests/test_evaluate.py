@@ -61,6 +61,7 @@ def test_file_names_are_vbench_style_and_safe():
     assert long_a != long_b and len(long_a.encode()) <= 180
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_with_exactly_the_missing_videos(tiny_generator, tmp_path):
     jobs = plan(PROMPTS[:2], METHODS, samples=2, negative="blurry")
     write_manifest(tmp_path / "a", jobs, {"model": "tiny"})

@@ -178,3 +178,132 @@ def test_a_registered_architecture_streams_with_nasa(pixel_wan, tmp_path):
     loaded = StreamingGenerator.from_config(str(pixel_wan), checkpoint=str(checkpoint), device="cpu", dtype="fp32")
     again = list(loaded.stream(PROMPT, negative="red circle", scale=0.8, seed=1))
     assert all(torch.equal(a.latents, b.latents) for a, b in zip(chunks, again))
+
+
+# ---- a generator that is not Wan: only the Generator protocol -----------------------------------------------
+class MiniAttention(torch.nn.Module):
+    """What a cross-attention processor reads of its layer (diffusers' Attention names): to_q, to_k, to_v, norm_q,
+    norm_k, to_out, heads."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (torch.nn.Linear(dim, dim) for _ in range(3))
+        self.norm_q = self.norm_k = torch.nn.Identity()
+        self.to_out = torch.nn.ModuleList([torch.nn.Linear(dim, dim)])
+        self.processor = None
+
+
+class MiniLayer(torch.nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.qkv, self.out, self.attn2 = heads, torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim), \
+            MiniAttention(dim, heads)
+
+    def forward(self, x, cache, layer, mask):
+        from nasa_video.attention import attend
+
+        q, k, v = (t.unflatten(2, (self.heads, -1)) for t in self.qkv(x).chunk(3, -1))
+        k, v = cache.write(layer, k, v)
+        x = x + self.out(attend(q, k, v, mask).flatten(2))
+        return x + self.attn2.processor(self.attn2, x)
+
+
+class MiniGenerator(torch.nn.Module):
+    """A per-pixel MLP-and-attention generator with none of Wan's modules: every latent pixel is a token, no
+    positional encoding, one linear time embedding. It implements the Generator protocol and nothing more."""
+
+    def __init__(self, in_channels: int = 4, text_dim: int = 32, dim: int = 16, heads: int = 2, num_layers: int = 2,
+                 max_frame_positions: int = 64):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(in_channels=in_channels, out_channels=in_channels, text_dim=text_dim,
+                                      num_layers=num_layers, num_attention_heads=heads, attention_head_dim=dim // heads)
+        self.max_frame_positions = max_frame_positions
+        self.embed, self.time, self.text = (torch.nn.Linear(in_channels, dim), torch.nn.Linear(1, dim),
+                                            torch.nn.Linear(text_dim, dim))
+        self.layers = torch.nn.ModuleList(MiniLayer(dim, heads) for _ in range(num_layers))
+        self.unembed = torch.nn.Linear(dim, in_channels)
+
+    def forward(self, x, t, start_frame=0, kv_cache=None, attn_mask=None, frame_positions=None, prompts=None):
+        b, c, f, h, w = x.shape
+        tokens = self.embed(x.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c))
+        tokens = tokens + self.time((t.float() / 1000).repeat_interleave(h * w, 1)[..., None])
+        kv_cache.place(start_frame, f)
+        mask = kv_cache.key_mask()
+        for i, layer in enumerate(self.layers):
+            tokens = layer(tokens, kv_cache, i, mask)
+        return self.unembed(tokens).reshape(b, f, h, w, c).permute(0, 4, 1, 2, 3)
+
+    def text_kv(self, context):
+        from nasa_video.guidance import text_kv
+
+        projected = self.text(context.to(self.text.weight.dtype))
+        return [text_kv(layer.attn2, projected) for layer in self.layers]
+
+    def set_cross_attention(self, processors):
+        for layer, processor in zip(self.layers, processors, strict=True):
+            layer.attn2.processor = processor
+
+    def set_text(self, text):
+        self.set_cross_attention(text.processors)
+
+    def set_guidance(self, method, alphas=()):
+        from nasa_video.guidance import plain_processors
+
+        self.set_cross_attention(plain_processors(len(self.layers), method, alphas))
+
+    def tokens_per_frame(self, latent_height, latent_width):
+        return latent_height * latent_width
+
+    def new_kv_cache(self, batch, capacity_frames, latent_height, latent_width, rolling=False, sink_frames=0,
+                     dtype=None, device=None):
+        from nasa_video.model.cache import SelfAttentionCache
+
+        c = self.config
+        return SelfAttentionCache(c.num_layers, batch, capacity_frames, self.tokens_per_frame(latent_height, latent_width),
+                                  c.num_attention_heads, c.attention_head_dim, dtype or self.embed.weight.dtype,
+                                  device or self.embed.weight.device, rolling, sink_frames)
+
+
+@pytest.fixture
+def mini(tmp_path):
+    from nasa_video.model import Generator
+
+    def build(section):
+        return MiniGenerator(**section)
+
+    def cast(model, device, dtype):
+        return model.to(device=device, dtype=dtype)
+
+    register_architecture(Architecture("mini", build, cast, description="not Wan (test)"))
+    cfg = OmegaConf.to_container(load_config("tiny"))
+    cfg["name"] = "mini"
+    cfg["generator"] = {"arch": "mini", "in_channels": 4, "text_dim": cfg["generator"]["text_dim"]}
+    path = tmp_path / "mini.yaml"
+    OmegaConf.save(OmegaConf.create(cfg), path)
+    assert isinstance(MiniGenerator(), Generator)
+    yield path
+    ARCHITECTURES.pop("mini")
+
+
+def test_a_generator_with_only_the_protocol_streams_batches_and_benchmarks(mini):
+    """Nothing Wan-specific is needed by the stream, the batch or the benchmark: a generator that implements only
+    the Generator protocol streams with NASA (which acts), makes the same videos in a batch as alone, and is
+    timed by the speed report."""
+    from nasa_video import StreamingGenerator
+    from nasa_video.bench import speed_report
+
+    gen = StreamingGenerator.from_config(str(mini), device="cpu", dtype="fp32", attention_backend="sdpa")
+    assert type(gen.model) is MiniGenerator
+    guided = list(gen.stream(PROMPT, "red circle", 1.0, seed=1))
+    plain = list(gen.stream(PROMPT, "red circle", 0.0, seed=1))
+    assert [c.frames.shape for c in guided] == [(9, 64, 64, 3), (12, 64, 64, 3)]
+    assert any((a.latents - b.latents).abs().max() > 1e-4 for a, b in zip(guided, plain))  # NASA acts
+    specs = [dict(prompt=PROMPT, negative="red circle", scale=1.0, seed=1), dict(prompt=PROMPT, seed=2)]
+    batch = list(gen.stream_batch(specs, decode=False))
+    for block, chunk in enumerate(guided):
+        assert_close_to_scale(batch[block][0].latents, chunk.latents, 1e-5, f"batch vs alone, block {block}")
+    report = speed_report(gen, ["none", "nasa"], repeats=1, flops={"none": 1, "nasa": 1})
+    assert set(report["methods"]) == {"none", "nasa"}

@@ -83,6 +83,7 @@ def test_fused_block_equals_the_old_block(tiny_model, text_cache, name):
                 assert torch.equal(got, want), (name, layer, (got - want).abs().max())
 
 
+@pytest.mark.slow
 def test_compiled_block_equals_the_old_block_once_for_all_layers_and_alphas(tiny_model, text_cache):
     """CPU inductor, fullgraph: every method equals the old eager block to fp32 tolerance; both layers (other
     weights, other text K/V) share one graph per method, and a new alpha (mid-stream) is no new graph."""

@@ -14,10 +14,8 @@ K = 2  # the switch block
 
 
 @pytest.fixture(scope="module")
-def gen():
-    from nasa_video.pipeline import StreamingGenerator
-    return StreamingGenerator.from_config("tiny", device="cpu", dtype="fp32", attention_backend="sdpa",
-                                          overrides={"cache": {"capacity_frames": 12}, "video": {"latent_frames": 12}})
+def gen(make_generator):
+    return make_generator("tiny", {"cache": {"capacity_frames": 12}, "video": {"latent_frames": 12}})
 
 
 _chunks = collect_chunks

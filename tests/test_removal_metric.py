@@ -101,6 +101,7 @@ def test_a_shape_that_changes_identity_midway_is_inconsistent():
     assert score_video(frames, NEGATIVE, OTHERS)["consistent"] == 0.0
 
 
+@pytest.mark.slow
 def test_the_detector_agrees_with_the_ground_truth_on_degraded_renders():
     """Frames like a generator's: shapes a pixel off their path and 10% off their size, blurred, noisy and
     colour-shifted. The agreement stated in the model card (`nasa-video eval detector`)."""

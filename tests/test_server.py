@@ -248,6 +248,7 @@ def test_save_writes_a_clip_the_page_can_fetch(client, server):
     assert len(read_video(files[0])) == done["frames"]
 
 
+@pytest.mark.slow
 def test_viewers_share_the_device_and_only_those_past_the_limit_queue(tiny_generator, tmp_path):
     """max_streams 2: two endless jobs stream at once (one batched forward per step: every forward has both rows);
     the third and fourth queue at positions 1 and 2; the fourth leaves the queue; stopping the first lets the third
@@ -444,6 +445,7 @@ def test_a_loopback_server_refuses_foreign_host_names(server):
         assert local.post("/api/jobs", json={"prompt": "a"}, headers={"origin": "http://localhost:7860"}).status_code == 201
 
 
+@pytest.mark.slow
 def test_save_mid_stream_and_after_holds_every_frame(client, server, monkeypatch):
     import time
 

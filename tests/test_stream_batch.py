@@ -15,10 +15,8 @@ SPECS = [dict(prompt="a fox in a field", negative=[("snow", 1.0), ("blur", 0.5)]
 
 
 @pytest.fixture(scope="module")
-def gen():
-    from nasa_video.pipeline import StreamingGenerator
-    return StreamingGenerator.from_config("tiny", device="cpu", dtype="fp32", attention_backend="sdpa",
-                                          overrides={"cache": {"capacity_frames": 9}, "video": {"latent_frames": 9}})
+def gen(make_generator):
+    return make_generator("tiny", {"cache": {"capacity_frames": 9}, "video": {"latent_frames": 9}})
 
 
 def alone(gen, spec, change=None, at=None, **kwargs):
@@ -154,13 +152,10 @@ def test_batch_refusals_are_one_line(gen):
 
 
 @pytest.fixture(scope="module")
-def rolling_gen():
+def rolling_gen(make_generator):
     """A rolling cache of 2 blocks and a RoPE table of 12 positions: in 6 blocks the batch evicts and re-bases."""
-    from nasa_video.pipeline import StreamingGenerator
-    return StreamingGenerator.from_config("tiny", device="cpu", dtype="fp32", attention_backend="sdpa",
-                                          overrides={"cache": {"capacity_frames": 6, "rolling": True},
-                                                     "generator": {"rope_max_seq_len": 12},
-                                                     "video": {"height": 16, "width": 16}})
+    return make_generator("tiny", {"cache": {"capacity_frames": 6, "rolling": True},
+                                   "generator": {"rope_max_seq_len": 12}, "video": {"height": 16, "width": 16}})
 
 
 def test_a_stream_joins_a_running_batch_and_equals_itself_alone(rolling_gen):

@@ -61,6 +61,7 @@ def test_nasa_t_negatives_are_read_from_the_captions():
     assert object_negatives(0.0, ["blurry"])(captions, np.random.default_rng(0)) == ["blurry"] * 50
 
 
+@pytest.mark.slow
 def test_detector_is_exact_on_rendered_frames():
     rng = np.random.default_rng(1)
     scores = []
@@ -167,6 +168,7 @@ def test_detector_command_prints_agreement(capsys):
     assert 0.0 <= consistent <= 100.0 and consistent_exact == 100.0
 
 
+@pytest.mark.slow
 def test_training_resumes_where_it_stopped(tmp_path, monkeypatch):
     """A run stopped mid-stage (Ctrl-C in the teacher, then again in the student) and run again ends with the same
     weights as one that never stopped: every stage checkpoints its networks, optimiser and random streams."""

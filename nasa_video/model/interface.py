@@ -18,9 +18,14 @@ from ..errors import UserError
 class Generator(Protocol):
     """A block-causal video generator with a self-attention KV cache and guided cross-attention.
 
-    config: in_channels, num_layers, num_attention_heads, attention_head_dim (diffusers-style config).
+    What the block loop, the streams, the trainers and the benchmark call (a generator with only these runs
+    through all of them: tests/test_extensibility.py streams one that is not Wan). config: in_channels,
+    text_dim, num_layers, num_attention_heads, attention_head_dim (diffusers-style names). The cross-attention of
+    every layer is a module with diffusers' Attention names (to_q, to_k, to_v, norm_q, norm_k, to_out, heads)
+    whose `processor` the forward calls as processor(attn, hidden) (guidance.CrossAttentionProcessor).
     Optional: shift_positions(kv_cache, delta), moving a rolling cache's non-sink frames back by delta temporal
-    positions; with it a rolling stream re-bases and never ends, without it the stream stops at max_frame_positions.
+    positions (with it a rolling stream re-bases and never ends, without it the stream stops at
+    max_frame_positions); compile_blocks(enable) and `compiled` (torch.compile of its repeated block).
     """
 
     config: Any
@@ -32,6 +37,9 @@ class Generator(Protocol):
 
     def text_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer cross-attention (K, V) [B, L, H, D] of one prompt's encoder output [B, L, text_dim]."""
+
+    def set_cross_attention(self, processors: Sequence) -> None:
+        """Install one cross-attention processor per layer (what every following forward uses)."""
 
     def set_text(self, text) -> None:
         """Install a TextCache's cross-attention processors (its prompts' K/V and guidance)."""
