@@ -84,18 +84,36 @@ class GuidanceSpec:
 
 
 @dataclass(frozen=True)
+class WeightsSpec:
+    """Where the weights come from; the loaders read their own keys (folder, text_encoder, ...) beside these."""
+
+    source: str  # random, bundled, wan
+    text_max_length: int
+    checkpoint: "str | None" = None
+    wan: "str | None" = None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     video: VideoSpec
     sampling: SamplingSpec
     cache: CacheSpec
     guidance: GuidanceSpec
+    weights: WeightsSpec
+
+    @property
+    def temporal_stride(self) -> int:
+        return self.video.vae_stride[0]
 
 
-def model_spec(cfg: DictConfig) -> ModelSpec:
+def model_spec(cfg) -> ModelSpec:
+    """The typed sections of a model config (a ModelSpec is returned as it is)."""
+    if isinstance(cfg, ModelSpec):
+        return cfg
     return ModelSpec(str(cfg.get("name", "model")), _read(VideoSpec, cfg.video, "video"),
                      _read(SamplingSpec, cfg.sampling, "sampling"), _read(CacheSpec, cfg.cache, "cache"),
-                     _read(GuidanceSpec, cfg.guidance, "guidance"))
+                     _read(GuidanceSpec, cfg.guidance, "guidance"), _read(WeightsSpec, cfg.weights, "weights"))
 
 
 MODEL_SECTIONS = ("generator", "video", "sampling", "cache", "guidance", "weights")

@@ -577,11 +577,11 @@ def method_from_config(cfg, name: str | None = None, **settings) -> Guidance:
     """The guidance method a model config asks for (or `name`), with its own settings from the config's
     guidance.settings.<method> (NAG's tau, blend, sigma_end; VSF's bias), overridden by `settings`. Needs no
     generator: the CLI checks a method and its settings before anything heavy loads."""
-    from omegaconf import OmegaConf
+    from .config import model_spec
 
-    name = str(cfg.guidance.method if name is None else name)
-    section = (cfg.guidance.get("settings") or {}).get(name) or {}
-    configured = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else dict(section)
+    guidance = model_spec(cfg).guidance  # cfg: a model config or its ModelSpec
+    name = str(guidance.method if name is None else name)
+    configured = dict((guidance.settings or {}).get(name) or {})
     return make_guidance(name, **{**configured, **{k: v for k, v in settings.items() if v is not None}})
 
 

@@ -11,19 +11,21 @@ from .model.cache import SelfAttentionCache
 def memory_estimate(cfg: DictConfig, dtype: torch.dtype, negatives: int = 1, kv_caches: int = 1) -> dict[str, int]:
     """Bytes the generator needs: weights, self-attention cache(s), text cache and the largest activations.
     The generator is built on the meta device (nothing allocated) and asked for its sizes."""
+    from .config import model_spec
     from .model.interface import build_from_config
 
+    spec = model_spec(cfg)
     with torch.device("meta"):
         model = build_from_config(cfg)
     g = model.config
     dim = g.num_attention_heads * g.attention_head_dim
-    stride = cfg.video.vae_stride[1]
-    tokens_per_frame = model.tokens_per_frame(cfg.video.height // stride, cfg.video.width // stride)
-    block_tokens = tokens_per_frame * cfg.video.frames_per_block
-    text_tokens = cfg.weights.text_max_length
+    video = spec.video
+    tokens_per_frame = model.tokens_per_frame(video.height // video.vae_stride[1], video.width // video.vae_stride[2])
+    block_tokens = tokens_per_frame * video.frames_per_block
+    text_tokens = spec.weights.text_max_length
     return {
         "weights": sum(p.numel() for p in model.parameters()) * dtype.itemsize,
-        "kv_cache": kv_caches * SelfAttentionCache.nbytes_for(g.num_layers, 1, cfg.cache.capacity_frames,
+        "kv_cache": kv_caches * SelfAttentionCache.nbytes_for(g.num_layers, 1, spec.cache.capacity_frames,
                                                               tokens_per_frame, g.num_attention_heads,
                                                               g.attention_head_dim, dtype),
         # K and V of every prompt, plus with negatives the guidance plan's own tensors (NASA: the alpha-scaled V;

@@ -24,7 +24,7 @@ from .errors import UserError
 from .guidance import Guidance, ScaleSpec, default_scale, make_guidance, method_from_config  # noqa: F401 (re-exported)
 from .loading import build_generator, build_vae_and_text, load_config, resolve_device, resolve_dtype
 from .memory import check_fits
-from .schedule import FlowSchedule, prediction_of
+from .schedule import prediction_of, sampling_schedule
 from .stream import (EMBEDS, LATENT_LIMIT, Stream, StreamBatch, check_embeds, check_prompt,  # noqa: F401 (re-exported)
                      check_seed, embeds_length, negative_embeds_items)
 from .vae import as_codec, resolve_vae_dtype, set_codec_dtype
@@ -60,10 +60,8 @@ class StreamingGenerator:
         self.cfg, self.model, self.vae, self.text = cfg, model, vae, text_encoder
         self.spec = model_spec(cfg)  # the config's sections, typed and read once
         self.device, self.dtype = torch.device(device), dtype
-        sampling = self.spec.sampling
-        self.flow = FlowSchedule(sampling.shift, sampling.num_train_timesteps)
-        self.steps = self.flow.step_list(list(sampling.steps), sampling.warp)
-        self.prediction = prediction_of(cfg)  # what the network outputs
+        self.flow, self.steps = sampling_schedule(self.spec)
+        self.prediction = prediction_of(self.spec)  # what the network outputs
         self.codec = as_codec(vae)
         self.vae_dtype = set_codec_dtype(self.codec, resolve_vae_dtype(vae_dtype, self.device))
         self.overlap_decode = self.device.type == "cuda" if overlap_decode is None else bool(overlap_decode)
@@ -74,7 +72,7 @@ class StreamingGenerator:
             raise UserError(f"VAE has {z_dim} latent channels but the generator takes {model.config.in_channels}")
 
     @classmethod
-    def from_config(cls, model: str = "toy", checkpoint: str | None = None, wan: str | None = None,
+    def from_config(cls, model: "str | DictConfig" = "toy", checkpoint: str | None = None, wan: str | None = None,
                     device: str | None = None, dtype: str | None = None, attention_backend: str = "auto",
                     overrides: dict | None = None, check_memory: bool = True,
                     compile: bool | None = None, vae_dtype: str | None = None,
@@ -84,13 +82,16 @@ class StreamingGenerator:
         (inductor). The first block of each cache length pays the compile: warm up before timing.
         vae_dtype: auto (None) = bf16 on CUDA, fp32 elsewhere; overlap_decode: decode block k while block k + 1
         is denoised (None = on for CUDA)."""
-        cfg = load_config(model, overrides)
+        cfg = model if isinstance(model, DictConfig) else load_config(model, overrides)  # a config read once
+        if isinstance(model, DictConfig) and overrides:
+            raise UserError("give overrides with a config name or path, not with a loaded config")
+        spec = model_spec(cfg)
         device_ = resolve_device(device)
         dtype_ = resolve_dtype(dtype, device_)
         attention.set_backend(attention_backend)
-        checkpoint = checkpoint or cfg.weights.get("checkpoint")
-        if checkpoint is None and cfg.weights.source not in ("random", "bundled"):
-            raise UserError(f"model {cfg.name} needs its generator weights: pass --checkpoint PATH")
+        checkpoint = checkpoint or spec.weights.checkpoint
+        if checkpoint is None and spec.weights.source not in ("random", "bundled"):
+            raise UserError(f"model {spec.name} needs its generator weights: pass --checkpoint PATH")
         if checkpoint is not None and not os.path.exists(checkpoint):
             raise UserError(f"checkpoint not found: {checkpoint}")
         if check_memory:

@@ -19,12 +19,25 @@ MIN_SIGMA = 0.05  # x0-prediction networks: v = (x_t - x0) / sigma, with sigma c
 
 
 def prediction_of(cfg) -> str:
-    """What a model config's network outputs: "velocity" (Wan, CausVid) or "x0" (the bundled model)."""
-    prediction = str(cfg.sampling.get("prediction", "velocity"))
+    """What a model config's (or ModelSpec's) network outputs: "velocity" (Wan, CausVid) or "x0" (the bundled
+    model)."""
+    from .config import model_spec
+
+    prediction = model_spec(cfg).sampling.prediction
     if prediction not in ("velocity", "x0"):
         from .errors import UserError
         raise UserError(f"sampling.prediction must be velocity or x0, got {prediction!r}")
     return prediction
+
+
+def sampling_schedule(cfg) -> tuple["FlowSchedule", list[float]]:
+    """(the flow schedule, the denoising timesteps) of a model config or ModelSpec: the one reading of the
+    sampling section, shared by the sampler and every trainer (a student trains on the steps it samples)."""
+    from .config import model_spec
+
+    sampling = model_spec(cfg).sampling
+    flow = FlowSchedule(sampling.shift, sampling.num_train_timesteps)
+    return flow, flow.step_list(list(sampling.steps), sampling.warp)
 
 
 def output_to_x0(output: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, prediction: str) -> torch.Tensor:

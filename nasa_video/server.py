@@ -316,7 +316,8 @@ class VideoServer:
         self.gen = generator
         self.limits = limits or Limits()
         self.clips_dir = Path(clips_dir)
-        self.model_name = model_name or str(generator.cfg.get("name", ""))
+        spec = generator.spec
+        self.model_name = model_name or spec.name
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nasa-video-device")
         self.queue = DeviceScheduler(self.limits.max_streams)
         self.batch = None  # the running jobs' StreamBatch (made on the device thread)
@@ -324,12 +325,11 @@ class VideoServer:
         self.unclaimed: dict[str, Job] = {}
         self.finished: OrderedDict[str, Job] = OrderedDict()
         self.active: dict[str, Job] = {}
-        cfg = generator.cfg
-        self.fps = int(cfg.video.fps)
-        self.frames_per_block = int(cfg.video.frames_per_block)
-        self.display_scale = int(cfg.video.get("display_scale", 1))
-        self.default_method = str(cfg.guidance.method)
-        self.default_scale = float(cfg.guidance.scale)
+        self.fps = spec.video.fps
+        self.frames_per_block = spec.video.frames_per_block
+        self.display_scale = spec.video.display_scale
+        self.default_method = spec.guidance.method
+        self.default_scale = spec.guidance.scale
         # An endless job runs on a rolling cache, which re-bases its positions when the generator can
         # (shift_positions); otherwise it would stop at the RoPE table, so the advertised limit says that.
         self.max_endless_blocks = self.limits.max_endless_blocks

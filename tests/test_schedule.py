@@ -42,3 +42,19 @@ def test_x0_prediction_is_read_as_x0_and_mixing_outputs_is_prediction_agnostic()
     mixed_x0 = x0_neg + w * (x0_pos - x0_neg)
     torch.testing.assert_close(flow.x0_to_velocity(mixed_x0, x_t, t), v_neg + w * (v_pos - v_neg),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_trainers_and_the_sampler_read_one_step_list():
+    """sampling.warp maps the configured steps through the shifted grid: the sampler and the trainers' student
+    steps come from the same reading of the config (a student trains on the steps it samples)."""
+    from nasa_video.loading import load_config
+    from nasa_video.schedule import sampling_schedule
+    from nasa_video.train.config import ModelSettings
+
+    from .conftest import shared_generator
+
+    overrides = {"sampling": {"warp": True}}
+    cfg = load_config("tiny", overrides)
+    _, steps = sampling_schedule(cfg)
+    assert steps != [float(t) for t in cfg.sampling.steps]  # warped
+    assert list(ModelSettings.of(cfg).student_steps) == steps == shared_generator("tiny", overrides).steps

@@ -62,28 +62,30 @@ def check_arguments(args):
         raise UserError(f"{len(args.negative_weight)} --negative-weight for {len(args.negative)} --negative; "
                         f"give one weight per negative prompt or none")
     cfg = load_config(args.model)
-    latent = int(cfg.video.latent_frames)
-    if args.frames is not None and args.frames > MAX_HOURS * 3600 * int(cfg.video.fps):
-        raise UserError(f"--frames {args.frames} is {args.frames / int(cfg.video.fps) / 86400:,.0f} days of video; "
+    spec = model_spec(cfg)
+    video, cache = spec.video, spec.cache
+    latent = video.latent_frames
+    if args.frames is not None and args.frames > MAX_HOURS * 3600 * video.fps:
+        raise UserError(f"--frames {args.frames} is {args.frames / video.fps / 86400:,.0f} days of video; "
                         f"for a stream that runs until stopped use --rolling without --frames, or ask for at most "
                         f"{MAX_HOURS} hours")
     if args.frames is not None:
-        stride = int(cfg.video.vae_stride[0])
-        latent = latent_frames_for(args.frames, int(cfg.video.frames_per_block), stride)
-        check_cache_holds(latent, int(cfg.cache.capacity_frames), args.rolling or bool(cfg.cache.rolling), stride)
+        stride = spec.temporal_stride
+        latent = latent_frames_for(args.frames, video.frames_per_block, stride)
+        check_cache_holds(latent, cache.capacity_frames, args.rolling or cache.rolling, stride)
     blocks = [block for block, _ in args.prompt_at]
     repeated = sorted({b for b in blocks if blocks.count(b) > 1})
     if repeated:
         raise UserError(f"--prompt-at names block {repeated[0]} more than once: one prompt per block")
-    endless = args.frames is None and (args.rolling or cfg.cache.rolling)
-    total = latent // int(cfg.video.frames_per_block)
+    endless = args.frames is None and (args.rolling or cache.rolling)
+    total = latent // video.frames_per_block
     late = [b for b in blocks if b >= total]
     if late and not endless:
         raise UserError(f"--prompt-at {late[0]}: the video has {total} blocks (0..{total - 1}); "
                         f"use an earlier block or more --frames")
-    if args.wan and str(cfg.weights.get("source", "")) != "wan":
+    if args.wan and spec.weights.source != "wan":
         raise UserError(f"--wan has no effect with --model {args.model}: its VAE and text encoder are "
-                        f"{cfg.weights.get('source', 'its own')}, not Wan's; drop --wan, or use --model causvid")
+                        f"{spec.weights.source}, not Wan's; drop --wan, or use --model causvid")
     if args.guidance == "none" and (args.negative or args.scale is not None):
         given = "--negative" if args.negative else "--scale"
         raise UserError(f"{given} has no effect with --guidance none: drop it, or pick a method "
@@ -92,15 +94,15 @@ def check_arguments(args):
         raise UserError("--recache acts at a prompt switch: add --prompt-at BLOCK:TEXT, or drop --recache")
     check_output_path(args.out, create_parent=args.out == DEFAULT_OUT)
     ffmpeg_exe()
-    return check_guidance(args, cfg, model_spec(cfg))
+    return check_guidance(args, spec), cfg
 
 
-def check_guidance(args, cfg, spec):
+def check_guidance(args, spec):
     """The method, its settings, the scale and the negatives' weights, as the stream will check them, but before
     the generator loads (seconds, not the minute a real model takes)."""
     from ..guidance import default_scale, method_from_config
 
-    method = method_from_config(cfg, args.guidance, **dict(args.guidance_setting))
+    method = method_from_config(spec, args.guidance, **dict(args.guidance_setting))
     if args.scale is not None and not args.negative and method.in_attention:
         raise UserError(f"--scale {args.scale:g} has no effect without a negative prompt ({method.name} steers away "
                         f"from it): add --negative TEXT, or drop --scale")
@@ -119,14 +121,14 @@ def _stop_like_ctrl_c(signum, frame):
 def generate(args) -> int:
     import signal
 
-    method = check_arguments(args)
+    method, cfg = check_arguments(args)  # the model's config, read and checked once
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     from ..pipeline import StreamingGenerator, default_scale
 
     weights = args.negative_weight or [1.0] * len(args.negative)
     negatives = list(zip(args.negative, weights))
     started = time.perf_counter()
-    gen = StreamingGenerator.from_config(args.model, args.checkpoint, args.wan, args.device, args.dtype,
+    gen = StreamingGenerator.from_config(cfg, args.checkpoint, args.wan, args.device, args.dtype,
                                          args.attention, compile=args.compile)
     loaded = time.perf_counter() - started
     result = gen.generate(args.prompt, args.out, negatives, args.scale, method, args.frames, args.seed,
@@ -150,7 +152,7 @@ def generate(args) -> int:
             print("interrupted before the first block finished: nothing written")
         return 130
     print(f"wrote {result.path}: {summary}")
-    if gen.cfg.weights.source == "random":
-        print(f"note: model '{gen.cfg.name}' has RANDOM weights (untrained): the video is noise. "
+    if gen.spec.weights.source == "random":
+        print(f"note: model '{gen.spec.name}' has RANDOM weights (untrained): the video is noise. "
               f"Pass --model causvid --checkpoint ... for the real model.")
     return 0

@@ -31,7 +31,7 @@ from ..model.cache import PromptEmbeddings, TextCache
 from ..model.causal_wan import teacher_forcing_mask
 from ..guidance import NASA, NoGuidance
 from ..model.interface import build_from_config
-from ..schedule import FlowSchedule, output_to_velocity, prediction_of
+from ..schedule import FlowSchedule, output_to_velocity, prediction_of, sampling_schedule
 from .detect import agreement, detect
 from .text import load_toy_text_encoder, new_toy_text_encoder, save_toy_text_encoder
 from .world import degrade, render, sample_scene, visibility
@@ -150,7 +150,7 @@ def new_generator(model_cfg, seed):
 
 
 def train_teacher(model_cfg, tc, latents, captions, text, rng, log, checkpoint: Path | None = None):
-    flow = FlowSchedule(float(model_cfg.sampling.shift))
+    flow, _ = sampling_schedule(model_cfg)
     device = text.device
     model = new_generator(model_cfg, tc.seed + 2).to(device).train()
     text.encoder.train().requires_grad_(True)
@@ -228,8 +228,8 @@ def train_student(teacher, text, model_cfg, tc, latents, captions, log, checkpoi
     in its cross-attention (Z+ - alpha Z-, alpha drawn per step) with the caption as the positive and one of its
     objects as the negative, and regresses the same scene rendered without that object (removals: make_removals).
     DMD's NASA-T learns the same thing from a teacher's scores; this world has the answer itself."""
-    flow = FlowSchedule(float(model_cfg.sampling.shift))
-    steps = torch.tensor(list(model_cfg.sampling.steps), dtype=torch.float32)
+    flow, steps = sampling_schedule(model_cfg)  # the steps it samples (warped when the config says so)
+    steps = torch.tensor(steps, dtype=torch.float32)
     device = text.device
     student = copy.deepcopy(teacher).to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=tc.student.lr, weight_decay=0.01)

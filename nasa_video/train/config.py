@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..schedule import FlowSchedule, prediction_of
+from ..schedule import FlowSchedule, prediction_of, sampling_schedule
 
 
 def generator_kwargs(model_cfg) -> dict:
@@ -37,14 +37,14 @@ class ModelSettings:
         from ..config import model_spec  # the model config's typed sections, as the pipeline reads them
 
         spec = model_spec(model_cfg)
-        sampling, video = spec.sampling, spec.video
-        flow = FlowSchedule(sampling.shift, sampling.num_train_timesteps)
-        return cls(flow=flow, student_steps=tuple(flow.step_list(list(sampling.steps), sampling.warp)),
-                   prediction=prediction_of(model_cfg), frames_per_block=video.frames_per_block,
+        video = spec.video
+        flow, steps = sampling_schedule(spec)
+        return cls(flow=flow, student_steps=tuple(steps), prediction=prediction_of(spec),
+                   frames_per_block=video.frames_per_block,
                    latent_frames=video.latent_frames,
                    latent_hw=(video.height // video.vae_stride[1], video.width // video.vae_stride[2]),
                    generator=generator_kwargs(model_cfg),
-                   text_max_length=int(model_cfg.weights.get("text_max_length", 512)))
+                   text_max_length=spec.weights.text_max_length)
 
 
 def settings_from(cls, values, section: str):
