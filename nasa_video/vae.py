@@ -122,12 +122,6 @@ def streaming_decoder(vae) -> BlockDecoder:
     return as_codec(vae).streaming_decoder()
 
 
-def codec_strides(vae) -> tuple[int, int, int]:
-    """(temporal stride, spatial stride, latent channels)."""
-    codec = as_codec(vae)
-    return codec.temporal_stride, codec.spatial_stride, codec.z_dim
-
-
 def one_shot_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Reference: the codec's whole-video decode, for checking the streaming decoder."""
     with torch.no_grad():

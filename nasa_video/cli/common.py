@@ -215,10 +215,3 @@ def json_path(text: str) -> str:
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise argparse.ArgumentTypeError(f"cannot write {text}: not writable")
     return text
-
-
-def check_model(name: str) -> None:
-    """A bundled model name or an existing YAML, checked without loading anything heavy."""
-    from ..loading import load_config
-
-    load_config(name)  # omegaconf only; a one-line UserError names the choices

@@ -73,11 +73,6 @@ def match_shape(mask: np.ndarray) -> tuple[str | None, float]:
     return (best if best_iou >= MIN_IOU else None), best_iou
 
 
-def classify(mask: np.ndarray) -> str | None:
-    """Shape of one region's mask [H, W], or None when it is too small or matches no shape."""
-    return match_shape(mask)[0] if mask.sum() >= MIN_AREA else None
-
-
 def connected_regions(mask: np.ndarray) -> np.ndarray:
     """int labels [..., H, W] of the 8-connected regions of a bool mask [..., H, W] (0 = not in the mask):
     each pixel takes the smallest index in its region, spread by repeated 3x3 minimum filters."""
