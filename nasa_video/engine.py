@@ -38,7 +38,8 @@ import torch
 
 from .config import check_cache_holds
 from .errors import UserError
-from .guidance import CrossAttentionProcessor, GuidanceSetting, NoGuidance, RowsGuidance, RowsText
+from .guidance import NoGuidance, RowsGuidance, RowsText
+from .model.cross_attention import CrossAttentionProcessor, GuidanceSetting
 from .vae import OverlappedDecoder, decode_now
 
 _PLAIN = NoGuidance()

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import torch
 
 from .errors import UserError
-from .guidance import (METHODS, CrossAttentionProcessor, GuidanceSetting, ScaleSchedule, make_guidance, merge_text_kv,
-                       parse_negatives, real_length)
+from .guidance import METHODS, ScaleSchedule, make_guidance, merge_text_kv, parse_negatives, real_length
+from .model.cross_attention import CrossAttentionProcessor, GuidanceSetting
 
 
 def find_generator(pipeline) -> torch.nn.Module:

@@ -237,7 +237,7 @@ class MiniGenerator(torch.nn.Module):
         return self.unembed(tokens).reshape(b, f, h, w, c).permute(0, 4, 1, 2, 3)
 
     def text_kv(self, context):
-        from nasa_video.guidance import text_kv
+        from nasa_video.model.cross_attention import text_kv
 
         projected = self.text(context.to(self.text.weight.dtype))
         return [text_kv(layer.attn2, projected) for layer in self.layers]
@@ -250,7 +250,7 @@ class MiniGenerator(torch.nn.Module):
         self.set_cross_attention(text.processors)
 
     def set_guidance(self, method, alphas=()):
-        from nasa_video.guidance import plain_processors
+        from nasa_video.model.cross_attention import plain_processors
 
         self.set_cross_attention(plain_processors(len(self.layers), method, alphas))
 

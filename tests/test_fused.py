@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nasa_video.guidance import NAG, NASA, VSF, CrossAttentionProcessor, GuidanceSetting, NoGuidance, TextKV
+from nasa_video.guidance import NAG, NASA, VSF, NoGuidance, TextKV
+from nasa_video.model.cross_attention import CrossAttentionProcessor, GuidanceSetting
 from nasa_video.model.causal_wan import CausalWanBlock
 
 from . import reference_block as ref

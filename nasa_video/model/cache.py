@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from ..guidance import CrossAttentionProcessor, Guidance, GuidanceSetting, NoGuidance, TextKV, merge_text_kv
+from ..guidance import Guidance, NoGuidance, TextKV, merge_text_kv
+from .cross_attention import CrossAttentionProcessor, GuidanceSetting
 
 
 @dataclass
@@ -186,7 +187,7 @@ class SelfAttentionCache:
 
 class TextCache:
     """Per-layer cross-attention K/V of the positive prompt and of each weighted negative prompt, held by one
-    cross-attention processor per layer (guidance.CrossAttentionProcessor; generator.set_text installs them).
+    cross-attention processor per layer (model.cross_attention.CrossAttentionProcessor; generator.set_text installs them).
 
     Built once per video. set_negatives() recomputes only the negative K/V (the positive is kept), so a
     running stream can change its negative prompt between blocks. guide() sets the method and the alphas

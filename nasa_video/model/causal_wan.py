@@ -5,7 +5,7 @@ original-Wan key converter all apply); only the forward differs:
   - timesteps per latent frame, t [B, F], so modulation is per frame;
   - RoPE temporal positions start at the block's first frame;
   - self-attention reads and writes a SelfAttentionCache (or takes a mask, for the full block-causal forward);
-  - cross-attention is each block's attn2 processor (guidance.CrossAttentionProcessor), installed from a
+  - cross-attention is each block's attn2 processor (model.cross_attention.CrossAttentionProcessor), installed from a
     TextCache: it holds the prompts' K/V and the guidance method (NASA lives there).
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
 from ..attention import attend
-from ..guidance import CrossAttentionProcessor, Guidance, NoGuidance, plain_processors, text_kv
+from ..guidance import Guidance, NoGuidance
 from .cache import PromptEmbeddings, SelfAttentionCache
+from .cross_attention import CrossAttentionProcessor, plain_processors, text_kv
 from .interface import Architecture, register_architecture
 
 
@@ -159,7 +160,7 @@ def teacher_forcing_mask(num_frames: int, frames_per_block: int, tokens_per_fram
 class CausalWanBlock(WanTransformerBlock):
     """diffusers' Wan block (same parameters and keys) with the block-causal forward. Each block's compute is
     its own forward(), so FSDP's per-block hooks and activation checkpointing wrap it as usual. Cross-attention
-    is its attn2's processor (a guidance.CrossAttentionProcessor: the text K/V and the guidance method).
+    is its attn2's processor (a cross_attention.CrossAttentionProcessor: the text K/V and the guidance method).
 
     The forward is written for few kernels and for torch.compile (CausalWanTransformer.compile_blocks): one
     compiled code serves every layer (the arguments carry no layer index), norms and modulation stay in fp32 as
@@ -321,7 +322,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         """Predict the flow v for latent frames x [B, C, F, H, W] at per-frame timesteps t [B, F].
 
         Cross-attention runs the installed processors (set_text: a TextCache's prompts and guidance; see
-        guidance.CrossAttentionProcessor). kv_cache: streaming; this block's K/V go into the cache and the block
+        model.cross_attention.CrossAttentionProcessor). kv_cache: streaming; this block's K/V go into the cache and the block
         attends to the cached window. attn_mask: the full (teacher-forcing) forward over all frames at once, no
         cache. frame_positions: temporal RoPE position of each frame (default start_frame, start_frame + 1, ...);
         training uses it to put a clean copy and a noisy copy of the same frames side by side.

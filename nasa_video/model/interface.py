@@ -22,7 +22,7 @@ class Generator(Protocol):
     through all of them: tests/test_extensibility.py streams one that is not Wan). config: in_channels,
     text_dim, num_layers, num_attention_heads, attention_head_dim (diffusers-style names). The cross-attention of
     every layer is a module with diffusers' Attention names (to_q, to_k, to_v, norm_q, norm_k, to_out, heads)
-    whose `processor` the forward calls as processor(attn, hidden) (guidance.CrossAttentionProcessor).
+    whose `processor` the forward calls as processor(attn, hidden) (model.cross_attention.CrossAttentionProcessor).
     Optional: shift_positions(kv_cache, delta), moving a rolling cache's non-sink frames back by delta temporal
     positions (with it a rolling stream re-bases and never ends, without it the stream stops at
     max_frame_positions); compile_blocks(enable) and `compiled` (torch.compile of its repeated block).
