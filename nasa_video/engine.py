@@ -358,7 +358,7 @@ class BlockEngine:
         if self.kv_cache is None:
             self._start_cache()
         videos = list(self.videos.values())
-        due = [i for i, v in enumerate(videos) if v.stream._apply_pending()]
+        due = [i for i, v in enumerate(videos) if v.stream._before_block(self.block - v.joined)]
         recache_seconds = self._recache(due) if due and self.held else 0.0
         for i in due:
             videos[i].stream.recaches.append((self.block - videos[i].joined, recache_seconds))

@@ -25,8 +25,9 @@ from .guidance import Guidance, ScaleSpec, default_scale, make_guidance, method_
 from .loading import build_generator, build_vae_and_text, load_config, resolve_device, resolve_dtype
 from .memory import check_fits
 from .schedule import prediction_of, sampling_schedule
-from .stream import (EMBEDS, LATENT_LIMIT, Stream, StreamBatch, check_embeds, check_prompt,  # noqa: F401 (re-exported)
-                     check_seed, embeds_length, negative_embeds_items)
+from .request import (EMBEDS, LATENT_LIMIT, Negative, VideoRequest, check_embeds,  # noqa: F401 (re-exported)
+                      check_prompt, check_seed, embeds_length, negative_embeds_items)
+from .stream import Stream, StreamBatch
 from .vae import as_codec, resolve_vae_dtype, set_codec_dtype
 
 
@@ -119,23 +120,34 @@ class StreamingGenerator:
         return bool(getattr(self.model, "compiled", False))
 
     # ---- the stream -------------------------------------------------------------------------------------
-    def stream(self, prompt: str | None, negative=None, scale: ScaleSpec | None = None,
+    def stream(self, prompt: str | VideoRequest | None, negative=None, scale: ScaleSpec | None = None,
                guidance: str | Guidance | None = None, frames: int | None = None, seed: int | None = None,
                rolling: bool | None = None, decode: bool = True, *, prompt_embeds: torch.Tensor | None = None,
                negative_prompt_embeds=None, latents=None, generator: torch.Generator | None = None,
+               prompt_at: dict[int, str] | None = None, recache: bool = False,
                overlap_decode: bool | None = None) -> Stream:
         """An iterator of FrameChunk, one per block. frames=None: the config's length (unbounded if rolling).
+        prompt may be a request.VideoRequest holding every per-video argument (then give none of them here).
 
         Research inputs (diffusers' names): prompt_embeds [1, L, text_dim] instead of the prompt's text (the text
         encoder's output; prompt may then be None or a label); negative_prompt_embeds: a tensor, a list of tensors
         or of (tensor, weight) pairs, added to the text negatives; latents: the initial noise of every block, a
         tensor [1, C, F, h, w] covering the video (block i takes frames [i*fpb, (i+1)*fpb)) or a list of per-block
         tensors [1, C, fpb, h, w]; generator: a torch.Generator on the device for all random draws instead of
-        `seed` (with latents, it draws only the re-noising and context noise). decode=False: no VAE; each
-        FrameChunk still carries its latents."""
-        return Stream(self, prompt, negative, scale, guidance, frames, seed, rolling, decode,
-                      prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, latents=latents,
-                      generator=generator, overlap_decode=overlap_decode)
+        `seed` (with latents, it draws only the re-noising and context noise). prompt_at: {block: prompt}
+        switches the positive prompt from that block on (set_prompt), re-caching the window at each switch when
+        recache. decode=False: no VAE; each FrameChunk still carries its latents."""
+        given = dict(negative=negative, scale=scale, method=guidance, frames=frames, seed=seed, rolling=rolling,
+                     prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, latents=latents,
+                     generator=generator, prompt_at=prompt_at)
+        if isinstance(prompt, VideoRequest):
+            extra = sorted(k for k, v in given.items() if v is not None) + (["recache"] if recache else [])
+            if extra:
+                raise UserError(f"a VideoRequest holds every per-video argument: set {extra[0]} on it, not here")
+            request = prompt
+        else:
+            request = VideoRequest(prompt=prompt, recache=recache, **given)
+        return Stream(self, request, decode, overlap_decode)
 
     def stream_batch(self, specs, guidance: str | Guidance | None = None, frames: int | None = None,
                      rolling: bool | None = None, decode: bool = True, overlap_decode: bool = False) -> StreamBatch:
@@ -164,8 +176,8 @@ class StreamingGenerator:
 
         writer = Mp4Writer(out, fps=self.spec.video.fps)
         zoom = self.spec.video.display_scale  # small models' frames, enlarged for viewing
-        stream = self.stream(prompt, negative, scale, guidance, frames, seed, rolling, **inputs)
-        switches = _check_prompt_at(prompt_at, stream)
+        stream = self.stream(prompt, negative, scale, guidance, frames, seed, rolling, prompt_at=prompt_at,
+                             recache=recache, **inputs)  # the stream switches its prompt at each prompt_at block
         bar = tqdm(total=getattr(stream, "num_blocks", None), unit="block", disable=not progress, desc="generating")
         start, first, written, blocks = time.perf_counter(), 0.0, 0, 0
         recache_seconds, recaches = 0.0, 0
@@ -177,8 +189,6 @@ class StreamingGenerator:
                 blocks += 1
                 recache_seconds += chunk.recache_seconds
                 recaches += chunk.recache_seconds > 0
-                if chunk.block + 1 in switches:
-                    stream.set_prompt(switches[chunk.block + 1], recache=recache)
                 if blocks == 1:
                     first = time.perf_counter() - start
                 bar.update(1)
@@ -209,8 +219,8 @@ class StreamingGenerator:
         from .video_io import check_output_path
 
         check_output_path(out, suffix=".safetensors")  # before the video, not after it
-        stream = self.stream(prompt, negative, scale, guidance, frames, seed, rolling, decode=False, **inputs)
-        switches = _check_prompt_at(prompt_at, stream)
+        stream = self.stream(prompt, negative, scale, guidance, frames, seed, rolling, decode=False,
+                             prompt_at=prompt_at, recache=recache, **inputs)
         start, first, latents, recache_seconds, recaches = time.perf_counter(), 0.0, [], 0.0, 0
         for chunk in stream:
             latents.append(chunk.latents)
@@ -218,28 +228,10 @@ class StreamingGenerator:
                 first = time.perf_counter() - start
             recache_seconds += chunk.recache_seconds
             recaches += chunk.recache_seconds > 0
-            if chunk.block + 1 in switches:
-                stream.set_prompt(switches[chunk.block + 1], recache=recache)
         video = torch.cat(latents, dim=2).contiguous()
         tmp = f"{out}.partial"
-        save_file({"latents": video}, tmp, metadata={"prompt": str(prompt), "seed": str(stream.seed),
+        save_file({"latents": video}, tmp, metadata={"prompt": stream.prompt, "seed": str(stream.seed),
                                                      "frames_per_block": str(stream.fpb)})
         os.replace(tmp, out)
         return GenerationResult(str(out), video.shape[2], len(latents), time.perf_counter() - start, first, False,
                                 recache_seconds, recaches)
-
-
-def _check_prompt_at(prompt_at, stream) -> dict[int, str]:
-    """{block: prompt} checked against the stream: blocks >= 1 (block 0 is the prompt) and inside the video."""
-    switches = dict(prompt_at or {})
-    for block, text in switches.items():
-        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-            raise UserError(f"--prompt-at {block}: the block must be a whole number >= 1 (block 0 is --prompt)")
-        if stream.num_blocks is not None and block >= stream.num_blocks:
-            raise UserError(f"--prompt-at {block}: the video has {stream.num_blocks} blocks (0..{stream.num_blocks - 1})")
-        check_prompt(text, f"prompt at block {block}")
-        stream.gen.text.check_readable(text, f"prompt at block {block}")
-        stream.gen.text.encode(text)  # over the token limit: one line now, not a partial video at that block
-    return switches
-
-

@@ -9,70 +9,14 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .config import SEED_LIMIT, latent_frames_for, pixel_frames
 from .engine import BlockEngine, FrameChunk
 from .errors import UserError
-from .guidance import Guidance, NoGuidance, ScaleSchedule, ScaleSpec, default_scale, method_from_config, parse_negatives
+from .guidance import Guidance, NoGuidance, ScaleSchedule, ScaleSpec, method_from_config, parse_negatives
 from .model.cache import TextCache
+from .request import (EMBEDS, Negative, ResolvedRequest, VideoRequest, _text_length, check_embeds,  # noqa: F401
+                      check_negatives, check_prompt, embeds_length, negative_embeds_items)
 
 _PLAIN = NoGuidance()
-
-
-def check_prompt(prompt, what: str = "prompt") -> None:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise UserError(f"the {what} is empty: give some text")
-
-
-def check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise UserError(f"--seed {seed} is out of range: use a whole number in [0, 2^63)")
-
-
-EMBEDS = "<prompt_embeds>"
-
-
-def check_embeds(embeds, text_dim: int, what: str = "prompt_embeds", length: int | None = None) -> torch.Tensor:
-    """A text encoder output [1, L, text_dim] (as TextEncoder.encode returns it), checked and made float32.
-    length: the encoder's own L; the prompt and every negative share one text cache, so all must have it."""
-    if not isinstance(embeds, torch.Tensor):
-        raise UserError(f"{what} must be a tensor [1, L, {text_dim}], not {type(embeds).__name__}")
-    if embeds.dim() != 3 or embeds.shape[0] != 1 or embeds.shape[2] != text_dim or embeds.shape[1] == 0:
-        raise UserError(f"{what} has shape {list(embeds.shape)}; the text encoder's output is [1, L, {text_dim}]")
-    if not torch.isfinite(embeds).all():
-        raise UserError(f"{what} holds NaN or infinite values")
-    if length is not None and embeds.shape[1] != length:
-        raise UserError(f"{what} has {embeds.shape[1]} tokens; this model's text encoder gives {length} (its padding "
-                        f"rows zero): pad it with zero rows to {length}, as the encoder does")
-    return embeds.detach().float()
-
-
-def embeds_length(embeds: torch.Tensor) -> int:
-    """Real token count of an encoder output whose padding rows are zero (Wan's convention): last non-zero row + 1."""
-    rows = embeds[0].abs().sum(-1).nonzero()
-    return int(rows[-1]) + 1 if len(rows) else embeds.shape[1]
-
-
-def negative_embeds_items(embeds, text_dim: int, length: int | None = None) -> list[tuple[str, float, torch.Tensor]]:
-    """negative_prompt_embeds: a tensor, a list of tensors, or a list of (tensor, weight) -> [(label, weight, tensor)]."""
-    if embeds is None:
-        return []
-    if isinstance(embeds, torch.Tensor):
-        embeds = [embeds]
-    items = []
-    for i, item in enumerate(embeds):
-        tensor, weight = item if isinstance(item, (tuple, list)) else (item, 1.0)
-        items.append((f"<negative_prompt_embeds {i}>", float(weight),
-                      check_embeds(tensor, text_dim, f"negative_prompt_embeds[{i}]", length)))
-    return items
-
-
-LATENT_LIMIT = 1e4  # initial noise is N(0, 1); a value this size is a mistake (unnormalised latents, a wrong tensor)
-
-
-def _text_length(gen) -> int | None:
-    """The token count the generator's text encoder gives every prompt (None when it does not say)."""
-    length = getattr(getattr(gen, "text", None), "max_length", None)
-    return int(length) if isinstance(length, int) else None
 
 
 class Stream:
@@ -80,91 +24,39 @@ class Stream:
     compose: only the changed text K/V are rebuilt, the self-attention cache (the video so far) is kept, unless
     set_prompt(..., recache=True) asks to recompute it under the new prompt."""
 
-    def __init__(self, gen, prompt, negative, scale, guidance, frames, seed, rolling, decode,
-                 prompt_embeds=None, negative_prompt_embeds=None, latents=None, generator=None,
+    def __init__(self, gen, request: VideoRequest | ResolvedRequest, decode: bool = True,
                  overlap_decode: bool | None = None):
-        cfg, spec = gen.cfg, gen.spec
-        text_dim = gen.model.config.text_dim
-        if prompt_embeds is None:
-            check_prompt(prompt)
-        else:
-            prompt_embeds = check_embeds(prompt_embeds, text_dim, length=_text_length(gen)).to(gen.device)
-        if generator is None:
-            seed = 0 if seed is None else seed
-            check_seed(seed)
-        elif seed is not None:  # one of them would be ignored
-            raise UserError("give seed or generator, not both: the generator draws all the noise, so seed would be "
-                            "ignored")
-        elif not isinstance(generator, torch.Generator) or generator.device.type != gen.device.type:
-            raise UserError(f"generator must be a torch.Generator on {gen.device.type} (the stream's device)")
+        """request: what to make (request.VideoRequest; checked here, once, unless already resolved)."""
+        resolved = request if isinstance(request, ResolvedRequest) else request.resolve(gen)
+        spec = gen.spec
         self.gen, self.decode = gen, decode
         self.ended = False  # set when every block is made
         # Overlapped, a negative set after chunk k (k >= 1) applies from block k + 2: block k + 1 is already made.
         self.overlap_decode = gen.overlap_decode if overlap_decode is None else bool(overlap_decode)
         self.fpb = spec.video.frames_per_block
-        self.rolling = spec.cache.rolling if rolling is None else rolling
-        if frames is None:
-            self.latent_total = None if self.rolling else spec.video.latent_frames
-        else:
-            self.latent_total = latent_frames_for(int(frames), self.fpb, gen.temporal_stride)
+        self.rolling, self.endless, self.latent_total = resolved.rolling, resolved.endless, resolved.latent_total
         self.max_latent_frames = gen.model.max_frame_positions  # temporal positions the generator can encode
-        # A rolling stream re-bases its positions (engine.rebase_positions) and never runs out; a fixed cache cannot.
-        self.endless = self.rolling and hasattr(gen.model, "shift_positions")
         self.rebases: deque[int] = deque(maxlen=1024)  # the latest blocks before which positions were re-based
-        if self.latent_total is not None and self.latent_total > self.max_latent_frames and not self.endless:
-            most = pixel_frames(self.max_latent_frames // self.fpb * self.fpb, gen.temporal_stride)
-            raise UserError(f"{pixel_frames(self.latent_total, gen.temporal_stride)} frames need {self.latent_total} "
-                            f"latent frames but {cfg.name} encodes positions for {self.max_latent_frames}; "
-                            f"ask for at most {most} frames")
-        self.guidance = guidance if isinstance(guidance, Guidance) else method_from_config(cfg, guidance)
+        self.guidance = resolved.method
         self.uncond_cache: TextCache | None = None  # CFG: the negative (or empty) prompt as its own context
         # CFG always refreshes both caches with their own contexts; attention methods follow the config.
         in_cache = spec.guidance.in_cache_pass or not self.guidance.in_attention
         self.cache_pass_guidance = self.guidance if in_cache else _PLAIN
-        self.seed, self.generator = seed, generator
-        self.latent_hw = (spec.video.height // gen.spatial_stride, spec.video.width // gen.spatial_stride)
-        self.latents = self._check_latents(latents)
-        if prompt_embeds is None:
-            gen.text.check_readable(prompt)
-            prompt_embeds = gen.text.encode(prompt)
-        self.prompt = prompt if isinstance(prompt, str) and prompt.strip() else EMBEDS
+        self.seed, self.generator = resolved.seed, resolved.generator
+        self.latent_hw, self.latents = resolved.latent_hw, resolved.latents
+        self.prompt = resolved.prompt
         with torch.no_grad():
-            self.text_cache = TextCache(gen.model, prompt_embeds)
-        self._pending: tuple | None = None
+            self.text_cache = TextCache(gen.model, resolved.prompt_embeds)
         self._pending_prompt: tuple | None = None
         self.negatives: list[tuple[str, float]] = []
-        self._negative_items: list[tuple] = []  # (label, weight, embeddings or None for text)
+        self._negative_items: list[Negative] = []
         self._negative_key: list = []
-        self.schedule = ScaleSchedule(default_scale(spec, self.guidance))
-        self.set_negative(negative, default_scale(spec, self.guidance) if scale is None else scale,
-                          negative_prompt_embeds)
+        self.schedule = resolved.schedule
+        self._pending: tuple | None = (resolved.negatives, resolved.schedule)
         self._apply_pending()
+        self.switches, self.recache_at_switch = resolved.switches, resolved.recache  # the prompt schedule
         self._engine: BlockEngine | None = None  # the block loop running this video alone (set by iteration)
         self.recaches: list[tuple[int, float]] = []  # (block, seconds) of each re-cache done
-
-    def _check_latents(self, latents):
-        """latents: None, a tensor [1, C, F, h, w], or a list of per-block tensors [1, C, fpb, h, w]."""
-        if latents is None:
-            return None
-        channels, (h, w) = self.gen.model.config.in_channels, self.latent_hw
-        blocks = [latents] if isinstance(latents, torch.Tensor) else list(latents)
-        for i, item in enumerate(blocks):
-            frames = self.fpb if not isinstance(latents, torch.Tensor) else None
-            if (not isinstance(item, torch.Tensor) or item.dim() != 5 or item.shape[0] != 1
-                    or tuple(item.shape[1:2]) + tuple(item.shape[3:]) != (channels, h, w)
-                    or (frames is not None and item.shape[2] != frames)):
-                shape = list(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
-                want = f"[1, {channels}, {frames or 'F'}, {h}, {w}]"
-                raise UserError(f"latents{'' if frames is None else f'[{i}]'} has shape {shape}; this model's "
-                                f"initial noise is {want}")
-            if not torch.isfinite(item).all() or item.abs().max() > LATENT_LIMIT:
-                raise UserError(f"latents{'' if frames is None else f'[{i}]'} hold NaN, infinite or huge values; "
-                                f"they are the initial noise, about N(0, 1) (at most {LATENT_LIMIT:g} in size)")
-        covered = blocks[0].shape[2] // self.fpb if isinstance(latents, torch.Tensor) else len(blocks)
-        if self.latent_total is not None and covered < self.num_blocks:
-            raise UserError(f"latents cover {covered} blocks but the video has {self.num_blocks}: give "
-                            f"{self.latent_total} latent frames")
-        return latents
 
     def _initial_noise(self, block: int, shape, rng: torch.Generator) -> torch.Tensor:
         device = self.gen.device
@@ -208,25 +100,25 @@ class Stream:
         """Replace the negative prompt(s) (str, list of str, or (text, weight) pairs, and/or negative_prompt_embeds:
         a tensor [1, L, text_dim], a list of them or of (tensor, weight) pairs) from the next block."""
         self._check_running("set_negative")
-        items = [(t, w, None) for t, w in parse_negatives(negative)]
+        items = [Negative(t, w) for t, w in parse_negatives(negative)]
         items += negative_embeds_items(negative_prompt_embeds, self.gen.model.config.text_dim, _text_length(self.gen))
         self._queue_negatives(items, scale)
 
-    def _queue_negatives(self, items: list[tuple], scale: ScaleSpec | None) -> None:
-        self.guidance.check_negatives(len(items))
+    def _queue_negatives(self, items: list[Negative], scale: ScaleSpec | None) -> None:
         schedule = self.schedule if scale is None else ScaleSchedule(scale)
-        for value in schedule.values():
-            self.guidance.check_scale(value)
-        self.guidance.check_weights([weight for _, weight, _ in items], schedule.values())
-        for text, weight, embeds in items:
-            if embeds is None:
-                self.gen.text.check_readable(text, "negative prompt")
-                self.gen.text.encode(text)  # fail now (e.g. too many tokens), not in the middle of a block
+        check_negatives(self.gen, self.guidance, items, schedule)  # now, not in the middle of a block
         self._pending = (items, schedule)
 
     def set_scale(self, scale: ScaleSpec) -> None:
         self._check_running("set_scale")
         self._queue_negatives(self._negative_items if self._pending is None else self._pending[0], scale)
+
+    def _before_block(self, block: int) -> bool:
+        """Between blocks (block: the next one, counted from this video's start): the prompt schedule's switch
+        for it, then the queued changes. True when a re-cache is due before it."""
+        if block in self.switches:
+            self.set_prompt(self.switches[block], recache=self.recache_at_switch)
+        return self._apply_pending()
 
     def _apply_pending(self) -> bool:
         """Apply the queued changes; True when a re-cache is due before the next block."""
@@ -288,10 +180,6 @@ class Stream:
                             f"start a new stream")
 
 
-SPEC_KEYS = {"prompt", "negative", "scale", "seed", "prompt_embeds", "negative_prompt_embeds", "latents", "generator",
-             "frames", "method"}
-
-
 class StreamBatch:
     """Several streams, one batched forward per step. Iterate: one dict {name: FrameChunk} per block (step() makes
     one block), until every stream has made its last block.
@@ -301,9 +189,10 @@ class StreamBatch:
     is one fused launch for the whole batch). What stays per stream: its Stream object (text cache, scale
     schedule, pending changes, random generator, initial noise) and its VAE decoder.
 
-    specs: one dict per stream with Stream's per-video arguments (prompt, negative, scale, seed, prompt_embeds,
-    negative_prompt_embeds, latents, generator, frames: its own length, default the batch's; method: any
-    registered method, default the batch's) and an optional name (default: its index). Change a stream between
+    specs: one request per stream, a request.VideoRequest or a dict of its fields (prompt, negative, scale, seed,
+    prompt_embeds, negative_prompt_embeds, latents, generator, prompt_at, recache; frames: its own length, default
+    the batch's; method: any registered method, default the batch's), a dict with an optional name (default: its
+    index). Change a stream between
     blocks with batch[name].set_prompt / set_negative / set_scale (from the next block); remove(name) drops it
     (its cache rows go) and add(spec) adds one, both from the next block; a join mid-run needs a rolling cache
     without sink frames (engine module docstring). A chunk's block and first_frame count from the stream's own
@@ -346,26 +235,22 @@ class StreamBatch:
         without sink frames."""
         return self.engine.accepts_joins
 
-    def add(self, spec: dict, name=None):
+    def add(self, spec: dict | VideoRequest, name=None):
         """A new stream, from the next block. Returns its name. Bad arguments raise UserError now, not mid-block."""
-        spec = dict(spec)
-        name = spec.pop("name", self._count if name is None else name)
+        fields = dict(vars(spec)) if isinstance(spec, VideoRequest) else dict(spec)
+        name = fields.pop("name", self._count if name is None else name)
         if isinstance(name, bool) or not isinstance(name, (str, int)):
             raise UserError(f"a stream's name is a string or a number, not {type(name).__name__} ({name!r:.40})")
         if name in self.engine.videos or name in self.engine._joining:
             raise UserError(f"two streams are named {name!r}")
-        unknown = set(spec) - SPEC_KEYS
-        if unknown:
-            raise UserError(f"stream {name!r}: unknown argument {sorted(unknown)[0]!r}")
+        if fields.get("rolling") is not None and bool(fields["rolling"]) != self.rolling:
+            raise UserError(f"stream {name!r}: the batch's streams share one cache; set rolling on the batch")
+        request = VideoRequest.from_spec(fields, f"stream {name!r}", method=self.method, frames=self.frames)
         if not self.accepts_joins:
             raise UserError("a stream can join a running batch only on a rolling cache without sink frames "
                             "(rolling=True, cache.sink_frames: 0); start another batch for it")
-        method = self.method if spec.get("method") is None else method_from_config(self.gen.cfg, spec["method"])
-        stream = Stream(self.gen, spec.get("prompt"), spec.get("negative"), spec.get("scale"), method,
-                        spec.get("frames", self.frames), spec.get("seed", 0), self.rolling, self.decode,
-                        prompt_embeds=spec.get("prompt_embeds"),
-                        negative_prompt_embeds=spec.get("negative_prompt_embeds"), latents=spec.get("latents"),
-                        generator=spec.get("generator"))
+        request.rolling = self.rolling
+        stream = Stream(self.gen, request, self.decode)
         self.engine.add(stream, name, self.gen.codec.streaming_decoder() if self.decode else None)
         self._count += 1
         return name

@@ -331,7 +331,7 @@ def test_a_job_that_cannot_start_ends_with_a_message_and_the_next_one_runs(clien
     start_job = server._start
 
     def broken(job):
-        if job.seed == 3:
+        if job.request.seed == 3:
             raise RuntimeError("out of memory (simulated)")
         return start_job(job)
 
@@ -509,9 +509,10 @@ def test_a_long_stream_holds_bounded_memory(tiny_generator, tmp_path):
 def test_a_viewer_that_falls_behind_loses_its_oldest_block_messages_only(server):
     import asyncio
 
+    from nasa_video.request import VideoRequest
     from nasa_video.server import Job
 
-    job = Job("j", "a red circle", [], "nasa", 0.5, 0, 0)
+    job = Job("j", VideoRequest(prompt="a red circle", scale=0.5, seed=0), 0)
     job.ready = asyncio.Event()
     server._post(job, ("started", None))
     for block in range(server.limits.backlog_blocks + 3):

@@ -123,17 +123,18 @@ def generate(args) -> int:
 
     method, cfg = check_arguments(args)  # the model's config, read and checked once
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
-    from ..pipeline import StreamingGenerator, default_scale
+    from ..pipeline import StreamingGenerator, VideoRequest, default_scale
 
     weights = args.negative_weight or [1.0] * len(args.negative)
     negatives = list(zip(args.negative, weights))
+    request = VideoRequest(prompt=args.prompt, negative=negatives, scale=args.scale, method=method,
+                           frames=args.frames, seed=args.seed, rolling=args.rolling or None,
+                           prompt_at=dict(args.prompt_at), recache=args.recache)
     started = time.perf_counter()
     gen = StreamingGenerator.from_config(cfg, args.checkpoint, args.wan, args.device, args.dtype,
                                          args.attention, compile=args.compile)
     loaded = time.perf_counter() - started
-    result = gen.generate(args.prompt, args.out, negatives, args.scale, method, args.frames, args.seed,
-                          args.rolling or None, progress=not args.quiet, prompt_at=dict(args.prompt_at),
-                          recache=args.recache)
+    result = gen.generate(request, args.out, progress=not args.quiet)
     scale = default_scale(gen.spec, method) if args.scale is None else args.scale
     guided = method.name != "none" and (negatives or not method.in_attention)
     how = f"with {method.name} scale={scale:g}" if guided else "without guidance (no negative prompt)" \

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from ..guidance import METHODS, make_guidance
+from ..request import VideoRequest
 
 if TYPE_CHECKING:
     from .spool import ClipSpool
@@ -37,12 +38,11 @@ class BadRequest(ValueError):
 
 @dataclass
 class Job:
+    """A viewer's job: the video it asks for (a VideoRequest, as the library takes it; its frames are set from
+    `blocks` when it starts) and the job's own state on the server."""
+
     id: str
-    prompt: str
-    negative: list[str]
-    method: str
-    scale: float
-    seed: int
+    request: VideoRequest  # prompt, negative (a list of texts, or None), scale, method, seed
     blocks: int  # 0: until stopped
     created: float = field(default_factory=time.monotonic)
     clip: "ClipSpool | None" = None  # the frames so far, on disk (set when the job starts)
@@ -135,4 +135,5 @@ def parse_job(body, limits: Limits, default_method: str, default_scale: float) -
     check_scale(method, scale, len(negative), scale_given="scale" in body)
     seed = _number(body, "seed", 0, int, 0, 2**31 - 1)
     blocks = _number(body, "blocks", 0, int, 0, limits.max_blocks)
-    return Job(secrets.token_hex(8), prompt, negative, method, scale, seed, blocks)
+    request = VideoRequest(prompt=prompt, negative=negative or None, scale=scale, method=method, seed=seed)
+    return Job(secrets.token_hex(8), request, blocks)

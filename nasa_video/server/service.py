@@ -86,7 +86,7 @@ class VideoServer:
             raise BadRequest("the queue is full; try again later")
         job = parse_job(body, self.limits, self.default_method, self.default_scale)
         try:
-            notes = await self.on_device(self._encode_checks, [job.prompt, *job.negative])
+            notes = await self.on_device(self._encode_checks, [job.request.prompt, *(job.request.negative or [])])
         except UserError as error:
             raise BadRequest(api_words(str(error))) from None
         self.unclaimed[job.id] = job
@@ -123,13 +123,12 @@ class VideoServer:
 
     def _start(self, job: Job) -> None:
         """On the device thread: put the job into the batch."""
-        spec = dict(name=job.id, prompt=job.prompt, negative=job.negative or None, scale=job.scale, seed=job.seed,
-                    frames=self._frames_for(job), method=job.method)
+        job.request.frames = self._frames_for(job)
         # One rolling cache for all: a short job never fills it, so it makes what a fixed cache would.
         if self.batch is None or len(self.batch) == 0:
-            self.batch = self.gen.stream_batch([spec], rolling=True)
+            self.batch = self.gen.stream_batch([dict(vars(job.request), name=job.id)], rolling=True)
         else:
-            self.batch.add(spec)
+            self.batch.add(job.request, job.id)
 
     def _apply_controls(self, stream, controls: list[dict]) -> list[str]:
         """The client's changes, from the next block; returns the refusals (the stream goes on with what it had)."""
