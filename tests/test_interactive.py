@@ -171,3 +171,29 @@ def test_cli_bad_prompt_at_is_one_line(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("nasa-video: error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("recache", [False, True])
+def test_a_prompt_schedule_lands_at_its_block_in_a_stream_a_batch_and_an_overlapped_stream(gen, recache):
+    """prompt_at is the request's own: the switch is made by the loop before its block, so a stream, a batch of
+    one and an overlapped stream (whose chunks come out a block late) all switch exactly there, as a set_prompt
+    after chunk K - 1 does in a sequential stream."""
+    from nasa_video.request import VideoRequest
+
+    manual = _chunks(gen.stream(PROMPT, NEG, 0.8, seed=3, decode=False), K, lambda s: s.set_prompt(NEW, recache=recache))
+    request = dict(prompt=PROMPT, negative=NEG, scale=0.8, seed=3, prompt_at={K: NEW}, recache=recache)
+    scheduled = list(gen.stream(VideoRequest(**request), decode=False))
+    batch = [out[0] for out in gen.stream_batch([request], decode=False)]
+    overlapped = list(gen.stream(VideoRequest(**request), overlap_decode=True))
+    for i, want in enumerate(manual):
+        for got in (scheduled[i], batch[i], overlapped[i]):
+            assert torch.equal(got.latents, want.latents), f"block {i}"
+            assert got.prompt == (NEW if i >= K else PROMPT)
+            assert (got.recache_seconds > 0) == (recache and i == K)
+
+
+def test_a_request_names_its_fields():
+    from nasa_video.request import VideoRequest
+
+    with pytest.raises(UserError, match="unknown argument 'negatives'; a video takes prompt, negative"):
+        VideoRequest.from_spec({"prompt": "a fox", "negatives": ["snow"]})
