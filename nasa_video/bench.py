@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .config import model_spec, pixel_frames
 from .guidance import make_guidance
 from .loading import load_config
 from .model.cache import TextCache
@@ -27,18 +28,19 @@ def video_flops(cfg, method: str, negatives: int = 1) -> int:
     if not make_guidance(method).in_attention:  # CFG: a plain pass for each of its two contexts
         return 2 * video_flops(cfg, "none")
     g = generator_section(cfg)[1]
-    stride = cfg.video.vae_stride[1]
-    h, w = cfg.video.height // stride, cfg.video.width // stride
-    fpb, blocks = int(cfg.video.frames_per_block), int(cfg.video.latent_frames) // int(cfg.video.frames_per_block)
-    passes_per_block = len(cfg.sampling.steps) + 1  # the denoising steps and the cache pass: same shapes
+    spec = model_spec(cfg)
+    video, text_tokens = spec.video, spec.weights.text_max_length
+    h, w = video.height // video.vae_stride[1], video.width // video.vae_stride[2]
+    fpb, blocks = video.frames_per_block, video.latent_frames // video.frames_per_block
+    passes_per_block = len(spec.sampling.steps) + 1  # the denoising steps and the cache pass: same shapes
     guidance = make_guidance(method)
     with torch.device("meta"):
         model = build_from_config(cfg)
-        text = TextCache(model, torch.zeros(1, cfg.weights.text_max_length, g["text_dim"]))
+        text = TextCache(model, torch.zeros(1, text_tokens, g["text_dim"]))
         if method != "none":
             text.set_negatives(["negative"] * negatives, [1.0] * negatives,
-                               [torch.zeros(1, cfg.weights.text_max_length, g["text_dim"])] * negatives)
-        cache = model.new_kv_cache(1, int(cfg.cache.capacity_frames), h, w, device="meta")
+                               [torch.zeros(1, text_tokens, g["text_dim"])] * negatives)
+        cache = model.new_kv_cache(1, spec.cache.capacity_frames, h, w, device="meta")
         total = 0
         for block in range(blocks):
             x = torch.zeros(1, g["in_channels"], fpb, h, w)
@@ -81,8 +83,9 @@ def flops_report(model: str = "causvid", methods=("none", "nasa", "nag", "vsf", 
     base = results["none"]["flops"] if "none" in results else None
     for r in results.values():
         r["ratio"] = r["flops"] / base if base else None
-    return {"model": cfg.name, "latent_frames": int(cfg.video.latent_frames), "steps": list(cfg.sampling.steps),
-            "resolution": [int(cfg.video.height), int(cfg.video.width)], "methods": results}
+    spec = model_spec(cfg)
+    return {"model": spec.name, "latent_frames": spec.video.latent_frames, "steps": list(spec.sampling.steps),
+            "resolution": [spec.video.height, spec.video.width], "methods": results}
 
 
 def flops_table(report: dict) -> str:
@@ -230,7 +233,6 @@ def speed_report(gen, methods, repeats: int = 5, decode: bool = False, flops: di
     """Interleaved runs (the method order rotates each round), median and spread, ratio to none, throughput.
     flops: FLOPs per video by method (default: counted for gen.cfg on the meta device)."""
     from . import attention
-    from .pipeline import pixel_frames
 
     methods = list(dict.fromkeys(["none"] + list(methods)))
     if flops is None:
@@ -244,7 +246,7 @@ def speed_report(gen, methods, repeats: int = 5, decode: bool = False, flops: di
     for r in range(repeats):
         for method in methods[r % len(methods):] + methods[:r % len(methods)]:
             runs[method].append(time_video(gen, method, decode))
-    frames = pixel_frames(int(gen.cfg.video.latent_frames), gen.temporal_stride)
+    frames = pixel_frames(gen.spec.video.latent_frames, gen.temporal_stride)
     name = device_name(gen.device)
     peak = peak_tflops(name) if str(gen.device).startswith("cuda") else None
     out = {m: throughput(frames, runs[m], flops.get(m), peak) for m in methods}
@@ -253,7 +255,7 @@ def speed_report(gen, methods, repeats: int = 5, decode: bool = False, flops: di
         r["ratio"] = r["median_s"] / base
         r["warmup_s"] = warmup[m]  # the first video's time (with --compile: the compile), kept out of the figures
     memory = [r["peak_memory_bytes"] for r in out.values() if r["peak_memory_bytes"] is not None]
-    report = {"model": gen.cfg.name, "device": str(gen.device), "device_name": name, "dtype": str(gen.dtype),
+    report = {"model": gen.spec.name, "device": str(gen.device), "device_name": name, "dtype": str(gen.dtype),
               "repeats": repeats, "decode": decode, "frames": frames, "methods": out,
               "attention": attention.backend(), "compile": gen.compiled, "peak_tflops": peak,
               "vae_dtype": str(gen.vae_dtype).replace("torch.", "") if getattr(gen, "vae_dtype", None) else None,

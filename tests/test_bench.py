@@ -4,6 +4,7 @@ import torch
 
 import nasa_video.bench as bench
 from nasa_video.bench import flops_report, memory_bytes, video_flops
+from nasa_video.config import model_spec
 from nasa_video.loading import load_config
 
 CAUSVID_LAYERS = 30
@@ -65,6 +66,7 @@ def test_speed_report_statistics(monkeypatch):
 
     class Gen:
         cfg = load_config("tiny")
+        spec = model_spec(cfg)
         temporal_stride = 4
         device, dtype = "cpu", "fp32"
         compiled = False
@@ -108,6 +110,7 @@ def test_speed_report_throughput_on_scripted_timings(monkeypatch):
 
     class Gen:
         cfg = load_config("tiny")
+        spec = model_spec(cfg)
         temporal_stride = 4
         device, dtype = "cpu", "fp32"
         compiled = False
