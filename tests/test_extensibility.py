@@ -262,8 +262,9 @@ class MiniGenerator(torch.nn.Module):
         from nasa_video.model.cache import SelfAttentionCache
 
         c = self.config
-        return SelfAttentionCache(c.num_layers, batch, capacity_frames, self.tokens_per_frame(latent_height, latent_width),
-                                  c.num_attention_heads, c.attention_head_dim, dtype or self.embed.weight.dtype,
+        tokens = self.tokens_per_frame(latent_height, latent_width)
+        return SelfAttentionCache(c.num_layers, batch, capacity_frames, tokens, c.num_attention_heads,
+                                  c.attention_head_dim, dtype or self.embed.weight.dtype,
                                   device or self.embed.weight.device, rolling, sink_frames)
 
 

@@ -180,7 +180,8 @@ def test_a_prompt_schedule_lands_at_its_block_in_a_stream_a_batch_and_an_overlap
     after chunk K - 1 does in a sequential stream."""
     from nasa_video.request import VideoRequest
 
-    manual = _chunks(gen.stream(PROMPT, NEG, 0.8, seed=3, decode=False), K, lambda s: s.set_prompt(NEW, recache=recache))
+    manual = _chunks(gen.stream(PROMPT, NEG, 0.8, seed=3, decode=False), K,
+                     lambda s: s.set_prompt(NEW, recache=recache))
     request = dict(prompt=PROMPT, negative=NEG, scale=0.8, seed=3, prompt_at={K: NEW}, recache=recache)
     scheduled = list(gen.stream(VideoRequest(**request), decode=False))
     batch = [out[0] for out in gen.stream_batch([request], decode=False)]

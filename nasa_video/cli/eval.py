@@ -251,9 +251,11 @@ def detector(args) -> int:
     from ..toy.train import codec_agreement, degraded_agreement
     from ..toy.world import OBJECTS
 
+    from ..config import model_spec
+
     cfg = load_config("toy")
     codec = ShuffleCodec()  # exact: its latent statistics do not change what it reconstructs
-    frames = 1 + codec.temporal_stride * (int(cfg.video.latent_frames) - 1)
+    frames = 1 + codec.temporal_stride * (model_spec(cfg).video.latent_frames - 1)
     exact = codec_agreement(codec, np.random.default_rng(args.seed), args.videos, frames)
     degraded = degraded_agreement(np.random.default_rng([args.seed, 1]), args.videos, frames)
     print(f"detector agreement with ground truth ({args.videos} videos, {frames} frames each, {len(OBJECTS)} object "

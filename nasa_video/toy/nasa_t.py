@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..train.dmd import DMDConfig, DMDTrainer, NegativeSampler
+from ..config import model_spec
 from ..loading import bundled_path, load_config
 from .codec import ShuffleCodec
 from .text import load_toy_text_encoder
@@ -67,10 +68,10 @@ def train_toy_nasa_t(out: str | Path, smoke: bool = False, weights: str | Path |
         # a different world seed from the ODE stage's data, same world
         from ..pipeline import pixel_frames
 
-        frames = pixel_frames(int(model_cfg.video.latent_frames), codec.temporal_stride)
+        frames = pixel_frames(model_spec(model_cfg).video.latent_frames, codec.temporal_stride)
         tc_data = OmegaConf.create({"clip_frames": frames})
         latents, captions = encode_dataset(codec, tc_data, np.random.default_rng([int(tc.seed), 7]),
-                                           int(tc.data.clips), int(model_cfg.video.latent_frames))
+                                           int(tc.data.clips), model_spec(model_cfg).video.latent_frames)
         save_file({"latents": latents.contiguous()}, str(data))
         (out / "cache" / "captions.json").write_text(json.dumps(captions))
     student, teacher = new_generator(model_cfg, 0), new_generator(model_cfg, 0)

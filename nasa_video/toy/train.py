@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ..train.ode import ode_regression_loss
+from ..config import model_spec
 from ..loading import load_config
 from ..model.cache import PromptEmbeddings, TextCache
 from ..model.causal_wan import teacher_forcing_mask
@@ -234,7 +235,7 @@ def train_student(teacher, text, model_cfg, tc, latents, captions, log, checkpoi
     student = copy.deepcopy(teacher).to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=tc.student.lr, weight_decay=0.01)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
-    fpb = int(model_cfg.video.frames_per_block)
+    fpb = model_spec(model_cfg).video.frames_per_block
     _, _, frames, h, w = latents.shape
     mask = teacher_forcing_mask(frames, fpb, student.tokens_per_frame(h, w)).to(device)
     positions = torch.cat([torch.arange(frames), torch.arange(frames)]).to(device)
@@ -328,7 +329,7 @@ def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False, ove
         log.update(json.loads((cache / "codec.json").read_text()))
     else:
         vae = ShuffleCodec()
-        latents, captions = encode_dataset(vae, tc, rng, int(tc.data.clips), int(model_cfg.video.latent_frames))
+        latents, captions = encode_dataset(vae, tc, rng, int(tc.data.clips), model_spec(model_cfg).video.latent_frames)
         mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
         vae = ShuffleCodec(3, mean.tolist(), std.tolist())
         latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
@@ -353,7 +354,7 @@ def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False, ove
         log.update(json.loads((cache / "teacher.json").read_text()))
     else:
         text = new_toy_text_encoder(OmegaConf.to_container(tc.text.config),
-                                    int(model_cfg.weights.text_max_length), tc.seed + 1)
+                                    model_spec(model_cfg).weights.text_max_length, tc.seed + 1)
         text.encoder.to(device)
         teacher = train_teacher(model_cfg, tc, latents, captions, text, rng, log, cache / "teacher.pt")
         save_file({k: v.cpu().contiguous() for k, v in teacher.state_dict().items()}, str(out / "teacher.safetensors"))
@@ -371,7 +372,7 @@ def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False, ove
                         **json.loads((cache / "removals.json").read_text())}
         else:
             removals = make_removals(vae, np.random.default_rng([tc.seed, 5]), int(tc.student.nasa_t.clips),
-                                     tc.clip_frames, int(model_cfg.video.latent_frames))
+                                     tc.clip_frames, model_spec(model_cfg).video.latent_frames)
             save_file({"latents": removals["latents"].contiguous()}, str(cache / "removals.safetensors"))
             (cache / "removals.json").write_text(json.dumps({k: removals[k] for k in ("captions", "negatives")}))
     student = train_student(teacher, text, model_cfg, tc, latents, captions, log, cache / "student.pt", removals)
