@@ -14,10 +14,13 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
-import torch
-
-from .attention import attend, attend_prompts
 from .errors import UserError
+from .lazy import LazyModule
+
+# The method registry, ranges and checks load without torch (the CLI checks a method and its scale first); the
+# plans import it, and the attention kernels, when they are first built.
+torch = LazyModule("torch", globals())
+attention = LazyModule("nasa_video.attention", globals())
 
 
 @dataclass
@@ -65,7 +68,7 @@ def attend_all_prompts(q: torch.Tensor, kv: TextKV) -> torch.Tensor:
     q [B, S, H, D] -> [B, S, P, H, D] with P = 1 + number of negatives (index 0 is the positive).
     """
     k, v = kv.stacked()
-    z = attend_prompts(q, k, v)  # [P*B, S, H, D], prompt-major
+    z = attention.attend_prompts(q, k, v)  # [P*B, S, H, D], prompt-major
     return z.unflatten(0, (kv.num_prompts, q.shape[0])).permute(1, 2, 0, 3, 4)
 
 
@@ -99,7 +102,7 @@ def vsf(q, k_pos, v_pos, k_neg, v_neg, scale: float, bias: float) -> torch.Tenso
     keys, values = torch.cat([k_pos, k_neg], 1), torch.cat([v_pos, -scale * v_neg], 1)
     logit_bias = torch.zeros(keys.shape[1], dtype=q.dtype, device=q.device)
     logit_bias[k_pos.shape[1]:] = bias
-    return attend(q, keys, values, logit_bias.view(1, 1, 1, -1))
+    return attention.attend(q, keys, values, logit_bias.view(1, 1, 1, -1))
 
 
 # ---- attention plans: what a method needs of (text K/V, alphas), built once per change -------------------
@@ -129,7 +132,7 @@ class PlainPlan(AttentionPlan):
         self.k, self.v = k, v
 
     def __call__(self, q):
-        return attend(q, self.k, self.v)
+        return attention.attend(q, self.k, self.v)
 
 
 class NASAPlan(AttentionPlan):
@@ -158,7 +161,7 @@ class NASAPlan(AttentionPlan):
             v.dtype).flatten(0, 1)
 
     def __call__(self, q):
-        z = attend_prompts(q, self.k, self.v)
+        z = attention.attend_prompts(q, self.k, self.v)
         return z.unflatten(0, (self.prompts, q.shape[0])).sum(0)
 
 
@@ -176,7 +179,7 @@ class NAGPlan(AttentionPlan):
         self.tau, self.blend = tau, blend
 
     def __call__(self, q):
-        z = attend_prompts(q, self.k, self.v).unflatten(0, (2, q.shape[0]))
+        z = attention.attend_prompts(q, self.k, self.v).unflatten(0, (2, q.shape[0]))
         return nag(z[0], z[1], self.scale, self.tau, self.blend)
 
 
@@ -194,7 +197,7 @@ class VSFPlan(AttentionPlan):
         self.bias = logit_bias.view(1, 1, 1, -1)
 
     def __call__(self, q):
-        return attend(q, self.k, self.v, self.bias)
+        return attention.attend(q, self.k, self.v, self.bias)
 
 
 class VSFRowsPlan(AttentionPlan):
@@ -218,7 +221,7 @@ class VSFRowsPlan(AttentionPlan):
         self.bias = logit_bias.view(len(scales), 1, 1, -1)
 
     def __call__(self, q):
-        return attend(q, self.k, self.v, self.bias)
+        return attention.attend(q, self.k, self.v, self.bias)
 
 
 class RowsPlan(AttentionPlan):

@@ -271,14 +271,20 @@ def test_a_prompt_that_names_no_object_says_so(tmp_path, capsys):
 
 
 def test_help_and_argument_errors_need_no_torch():
-    """`generate --help` and a bad flag import neither torch nor diffusers (the method names come from the CLI's
-    list of built-ins, held equal to the registry here)."""
+    """`generate --help`, a bad flag and a method check that fails (a scale out of its range, a setting out of its
+    range, a scale without a negative) import neither torch nor diffusers: the method names come from the CLI's
+    list of built-ins, held equal to the registry here, and the registry's checks need no torch."""
     from nasa_video.cli.common import BUILTIN_METHODS
     from nasa_video.guidance import CFG, NAG, NASA, VSF, NoGuidance
 
     assert BUILTIN_METHODS == {c.name: c.in_attention for c in (NoGuidance, NASA, NAG, VSF, CFG)}
     probe = ("import sys\nfrom nasa_video.cli import main\ncode = main(sys.argv[1:])\n"
              "print('loaded:', sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
-    for argv in (["generate", "--help"], ["generate", "--prompt", "x", "--guidance", "magic"]):
+    base = ["generate", "--prompt", "a red circle", "--out", "x.mp4"]
+    for argv in (["generate", "--help"], ["generate", "--prompt", "x", "--guidance", "magic"],
+                 base + ["--negative", "blue", "--guidance", "nag", "--scale", "100"],
+                 base + ["--negative", "blue", "--guidance", "nag", "--guidance-setting", "tau=0"],
+                 base + ["--scale", "0.5"]):
         result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
         assert "loaded: []" in result.stdout, (argv, result.stdout, result.stderr)
+        assert argv[1] == "--help" or "nasa-video: error:" in result.stderr, (argv, result.stderr)
