@@ -98,3 +98,14 @@ def _compiled_flex():
 
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     return _FLEX["fn"]
+
+
+def _bind_guidance() -> None:
+    """guidance.py imports torch and these kernels lazily (the CLI checks a method before torch loads); hand them
+    over now, before any of its plans runs inside a compiled region."""
+    from . import guidance
+
+    guidance.load_modules()
+
+
+_bind_guidance()

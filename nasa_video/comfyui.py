@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from . import attention as _kernels  # noqa: F401  (binds guidance's kernels before ComfyUI may compile the model)
 from .errors import UserError
 from .guidance import METHODS, make_guidance, nag, nasa, real_length, vsf
 

@@ -26,7 +26,8 @@ frames of its own in the sinks): accepts_joins says so.
 Overlapped decode (overlap=True): a video's block k is decoded on a worker (its own CUDA stream) while block
 k + 1 is denoised, and its chunk comes out once block k + 1's denoising is done; frames and their order are those
 of the sequential loop. A video's first block is the exception: it comes out at once (the first-block latency is
-the sequential one).
+the sequential one). A change (or a remove) made after chunk k therefore acts from block k + 2: block k + 1 is
+already made, and is still handed out.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ from .model.cross_attention import CrossAttentionProcessor, GuidanceSetting
 from .vae import OverlappedDecoder, decode_now
 
 _PLAIN = NoGuidance()
+JOIN_REFUSED = ("a stream can join a running batch only on a rolling cache without sink frames, on a generator that "
+                "re-bases its positions (rolling=True, cache.sink_frames: 0); start another batch for it")
 
 
 @dataclass
@@ -90,7 +93,10 @@ def rebase_positions(gen, kv_cache, held: dict, start: int, offset: int, fpb: in
     delta = position - (capacity - fpb)
     gen.model.shift_positions(kv_cache, delta)
     sink = kv_cache.sink_frames
-    return offset + delta, {block: (p if p < sink else p - delta, context) for block, (p, context) in held.items()}
+    # a window block whose new position falls among the sinks' is the one this block's place() evicts: drop it
+    # (kept, it would share a position with a sink block and a re-cache would write it over the sinks)
+    return offset + delta, {block: (p if p < sink else p - delta, context) for block, (p, context) in held.items()
+                            if p < sink or p - delta >= sink}
 
 
 class _Video:
@@ -128,7 +134,8 @@ class BlockEngine:
         self.offset = 0  # positions taken off by re-bases
         self.kv_cache = None
         self.held: dict[int, tuple[int, torch.Tensor]] = {}  # engine block -> (position, cache-pass input [B, ...])
-        self.worker = OverlappedDecoder(None, gen.device) if decode and overlap else None
+        self.overlap = decode and overlap
+        self.worker: OverlappedDecoder | None = None  # made at the first overlapped decode (again after close())
         self._error: UserError | None = None
         self._sigmas: dict[float, float] = {}
         self._text_key: tuple | None = None
@@ -153,16 +160,16 @@ class BlockEngine:
     @property
     def accepts_joins(self) -> bool:
         """Whether add() can take a video now: before the first block always; mid-run only on a rolling cache
-        without sink frames (the module docstring says why)."""
-        return not self.running or (self.rolling and not self.gen.spec.cache.sink_frames)
+        without sink frames whose positions re-base (the module docstring says why; without re-bases the engine's
+        shared positions would run out for a late video whose own length fits)."""
+        return not self.running or (self.endless and not self.gen.spec.cache.sink_frames)
 
     def add(self, stream, name, decoder) -> None:
         """A video from the next block. decoder: its streaming decoder (None when the engine does not decode)."""
         if name in self.videos or name in self._joining:
             raise UserError(f"two streams are named {name!r}")
         if not self.accepts_joins:
-            raise UserError("a stream can join a running batch only on a rolling cache without sink frames "
-                            "(rolling=True, cache.sink_frames: 0); start another batch for it")
+            raise UserError(JOIN_REFUSED)
         if stream.latent_total is not None:
             check_cache_holds(stream.latent_total, self.capacity, self.rolling, self.gen.temporal_stride)
         self._joining[name] = _Video(name, stream, -1, self.gen.device, decoder)
@@ -174,8 +181,10 @@ class BlockEngine:
         self._removed.add(name)
 
     def close(self) -> None:
+        """Let a decode in flight finish and stop the decode worker (a later step() starts another)."""
         if self.worker is not None:
             self.worker.close()
+            self.worker = None
 
     def _rows_of(self, indices) -> list[int]:
         """Cache rows of the videos at these indices (each video has `conditions` consecutive rows)."""
@@ -207,6 +216,7 @@ class BlockEngine:
                 index = torch.tensor(keep, device=device)
                 self.held = {b: (p, x.index_select(0, index)) for b, (p, x) in self.held.items()}
             self.videos = {n: v for n, v in self.videos.items() if n not in gone}
+            self._rows_guidance = {}  # keyed by the videos' method objects: rebuilt for the new mix
         if not self._joining:
             return
         if not self.videos:  # everyone left (the cache stays for a look until then): the next video starts afresh
@@ -219,6 +229,7 @@ class BlockEngine:
             video.joined = self.block
             self.videos[name] = video
         self._joining = {}
+        self._rows_guidance = {}
 
     # ---- guidance per row -------------------------------------------------------------------------------------
     def _sigma(self, t_value: float) -> float:
@@ -343,9 +354,8 @@ class BlockEngine:
             context = flow.add_noise(x0, self._draw(shape), t)
         self._predict(context, self.context_noise, position, last, self.block, cache_pass=True)
         self.held[self.block] = (position, context)
-        held_at = {p: b for b, (p, _) in self.held.items()}
-        kept = self.kv_cache.still_held(held_at, self.fpb)
-        self.held = {b: self.held[b] for b in sorted(kept.values())}
+        self.held = {b: (p, x) for b, (p, x) in sorted(self.held.items())  # each block checked at its own position
+                     if self.kv_cache.still_held({p: None}, self.fpb)}
         return x0
 
     @torch.no_grad()
@@ -437,10 +447,12 @@ class BlockEngine:
             for name, video, fields, x0 in made:
                 if not self.decode:
                     ready[name] = self._finish(video, fields, None, 0.0, 0.0)
-                elif self.worker is None:
+                elif not self.overlap:
                     frames, decode_s = decode_now(video.decoder, x0)
                     ready[name] = self._finish(video, fields, frames, decode_s, decode_s)
                 else:
+                    if self.worker is None:
+                        self.worker = OverlappedDecoder(None, self.gen.device)
                     future = self.worker.submit(x0, video.decoder)  # decodes while the next block is denoised
                     if video.pending is not None:  # the previous block, decoded while this one was denoised
                         ready[name] = self._collect(video)

@@ -17,10 +17,19 @@ from typing import Callable, Sequence, Union
 from .errors import UserError
 from .lazy import LazyModule
 
-# The method registry, ranges and checks load without torch (the CLI checks a method and its scale first); the
-# plans import it, and the attention kernels, when they are first built.
+# The method registry, ranges and checks load without torch (the CLI checks a method and its scale first). The
+# modules come in on first use, or as soon as the attention module is imported (load_modules): every path that
+# runs a forward imports it first, so nothing is imported inside a torch.compile'd region.
 torch = LazyModule("torch", globals())
 attention = LazyModule("nasa_video.attention", globals())
+
+
+def load_modules() -> None:
+    """Put torch and the attention kernels in place of their lazy stand-ins."""
+    import importlib
+
+    globals()["torch"] = importlib.import_module("torch")
+    globals()["attention"] = importlib.import_module("nasa_video.attention")
 
 
 @dataclass
@@ -180,7 +189,7 @@ class NAGPlan(AttentionPlan):
 
     def __call__(self, q):
         z = attention.attend_prompts(q, self.k, self.v).unflatten(0, (2, q.shape[0]))
-        return nag(z[0], z[1], self.scale, self.tau, self.blend)
+        return nag(z[0], z[1], self.scale, self.tau, self.blend).to(q.dtype)  # a per-row scale is float32
 
 
 class VSFPlan(AttentionPlan):
@@ -237,20 +246,17 @@ class RowsPlan(AttentionPlan):
 class GroupedPlan(AttentionPlan):
     """Rows guided by different methods in one forward: each method's plan runs on its own rows."""
 
-    def __init__(self, groups: Sequence[tuple[Sequence[int], AttentionPlan]]):
-        self.groups = [(list(rows), plan) for rows, plan in groups]
-        self._index: dict = {}
+    def __init__(self, groups: Sequence[tuple[Sequence[int], AttentionPlan]], device):
+        # the row indices are tensors made here, once: a compiled block reads them, it does not build them
+        self.groups = [(torch.tensor(list(rows), device=device), plan) for rows, plan in groups]
 
     def __call__(self, q):
         out = None
-        for rows, plan in self.groups:
-            index = self._index.get((q.device, tuple(rows)))
-            if index is None:
-                index = self._index[(q.device, tuple(rows))] = torch.tensor(rows, device=q.device)
+        for index, plan in self.groups:
             z = plan(q.index_select(0, index))
             if out is None:
                 out = z.new_empty((q.shape[0], *z.shape[1:]))
-            out.index_copy_(0, index, z)
+            out.index_copy_(0, index, z.to(out.dtype))
         return out
 
 
@@ -547,7 +553,7 @@ class RowsGuidance(Guidance):
             return self.groups[0][0].prepare_rows(text, alphas)
         return GroupedPlan([(rows, method.prepare_rows(RowsText([text.rows[r] for r in rows]),
                                                        [alphas[r] for r in rows]))
-                            for method, rows in self.groups])
+                            for method, rows in self.groups], text.rows[0].k.device)
 
 
 METHODS: dict[str, type[Guidance]] = {}

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import attention  # noqa: F401  (binds guidance's kernels before anything compiles)
 from .errors import UserError
 from .guidance import METHODS, ScaleSchedule, make_guidance, merge_text_kv, parse_negatives, real_length
 from .model.cross_attention import CrossAttentionProcessor, GuidanceSetting

@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .engine import BlockEngine, FrameChunk
+from .engine import JOIN_REFUSED, BlockEngine, FrameChunk
 from .errors import UserError
 from .guidance import Guidance, NoGuidance, ScaleSchedule, ScaleSpec, method_from_config, parse_negatives
 from .model.cache import TextCache
@@ -115,8 +115,9 @@ class Stream:
 
     def _before_block(self, block: int) -> bool:
         """Between blocks (block: the next one, counted from this video's start): the prompt schedule's switch
-        for it, then the queued changes. True when a re-cache is due before it."""
-        if block in self.switches:
+        for it (unless a set_prompt is queued for it: that call wins), then the queued changes. True when a re-cache
+        is due before it."""
+        if block in self.switches and self._pending_prompt is None:
             self.set_prompt(self.switches[block], recache=self.recache_at_switch)
         return self._apply_pending()
 
@@ -247,8 +248,7 @@ class StreamBatch:
             raise UserError(f"stream {name!r}: the batch's streams share one cache; set rolling on the batch")
         request = VideoRequest.from_spec(fields, f"stream {name!r}", method=self.method, frames=self.frames)
         if not self.accepts_joins:
-            raise UserError("a stream can join a running batch only on a rolling cache without sink frames "
-                            "(rolling=True, cache.sink_frames: 0); start another batch for it")
+            raise UserError(JOIN_REFUSED)
         request.rolling = self.rolling
         stream = Stream(self.gen, request, self.decode)
         self.engine.add(stream, name, self.gen.codec.streaming_decoder() if self.decode else None)

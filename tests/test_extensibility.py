@@ -308,3 +308,8 @@ def test_a_generator_with_only_the_protocol_streams_batches_and_benchmarks(mini)
         assert_close_to_scale(batch[block][0].latents, chunk.latents, 1e-5, f"batch vs alone, block {block}")
     report = speed_report(gen, ["none", "nasa"], repeats=1, flops={"none": 1, "nasa": 1})
     assert set(report["methods"]) == {"none", "nasa"}
+    # without shift_positions a rolling batch cannot re-base, so its shared positions would run out for a late
+    # stream: it takes no one in once running
+    rolling = gen.stream_batch(specs, rolling=True, decode=False)
+    rolling.step()
+    assert not rolling.accepts_joins

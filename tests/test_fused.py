@@ -270,3 +270,20 @@ def test_bf16_block_equals_the_old_block_and_qk_norms_reach_the_fused_kernel(tex
             warnings.simplefilter("ignore")
             want = reference(mixed, 0, x, modulation, cache, mixed.blocks[0].attn2.processor.text)
         assert torch.equal(got, want)
+
+
+def test_guidance_loads_torch_lazily_and_hands_over_before_anything_compiles():
+    """guidance imports torch and the attention kernels on first use (the CLI checks methods without torch); once
+    the attention module is imported (every forward path imports it), the real modules are in place, so a plan
+    traced by torch.compile imports nothing inside the compiled region. A fresh interpreter, guidance first."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nimport nasa_video.guidance as g\nassert 'torch' not in sys.modules\n"
+             "import torch, nasa_video.attention as a\nassert g.torch is torch and g.attention is a\n"
+             "q, k, v = (torch.randn(1, 4, 2, 8) for _ in range(3))\n"
+             "plan = g.PlainPlan(k, v)\n"
+             "out = torch.compile(plan.__call__, backend='eager', fullgraph=True)(q)\n"
+             "assert torch.allclose(out, plan(q))\nprint('ok')")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -293,3 +293,44 @@ def test_schedule_rebase_and_recache_a_batch_of_one_is_the_stream(rolling_gen):
         if chunk.block == 6:
             break
     assert sorted({b for b, s in asked if s == last}) == [4, 5, 6]
+
+
+def test_held_cache_pass_inputs_cover_the_cache_exactly_across_rebases_with_sinks(make_generator):
+    """With sink frames one block long, a re-base moves the oldest window block onto the sinks' positions just
+    before the next block evicts it: the held inputs (what a re-cache re-runs) must drop it, so they always hold
+    each cached block once, at its own slots, and a re-cache never writes another block over the sinks."""
+    gen = make_generator("tiny", {"generator": {"rope_max_seq_len": 12}, "video": {"height": 16, "width": 16},
+                                  "cache": {"capacity_frames": 9, "sink_frames": 3}})
+    stream = gen.stream(PROMPT_FOX, "snow", 0.8, seed=1, rolling=True, decode=False)
+    for chunk in stream:
+        positions = sorted(p + i for p, _ in stream.held.values() for i in range(3))
+        assert positions == sorted(stream.kv_cache.frames), (chunk.block, sorted(stream.held), stream.kv_cache.frames)
+        assert 0 in stream.held  # the sink block stays
+        if chunk.block == 4:
+            sink_k = stream.kv_cache.k[0][:, :3 * stream.kv_cache.tokens_per_frame].clone()
+            stream.set_prompt(PROMPT_FOX, recache=True)  # the same prompt: the sinks' own input, re-run
+        if chunk.block == 5:
+            now = stream.kv_cache.k[0][:, :3 * stream.kv_cache.tokens_per_frame]
+            assert_close_to_scale(now, sink_k, 1e-5, "the sink block's K after a re-cache")
+            break
+    assert list(stream.rebases)
+
+
+PROMPT_FOX = "a fox in a field"
+
+
+def test_a_nag_batch_runs_in_bf16(make_generator):
+    """NAG's per-row scale is float32: the plan hands back the query's dtype (bf16 here), as alone."""
+    gen = make_generator("tiny", dtype="bf16")
+    specs = [dict(prompt="a fox", negative="snow", scale=5.0, seed=1, method="nag"),
+             dict(prompt="a boat", negative="rain", scale=2.0, seed=2, method="nag"), dict(prompt="a cat", seed=3)]
+    chunks = list(gen.stream_batch(specs, decode=False))
+    assert chunks and all(torch.isfinite(c.latents).all() for out in chunks for c in out.values())
+
+
+def test_an_overlapped_batch_runs_again_after_its_end(rolling_gen):
+    batch = rolling_gen.stream_batch([dict(SPECS[2], frames=9)], rolling=True, overlap_decode=True)
+    assert len(list(batch)) == 1
+    batch.add(dict(SPECS[0], frames=9, name="next"))
+    again = list(batch)
+    assert [list(out) for out in again] == [["next"]] and again[0]["next"].frames is not None
