@@ -137,6 +137,7 @@ class BlockEngine:
         self.overlap = decode and overlap
         self.worker: OverlappedDecoder | None = None  # made at the first overlapped decode (again after close())
         self._error: UserError | None = None
+        self.failed: dict = {}  # name -> the UserError its own inputs gave (it left; the others went on)
         self._sigmas: dict[float, float] = {}
         self._text_key: tuple | None = None
         self._rows_guidance: dict[tuple, RowsGuidance] = {}
@@ -358,11 +359,31 @@ class BlockEngine:
                      if self.kv_cache.still_held({p: None}, self.fpb)}
         return x0
 
+    def _drop_failing(self) -> None:
+        """Each video's own inputs for the next block, checked before anything is drawn: one that fails leaves
+        with its error (alone, the stream ends with it), and the others go on."""
+        failed = {}
+        for name, video in self.videos.items():
+            try:
+                video.stream._check_block(self.block - video.joined, len(self.gen.steps))
+            except UserError as error:
+                failed[name] = error
+        if not failed:
+            return
+        if len(self.videos) == 1 and self.what == "the stream":
+            raise next(iter(failed.values()))
+        self.failed.update(failed)
+        for name in failed:
+            self.videos[name].stream.ended = True
+        self._removed |= set(failed)
+        self._update_videos()
+
     @torch.no_grad()
     def _make_block(self) -> list | None:
         """One block of every video: [(name, video, chunk fields, clean latents [1, ...])]; None when none is left."""
         gen = self.gen
         self._update_videos()
+        self._drop_failing()
         if not self.videos:
             return None
         if self.kv_cache is None:

@@ -58,17 +58,30 @@ class Stream:
         self._engine: BlockEngine | None = None  # the block loop running this video alone (set by iteration)
         self.recaches: list[tuple[int, float]] = []  # (block, seconds) of each re-cache done
 
-    def _initial_noise(self, block: int, shape, rng: torch.Generator) -> torch.Tensor:
-        device = self.gen.device
+    def _given_noise(self, block: int) -> torch.Tensor | None:
+        """The given latents' piece for this block (None when none were given)."""
         if self.latents is None:
-            return torch.randn(shape, generator=rng, device=device, dtype=torch.float32)
+            return None
         if isinstance(self.latents, torch.Tensor):
             piece = self.latents[:, :, block * self.fpb:(block + 1) * self.fpb]
         else:
-            piece = self.latents[block] if block < len(self.latents) else self.latents[:0]
-        if piece.shape[2] != self.fpb:
+            piece = self.latents[block] if block < len(self.latents) else None
+        if piece is None or piece.shape[2] != self.fpb:
             raise UserError(f"the given latents end before block {block}; the stream ends here")
-        return piece.to(device=device, dtype=torch.float32)
+        return piece
+
+    def _check_block(self, block: int, steps: int) -> None:
+        """What this block needs of the video's own inputs (its initial noise, its scale at every step), checked
+        before anything is drawn for it: in a batch, a video whose inputs fail leaves alone."""
+        self._given_noise(block)
+        for step in range(steps):
+            self.schedule.at(block, step, self.guidance)
+
+    def _initial_noise(self, block: int, shape, rng: torch.Generator) -> torch.Tensor:
+        piece = self._given_noise(block)
+        if piece is None:
+            return torch.randn(shape, generator=rng, device=self.gen.device, dtype=torch.float32)
+        return piece.to(device=self.gen.device, dtype=torch.float32)
 
     @property
     def num_blocks(self) -> int | None:
@@ -271,5 +284,11 @@ class StreamBatch:
 
     def step(self) -> dict:
         """Make one block of every stream: {name: FrameChunk}; {} when no stream is left. Streams whose last block
-        this was leave the batch."""
+        this was leave the batch; a stream whose own inputs fail for its next block (its given latents end, its
+        scale function gives a bad value) leaves with the error in `failed` and the others go on."""
         return self.engine.step() or {}
+
+    @property
+    def failed(self) -> dict:
+        """{name: UserError} of the streams that left the batch on an error of their own inputs."""
+        return self.engine.failed

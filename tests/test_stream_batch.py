@@ -334,3 +334,19 @@ def test_an_overlapped_batch_runs_again_after_its_end(rolling_gen):
     batch.add(dict(SPECS[0], frames=9, name="next"))
     again = list(batch)
     assert [list(out) for out in again] == [["next"]] and again[0]["next"].frames is not None
+
+
+def test_a_stream_whose_own_inputs_fail_leaves_and_the_others_go_on(gen):
+    """A scale function that gives a bad value at block 1 ends its own stream with the one-line error (in
+    batch.failed) before anything is drawn for that block; the other stream makes the video it makes alone."""
+    def bad_at_one(block, step):
+        return 0.5 if block == 0 else float("nan")
+
+    batch = gen.stream_batch([dict(SPECS[0], scale=bad_at_one, name="bad"), dict(SPECS[1], name="good")],
+                             decode=False)
+    chunks = list(batch)
+    assert [sorted(out) for out in chunks] == [["bad", "good"], ["good"], ["good"]]
+    assert set(batch.failed) == {"bad"} and "bad" not in batch
+    assert isinstance(batch.failed["bad"], UserError) and "\n" not in str(batch.failed["bad"])
+    for block, ref in enumerate(alone(gen, SPECS[1], decode=False)):
+        close(chunks[block]["good"], ref)

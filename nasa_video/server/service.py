@@ -175,9 +175,12 @@ class VideoServer:
                 for job in batched:
                     out[job.id] = (None, out[job.id][1], error)
                 chunks = {}
+            failed = self.batch.failed if self.batch is not None else {}
             for job in batched:
                 if job.id in chunks:
                     out[job.id] = (chunks[job.id], out[job.id][1], None)
+                elif job.id in failed:  # its own inputs failed: it ends with the message, the others go on
+                    out[job.id] = (None, out[job.id][1], failed.pop(job.id))
         for job in jobs:
             chunk = out[job.id][0]
             if chunk is not None:
