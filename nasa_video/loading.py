@@ -214,7 +214,16 @@ def _component(cfg: DictConfig, key: str, default: str, registry: dict, what: st
 def build_vae_and_text(cfg: DictConfig, device, dtype, wan: str | None = None):
     """(codec, TextEncoder) for a config: the builders its components section names (Wan's VAE and umT5 by
     default). The codec is the raw module (AutoencoderKLWan or a VideoCodec); nasa_video.vae adapts it."""
+    return build_codec(cfg, device, dtype, wan), build_text_encoder(cfg, device, dtype, wan)
+
+
+def build_codec(cfg: DictConfig, device, dtype, wan: str | None = None):
+    """The codec the config's components section names (Wan's VAE by default), on the device."""
     codec = _component(cfg, "codec", "wan-vae", CODECS, "codec")
+    return codec(cfg, device, dtype, wan).to(device).eval()
+
+
+def build_text_encoder(cfg: DictConfig, device, dtype, wan: str | None = None):
+    """The text encoder the config's components section names (umT5 by default)."""
     text = _component(cfg, "text_encoder", "umt5", TEXT_ENCODERS, "text encoder")
-    vae = codec(cfg, device, dtype, wan)
-    return vae.to(device).eval(), text(cfg, device, dtype, wan)
+    return text(cfg, device, dtype, wan)

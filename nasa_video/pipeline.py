@@ -22,7 +22,8 @@ from .config import SEED_LIMIT, check_cache_holds, latent_frames_for, model_spec
 from .engine import FrameChunk, rebase_positions  # noqa: F401 (re-exported)
 from .errors import UserError
 from .guidance import Guidance, ScaleSpec, default_scale, make_guidance, method_from_config  # noqa: F401 (re-exported)
-from .loading import build_generator, build_vae_and_text, load_config, resolve_device, resolve_dtype
+from .loading import (build_generator, build_text_encoder, build_vae_and_text, load_config, resolve_device,
+                      resolve_dtype)
 from .memory import check_fits
 from .schedule import prediction_of, sampling_schedule
 from .request import (EMBEDS, LATENT_LIMIT, Negative, VideoRequest, check_embeds,  # noqa: F401 (re-exported)
@@ -77,12 +78,14 @@ class StreamingGenerator:
                     device: str | None = None, dtype: str | None = None, attention_backend: str = "auto",
                     overrides: dict | None = None, check_memory: bool = True,
                     compile: bool | None = None, vae_dtype: str | None = None,
-                    overlap_decode: bool | None = None) -> "StreamingGenerator":
+                    overlap_decode: bool | None = None, vae: str = "auto",
+                    tae: str | os.PathLike | None = None) -> "StreamingGenerator":
         """compile: torch.compile the generator's repeated block (one compiled code for all layers; see
         CausalWanTransformer.compile_blocks). None: on for CUDA, off elsewhere; True also works on the CPU
         (inductor). The first block of each cache length pays the compile: warm up before timing.
         vae_dtype: auto (None) = bf16 on CUDA, fp32 elsewhere; overlap_decode: decode block k while block k + 1
-        is denoised (None = on for CUDA)."""
+        is denoised (None = on for CUDA). vae: "auto" (the config's codec) or "tae": the tiny Wan 2.1 decoder
+        (TAEHV taew2_1, weights at `tae`; see nasa_video/tae.py), for Wan-latent models."""
         cfg = model if isinstance(model, DictConfig) else load_config(model, overrides)  # a config read once
         if isinstance(model, DictConfig) and overrides:
             raise UserError("give overrides with a config name or path, not with a loaded config")
@@ -95,9 +98,25 @@ class StreamingGenerator:
             raise UserError(f"model {spec.name} needs its generator weights: pass --checkpoint PATH")
         if checkpoint is not None and not os.path.exists(checkpoint):
             raise UserError(f"checkpoint not found: {checkpoint}")
+        if vae not in ("auto", "tae"):
+            raise UserError(f"vae {vae!r}: use 'auto' (the model's own codec) or 'tae' (the tiny Wan 2.1 decoder)")
+        if (vae == "tae") != (tae is not None):
+            raise UserError("the tiny decoder needs its weights: give vae='tae' with tae=PATH (--vae tae --tae PATH)"
+                            if vae == "tae" else "tae=PATH is the tiny decoder's weights: add vae='tae' (--vae tae)")
+        if vae == "tae":
+            from .tae import Z_DIM, load_tiny_decoder
+
+            channels = int(cfg.generator.get("in_channels", 0))
+            if channels != Z_DIM:
+                raise UserError(f"the tiny decoder decodes Wan 2.1 latents ({Z_DIM} channels); model {spec.name} makes "
+                                f"{channels}: drop --vae tae, or use a Wan model (causvid, self-forcing)")
         if check_memory:
             check_fits(cfg, device_, dtype_)
-        vae, text = build_vae_and_text(cfg, device_, dtype_, wan)
+        if vae == "tae":
+            vae = load_tiny_decoder(tae, device_)  # its dtype is set with vae_dtype, as the Wan VAE's
+            text = build_text_encoder(cfg, device_, dtype_, wan)
+        else:
+            vae, text = build_vae_and_text(cfg, device_, dtype_, wan)
         generator = build_generator(cfg, device_, dtype_, checkpoint)
         gen = cls(cfg, generator, vae, text, device_, dtype_, vae_dtype, overlap_decode)
         gen.set_compile(compile)

@@ -66,6 +66,8 @@ else
     step vae-precision 60 $PY scripts/vae_precision.py --device "$DEVICE" --latent-frames 3 --size 4 4 --seeds 1 \
         --json "$out/vae-precision.json"
 fi
+step tiny-decoder 90 $PY scripts/tiny_decoder_bench.py --device "$DEVICE" --dtype bf16 --frames 21 --size 480 832 \
+    --repeats 3 --json "$out/tiny-decoder.json"
 step self-forcing-decode-fp32-sequential 70 $nv bench speed --model $sf $common --methods none --repeats 2 --decode \
     --vae-dtype fp32 --no-overlap-decode --json "$out/speed-self-forcing-decode-fp32-sequential.json"
 if $nv bench speed --help 2>/dev/null | grep -q -- "--compile"; then

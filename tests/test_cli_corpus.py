@@ -82,6 +82,9 @@ CASES = [
     (["--rolling", "--frames", "1000000001"], "toy", "use --rolling without --frames"),
     # outputs that cannot be written, and a scheduled prompt the encoder cannot take, before the first block
     (["--prompt-at", "1:" + "x" * 80], "tiny", "prompt is 81 tokens"),
+    (["--vae", "tae"], "tiny", "give --tae PATH"),
+    (["--tae", "x.pth"], "tiny", "add --vae tae"),
+    (["--vae", "tae", "--tae", "/nonexistent/taew2_1.pth"], "tiny", "download taew2_1 from github.com/madebyollin"),
 ]
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -37,6 +38,10 @@ def register(sub) -> None:
                                                   "self-forcing | tiny (random weights) | a config YAML")
     p.add_argument("--checkpoint", default=None, help="generator weights: CausVid / Self-Forcing .pt, Wan or diffusers")
     p.add_argument("--wan", default=None, help="Diffusers-format Wan2.1-T2V-1.3B folder or hub id (VAE, umT5)")
+    p.add_argument("--vae", choices=("auto", "tae"), default="auto",
+                   help="decoder: the model's own (auto) or the tiny Wan 2.1 decoder TAEHV taew2_1 (tae, needs --tae)")
+    p.add_argument("--tae", default=None, metavar="PATH",
+                   help="taew2_1.pth or taew2_1.safetensors (github.com/madebyollin/taehv), for --vae tae")
     p.add_argument("--frames", type=positive_int, default=None,
                    help="video frames: 12k - 3 for Wan (81 = 7 blocks; default: the config's)")
     p.add_argument("--seed", type=seed, default=0, help="random seed, in [0, 2^63)")
@@ -90,6 +95,12 @@ def check_arguments(args):
         given = "--negative" if args.negative else "--scale"
         raise UserError(f"{given} has no effect with --guidance none: drop it, or pick a method "
                         f"(nasa, nag, vsf, cfg)")
+    if (args.vae == "tae") != (args.tae is not None):
+        raise UserError("--vae tae decodes with the tiny decoder's weights: give --tae PATH with it"
+                        if args.vae == "tae" else "--tae is the tiny decoder's weights: add --vae tae")
+    if args.tae is not None and not os.path.isfile(args.tae):
+        raise UserError(f"tiny decoder weights not found: {args.tae}; download taew2_1 from "
+                        f"github.com/madebyollin/taehv (taew2_1.pth or safetensors/taew2_1.safetensors)")
     if args.recache and not args.prompt_at:
         raise UserError("--recache acts at a prompt switch: add --prompt-at BLOCK:TEXT, or drop --recache")
     check_output_path(args.out, create_parent=args.out == DEFAULT_OUT)
@@ -132,7 +143,7 @@ def generate(args) -> int:
                            prompt_at=dict(args.prompt_at), recache=args.recache)
     started = time.perf_counter()
     gen = StreamingGenerator.from_config(cfg, args.checkpoint, args.wan, args.device, args.dtype,
-                                         args.attention, compile=args.compile)
+                                         args.attention, compile=args.compile, vae=args.vae, tae=args.tae)
     loaded = time.perf_counter() - started
     result = gen.generate(request, args.out, progress=not args.quiet)
     scale = default_scale(gen.spec, method) if args.scale is None else args.scale
