@@ -166,7 +166,10 @@ class Stream:
         return recache
 
     def __iter__(self) -> Iterator[FrameChunk]:
-        """The blocks, one FrameChunk each: the block loop with this video alone (its decoder is the generator's)."""
+        """The blocks, one FrameChunk each: the block loop with this video alone (its decoder is the generator's).
+        A stream runs once (its text cache and schedule carry the changes made during the run)."""
+        if self._engine is not None:
+            raise UserError("a stream runs once: call gen.stream(...) again for another video")
         gen = self.gen
         gen.decoder.reset()
         self._engine = BlockEngine(gen, self.rolling, self.decode, self.decode and self.overlap_decode, "the stream")

@@ -289,3 +289,10 @@ def test_a_meta_device_and_a_list_as_a_stream_name_are_one_line(tiny_generator):
     with pytest.raises(UserError, match="a stream's name is a string or a number") as error:
         tiny_generator.stream_batch([{"name": ["a"], "prompt": PROMPT}])
     one_line(error)
+
+
+def test_a_stream_runs_once(tiny_generator):
+    stream = tiny_generator.stream(PROMPT, decode=False)
+    assert len(list(stream)) >= 1
+    with pytest.raises(UserError, match="a stream runs once"):
+        list(stream)
