@@ -323,14 +323,24 @@ class Guidance:
         return predictions[0]
 
     def prepare_rows(self, text: RowsText, alphas: Sequence[Sequence[float]]) -> "AttentionPlan":
-        """The plan for several rows, row b with its own text K/V (text.rows[b]) and alphas[b]. The default runs one
-        plan over the stacked rows when they share their alphas and prompt layout, else each row's own plan (what
-        that video alone computes); NASA overrides it with one fused launch for any per-row alphas."""
+        """The plan for several rows, row b with its own text K/V (text.rows[b]) and alphas[b]: a method's one fused
+        plan for all of them where it has one (plan_rows; NASA, NAG, VSF), plain attention when no row guides;
+        otherwise one plan over the stacked rows when they share their alphas and prompt layout, else each row's
+        own plan (what that video alone computes)."""
         if len(text.rows) == 1:
             return self.prepare(text.rows[0], alphas[0])
+        if type(self).plan_rows is not Guidance.plan_rows:
+            kv = text.merged()
+            if kv.num_prompts == 1 or not any(self.guides(a) for a in alphas):
+                return PlainPlan(*kv.positive())
+            return self.plan_rows(kv, text, alphas)
         if len(set(map(tuple, alphas))) == 1 and text.uniform():
             return self.prepare(text.merged(), alphas[0])
         return RowsPlan([self.prepare(kv, a) for kv, a in zip(text.rows, alphas)])
+
+    def plan_rows(self, kv: TextKV, text: RowsText, alphas: Sequence[Sequence[float]]) -> "AttentionPlan":
+        """A method's fused plan for several rows that guide (kv: text.merged(), the rows stacked and padded)."""
+        raise NotImplementedError
 
     def cross_attention(self, q: torch.Tensor, kv: TextKV, alphas: Sequence[float]) -> torch.Tensor:
         """The guided attention output [B, S, H, D] of query q [B, S, H, D]. A method defines this, or prepare()
@@ -433,12 +443,7 @@ class NASA(Guidance):
             return PlainPlan(*kv.positive())
         return NASAPlan(kv, alphas)
 
-    def prepare_rows(self, text, alphas):
-        if len(text.rows) == 1:
-            return self.prepare(text.rows[0], alphas[0])
-        kv = text.merged()
-        if kv.num_prompts == 1 or not any(self.guides(a) for a in alphas):
-            return PlainPlan(*kv.positive())
+    def plan_rows(self, kv, text, alphas):
         return NASAPlan(kv, [tuple(a) for a in alphas])
 
 
@@ -467,12 +472,7 @@ class NAG(Guidance):
             return PlainPlan(*kv.positive())
         return NAGPlan(kv, alphas[0], self.tau, self.blend)
 
-    def prepare_rows(self, text, alphas):
-        if len(text.rows) == 1:
-            return self.prepare(text.rows[0], alphas[0])
-        kv = text.merged()
-        if kv.num_prompts == 1 or not any(self.guides(a) for a in alphas):
-            return PlainPlan(*kv.positive())
+    def plan_rows(self, kv, text, alphas):
         return NAGPlan(kv, [a[0] if self.guides(a) else 1.0 for a in alphas], self.tau, self.blend)
 
 
@@ -494,12 +494,7 @@ class VSF(Guidance):
             return PlainPlan(*kv.positive())
         return VSFPlan(kv, alphas[0], self.bias)
 
-    def prepare_rows(self, text, alphas):
-        if len(text.rows) == 1:
-            return self.prepare(text.rows[0], alphas[0])
-        kv = text.merged()
-        if kv.num_prompts == 1 or not any(self.guides(a) for a in alphas):
-            return PlainPlan(*kv.positive())
+    def plan_rows(self, kv, text, alphas):
         length = kv.k.shape[1]
         lengths = [0 if row.num_prompts == 1 else row.negative_lengths[0] if row.negative_lengths else length
                    for row in text.rows]
