@@ -258,7 +258,7 @@ class StreamBatch:
         name = fields.pop("name", self._count if name is None else name)
         if isinstance(name, bool) or not isinstance(name, (str, int)):
             raise UserError(f"a stream's name is a string or a number, not {type(name).__name__} ({name!r:.40})")
-        if name in self.engine.videos or name in self.engine._joining:
+        if self.engine.get(name) is not None:  # before its text is encoded (the engine checks again)
             raise UserError(f"two streams are named {name!r}")
         if fields.get("rolling") is not None and bool(fields["rolling"]) != self.rolling:
             raise UserError(f"stream {name!r}: the batch's streams share one cache; set rolling on the batch")
