@@ -119,9 +119,11 @@ class BlockEngine:
     step() makes blocks until some chunk is ready and returns {name: FrameChunk}, or None once no video is left
     and every chunk is out."""
 
-    def __init__(self, gen, rolling: bool, decode: bool = True, overlap: bool = False, what: str = "the streams"):
+    def __init__(self, gen, rolling: bool, decode: bool = True, overlap: bool = False, alone: bool = False):
+        """alone: the engine of one Stream (its errors end it; a batch's video that fails leaves instead)."""
         spec = gen.spec
-        self.gen, self.rolling, self.decode, self.what = gen, bool(rolling), decode, what
+        self.gen, self.rolling, self.decode, self.alone = gen, bool(rolling), decode, alone
+        self.what = "the stream" if alone else "the streams"  # in messages
         self.endless = self.rolling and hasattr(gen.model, "shift_positions")  # re-bases its positions
         self.fpb = spec.video.frames_per_block
         self.capacity = spec.cache.capacity_frames
@@ -165,12 +167,16 @@ class BlockEngine:
         shared positions would run out for a late video whose own length fits)."""
         return not self.running or (self.endless and not self.gen.spec.cache.sink_frames)
 
-    def add(self, stream, name, decoder) -> None:
-        """A video from the next block. decoder: its streaming decoder (None when the engine does not decode)."""
+    def check_new(self, name) -> None:
+        """Whether a video of this name can be added now (one line if not)."""
         if name in self.videos or name in self._joining:
             raise UserError(f"two streams are named {name!r}")
         if not self.accepts_joins:
             raise UserError(JOIN_REFUSED)
+
+    def add(self, stream, name, decoder) -> None:
+        """A video from the next block. decoder: its streaming decoder (None when the engine does not decode)."""
+        self.check_new(name)
         if stream.latent_total is not None:
             check_cache_holds(stream.latent_total, self.capacity, self.rolling, self.gen.temporal_stride)
         self._joining[name] = _Video(name, stream, -1, self.gen.device, decoder)
@@ -370,7 +376,7 @@ class BlockEngine:
                 failed[name] = error
         if not failed:
             return
-        if len(self.videos) == 1 and self.what == "the stream":
+        if self.alone:
             raise next(iter(failed.values()))
         self.failed.update(failed)
         for name in failed:

@@ -227,3 +227,20 @@ def build_text_encoder(cfg: DictConfig, device, dtype, wan: str | None = None):
     """The text encoder the config's components section names (umT5 by default)."""
     text = _component(cfg, "text_encoder", "umt5", TEXT_ENCODERS, "text encoder")
     return text(cfg, device, dtype, wan)
+
+
+TAE_PUBLISHED = "github.com/madebyollin/taehv (taew2_1.pth or safetensors/taew2_1.safetensors)"
+
+
+def check_decoder_choice(vae: str, tae) -> None:
+    """The decoder asked for (vae "auto" or "tae", with the tiny decoder's weights at `tae`), checked before torch
+    loads: the CLI and from_config both ask here."""
+    if vae not in ("auto", "tae"):
+        raise UserError(f"vae {vae!r}: use 'auto' (the model's own codec) or 'tae' (the tiny Wan 2.1 decoder)")
+    if vae == "tae" and tae is None:
+        raise UserError("the tiny decoder needs its weights: give --tae PATH with --vae tae (API: tae=PATH with "
+                        "vae='tae')")
+    if vae != "tae" and tae is not None:
+        raise UserError("--tae is the tiny decoder's weights: add --vae tae (API: vae='tae')")
+    if tae is not None and not os.path.isfile(tae):
+        raise UserError(f"tiny decoder weights not found: {tae}; download taew2_1 from {TAE_PUBLISHED}")

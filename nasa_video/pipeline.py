@@ -22,8 +22,8 @@ from .config import SEED_LIMIT, check_cache_holds, latent_frames_for, model_spec
 from .engine import FrameChunk, rebase_positions  # noqa: F401 (re-exported)
 from .errors import UserError
 from .guidance import Guidance, ScaleSpec, default_scale, make_guidance, method_from_config  # noqa: F401 (re-exported)
-from .loading import (build_generator, build_text_encoder, build_vae_and_text, load_config, resolve_device,
-                      resolve_dtype)
+from .loading import (build_generator, build_text_encoder, build_vae_and_text, check_decoder_choice, load_config,
+                      resolve_device, resolve_dtype)
 from .memory import check_fits
 from .schedule import prediction_of, sampling_schedule
 from .request import (EMBEDS, LATENT_LIMIT, Negative, VideoRequest, check_embeds,  # noqa: F401 (re-exported)
@@ -98,15 +98,12 @@ class StreamingGenerator:
             raise UserError(f"model {spec.name} needs its generator weights: pass --checkpoint PATH")
         if checkpoint is not None and not os.path.exists(checkpoint):
             raise UserError(f"checkpoint not found: {checkpoint}")
-        if vae not in ("auto", "tae"):
-            raise UserError(f"vae {vae!r}: use 'auto' (the model's own codec) or 'tae' (the tiny Wan 2.1 decoder)")
-        if (vae == "tae") != (tae is not None):
-            raise UserError("the tiny decoder needs its weights: give vae='tae' with tae=PATH (--vae tae --tae PATH)"
-                            if vae == "tae" else "tae=PATH is the tiny decoder's weights: add vae='tae' (--vae tae)")
+        check_decoder_choice(vae, tae)
         if vae == "tae":
+            from .model.interface import generator_section
             from .tae import Z_DIM, load_tiny_decoder
 
-            channels = int(cfg.generator.get("in_channels", 0))
+            channels = int(generator_section(cfg)[1].get("in_channels", 0))
             if channels != Z_DIM:
                 raise UserError(f"the tiny decoder decodes Wan 2.1 latents ({Z_DIM} channels); model {spec.name} makes "
                                 f"{channels}: drop --vae tae, or use a Wan model (causvid, self-forcing)")

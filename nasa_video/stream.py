@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .engine import JOIN_REFUSED, BlockEngine, FrameChunk
+from .engine import BlockEngine, FrameChunk
 from .errors import UserError
 from .guidance import Guidance, NoGuidance, ScaleSchedule, ScaleSpec, method_from_config, parse_negatives
 from .model.cache import TextCache
@@ -172,7 +172,7 @@ class Stream:
             raise UserError("a stream runs once: call gen.stream(...) again for another video")
         gen = self.gen
         gen.decoder.reset()
-        self._engine = BlockEngine(gen, self.rolling, self.decode, self.decode and self.overlap_decode, "the stream")
+        self._engine = BlockEngine(gen, self.rolling, self.decode, self.decode and self.overlap_decode, alone=True)
         self._engine.add(self, 0, gen.decoder if self.decode else None)
         try:
             while (chunks := self._engine.step()) is not None:
@@ -258,13 +258,10 @@ class StreamBatch:
         name = fields.pop("name", self._count if name is None else name)
         if isinstance(name, bool) or not isinstance(name, (str, int)):
             raise UserError(f"a stream's name is a string or a number, not {type(name).__name__} ({name!r:.40})")
-        if self.engine.get(name) is not None:  # before its text is encoded (the engine checks again)
-            raise UserError(f"two streams are named {name!r}")
+        self.engine.check_new(name)  # before its text is encoded (engine.add checks again)
         if fields.get("rolling") is not None and bool(fields["rolling"]) != self.rolling:
             raise UserError(f"stream {name!r}: the batch's streams share one cache; set rolling on the batch")
         request = VideoRequest.from_spec(fields, f"stream {name!r}", method=self.method, frames=self.frames)
-        if not self.accepts_joins:
-            raise UserError(JOIN_REFUSED)
         request.rolling = self.rolling
         stream = Stream(self.gen, request, self.decode)
         self.engine.add(stream, name, self.gen.codec.streaming_decoder() if self.decode else None)

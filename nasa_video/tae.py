@@ -17,14 +17,14 @@ each MemBlock's last input frame between blocks, so a video decoded block by blo
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import UserError
-
-PUBLISHED = "github.com/madebyollin/taehv (taew2_1.pth or safetensors/taew2_1.safetensors)"
+from .loading import TAE_PUBLISHED as PUBLISHED
 Z_DIM, WIDTHS, TIME_GROW = 16, (256, 128, 64, 64), (1, 2, 2)
 
 
@@ -103,10 +103,7 @@ class TinyWanDecoder(nn.Module):
 
     @property
     def temporal_stride(self) -> int:
-        stride = 1
-        for grow in TIME_GROW:
-            stride *= grow
-        return stride
+        return math.prod(TIME_GROW)
 
     def run(self, frames: torch.Tensor, memory: list | None) -> torch.Tensor:
         """The decoder over latent frames [T, C, h, w] (one video, time on the batch axis) -> [T * 4, 3, H, W] in

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -60,7 +59,7 @@ def check_arguments(args):
     """Everything that can be checked before the generator loads: counts, the model's config, the frame count,
     the output path, ffmpeg, and the method with its settings, scale and weights. Returns the method."""
     from ..config import check_cache_holds, latent_frames_for, model_spec
-    from ..loading import load_config
+    from ..loading import check_decoder_choice, load_config
     from ..video_io import check_output_path, ffmpeg_exe
 
     if args.negative_weight and len(args.negative_weight) != len(args.negative):
@@ -95,12 +94,7 @@ def check_arguments(args):
         given = "--negative" if args.negative else "--scale"
         raise UserError(f"{given} has no effect with --guidance none: drop it, or pick a method "
                         f"(nasa, nag, vsf, cfg)")
-    if (args.vae == "tae") != (args.tae is not None):
-        raise UserError("--vae tae decodes with the tiny decoder's weights: give --tae PATH with it"
-                        if args.vae == "tae" else "--tae is the tiny decoder's weights: add --vae tae")
-    if args.tae is not None and not os.path.isfile(args.tae):
-        raise UserError(f"tiny decoder weights not found: {args.tae}; download taew2_1 from "
-                        f"github.com/madebyollin/taehv (taew2_1.pth or safetensors/taew2_1.safetensors)")
+    check_decoder_choice(args.vae, args.tae)
     if args.recache and not args.prompt_at:
         raise UserError("--recache acts at a prompt switch: add --prompt-at BLOCK:TEXT, or drop --recache")
     check_output_path(args.out, create_parent=args.out == DEFAULT_OUT)
