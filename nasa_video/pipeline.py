@@ -25,6 +25,7 @@ from .guidance import Guidance, ScaleSpec, default_scale, make_guidance, method_
 from .loading import (build_generator, build_text_encoder, build_vae_and_text, check_decoder_choice, load_config,
                       resolve_device, resolve_dtype)
 from .memory import check_fits
+from .model.graphs import resolve_cuda_graphs
 from .schedule import prediction_of, sampling_schedule
 from .request import (EMBEDS, LATENT_LIMIT, Negative, VideoRequest, check_embeds,  # noqa: F401 (re-exported)
                       check_prompt, check_seed, embeds_length, negative_embeds_items)
@@ -79,13 +80,16 @@ class StreamingGenerator:
                     overrides: dict | None = None, check_memory: bool = True,
                     compile: bool | None = None, vae_dtype: str | None = None,
                     overlap_decode: bool | None = None, vae: str = "auto",
-                    tae: str | os.PathLike | None = None) -> "StreamingGenerator":
+                    tae: str | os.PathLike | None = None, cuda_graphs: bool | None = None,
+                    fp8: bool = False) -> "StreamingGenerator":
         """compile: torch.compile the generator's repeated block (one compiled code for all layers; see
         CausalWanTransformer.compile_blocks). None: on for CUDA, off elsewhere; True also works on the CPU
         (inductor). The first block of each cache length pays the compile: warm up before timing.
         vae_dtype: auto (None) = bf16 on CUDA, fp32 elsewhere; overlap_decode: decode block k while block k + 1
         is denoised (None = on for CUDA). vae: "auto" (the config's codec) or "tae": the tiny Wan 2.1 decoder
-        (TAEHV taew2_1, weights at `tae`; see nasa_video/tae.py), for Wan-latent models."""
+        (TAEHV taew2_1, weights at `tae`; see nasa_video/tae.py), for Wan-latent models. cuda_graphs: replay
+        captured CUDA graphs for the cached forwards (set_cuda_graphs; None = off until a GPU bench shows they
+        win). fp8: the DiT's linear layers in float8 (nasa_video.fp8; CUDA, compute capability 8.9+, torchao)."""
         cfg = model if isinstance(model, DictConfig) else load_config(model, overrides)  # a config read once
         if isinstance(model, DictConfig) and overrides:
             raise UserError("give overrides with a config name or path, not with a loaded config")
@@ -99,6 +103,10 @@ class StreamingGenerator:
         if checkpoint is not None and not os.path.exists(checkpoint):
             raise UserError(f"checkpoint not found: {checkpoint}")
         check_decoder_choice(vae, tae)
+        if fp8:
+            from .fp8 import check_fp8
+
+            check_fp8(device_)
         if vae == "tae":
             from .model.interface import generator_section
             from .tae import Z_DIM, load_tiny_decoder
@@ -115,8 +123,13 @@ class StreamingGenerator:
         else:
             vae, text = build_vae_and_text(cfg, device_, dtype_, wan)
         generator = build_generator(cfg, device_, dtype_, checkpoint)
+        if fp8:
+            from .fp8 import quantize_fp8
+
+            quantize_fp8(generator)
         gen = cls(cfg, generator, vae, text, device_, dtype_, vae_dtype, overlap_decode)
         gen.set_compile(compile)
+        gen.set_cuda_graphs(cuda_graphs)
         return gen
 
     def set_compile(self, enable: bool | None = None) -> bool:
@@ -134,6 +147,22 @@ class StreamingGenerator:
     @property
     def compiled(self) -> bool:
         return bool(getattr(self.model, "compiled", False))
+
+    def set_cuda_graphs(self, enable: bool | None = None) -> bool:
+        """Replay captured CUDA graphs for the cached forwards (True), or run them eagerly (False; None: the
+        default, off). On a CPU, True runs the static-buffer path eagerly. What `--cuda-graphs` maps to."""
+        enable = resolve_cuda_graphs(enable, self.device)
+        use = getattr(self.model, "use_cuda_graphs", None)
+        if use is None:
+            if enable:
+                raise UserError(f"generator {type(self.model).__name__} has no use_cuda_graphs(); drop --cuda-graphs")
+            return False
+        use(enable)
+        return enable
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return getattr(self.model, "graphs", None) is not None
 
     # ---- the stream -------------------------------------------------------------------------------------
     def stream(self, prompt: str | VideoRequest | None, negative=None, scale: ScaleSpec | None = None,

@@ -50,6 +50,10 @@ def register(sub) -> None:
     p.add_argument("--attention", type=attention, default="auto", help="auto | sdpa | flash2 | flash3")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the repeated block (default: on for CUDA, off for the CPU)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay captured CUDA graphs for the denoising steps and cache passes (default: off)")
+    p.add_argument("--fp8", action="store_true",
+                   help="the DiT's linear layers in float8 (CUDA, compute capability 8.9+, needs torchao)")
     p.add_argument("--rolling", action="store_true", help="rolling self-attention cache (streams past the cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=generate)
@@ -95,6 +99,11 @@ def check_arguments(args):
         raise UserError(f"{given} has no effect with --guidance none: drop it, or pick a method "
                         f"(nasa, nag, vsf, cfg)")
     check_decoder_choice(args.vae, args.tae)
+    if args.fp8:
+        from ..fp8 import check_fp8
+        from ..loading import resolve_device
+
+        check_fp8(resolve_device(args.device))
     if args.recache and not args.prompt_at:
         raise UserError("--recache acts at a prompt switch: add --prompt-at BLOCK:TEXT, or drop --recache")
     check_output_path(args.out, create_parent=args.out == DEFAULT_OUT)
@@ -137,7 +146,8 @@ def generate(args) -> int:
                            prompt_at=dict(args.prompt_at), recache=args.recache)
     started = time.perf_counter()
     gen = StreamingGenerator.from_config(cfg, args.checkpoint, args.wan, args.device, args.dtype,
-                                         args.attention, compile=args.compile, vae=args.vae, tae=args.tae)
+                                         args.attention, compile=args.compile, vae=args.vae, tae=args.tae,
+                                         cuda_graphs=args.cuda_graphs, fp8=args.fp8)
     loaded = time.perf_counter() - started
     result = gen.generate(request, args.out, progress=not args.quiet)
     scale = default_scale(gen.spec, method) if args.scale is None else args.scale

@@ -329,28 +329,16 @@ class CausalWanTransformer(WanTransformer3DModel):
         prompts: text encoder outputs whose K/V are built inside this forward, with the installed processors'
         guidance (training: under FSDP a block's weights exist only inside its forward).
         """
-        batch, _, frames, height, width = x.shape
+        _, _, frames, height, width = x.shape
         pt, ph, pw = self.config.patch_size
         fp, hp, wp = frames // pt, height // ph, width // pw
-        dtype = self.patch_embedding.weight.dtype
-
-        hidden = self.patch_embedding(x.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # [B, F, HW, D]
+        # Everything that reads or changes Python state happens here, before the tensor work (_layers_forward):
+        # the RoPE tables, the cache's slots (and its eviction), the key mask and each layer's guidance plan.
         cos, sin = self.rope_tables(start_frame, fp, hp, wp, x.device, frame_positions)
-
-        emb = self.condition_embedder
-        sinusoid = emb.timesteps_proj(t.flatten().float())
-        temb = emb.time_embedder(sinusoid.to(next(emb.time_embedder.parameters()).dtype)).float()
-        modulation = emb.time_proj(emb.act_fn(temb).to(emb.time_proj.weight.dtype)).float()
-        temb = temb.view(batch, fp, -1)
-        modulation = modulation.view(batch, fp, 6, -1)
-
         if kv_cache is not None:
             kv_cache.place(start_frame, fp)
             if attn_mask is None:  # rows that joined a batch late do not see the slots filled before them
                 attn_mask = kv_cache.key_mask()
-        # Training at full size: recompute each layer in the backward pass instead of keeping its activations
-        # (diffusers' enable_gradient_checkpointing() sets the flag).
-        checkpointing = getattr(self, "gradient_checkpointing", False) and torch.is_grad_enabled() and kv_cache is None
         contexts = None
         if prompts is not None:  # every block builds its own K/V from the projected contexts
             contexts = ([self._project_text(c) for c in (prompts.positive, *prompts.negatives)], prompts.lengths)
@@ -359,9 +347,62 @@ class CausalWanTransformer(WanTransformer3DModel):
                 prepare = getattr(block.attn2.processor, "prepare", None)
                 if prepare is not None:
                     prepare()
+        layers = [kv_cache.layer(i) for i in range(len(self.blocks))] if kv_cache is not None else None
+        graphs = self._graphs
+        if graphs is not None and layers is not None and attn_mask is None and contexts is None \
+                and not torch.is_grad_enabled():
+            return self._graphed_forward(graphs, x, t, cos, sin, kv_cache, layers)
+        return self._layers_forward(x, t, cos, sin, layers, attn_mask, contexts)
+
+    def _graphed_forward(self, graphs, x, t, cos, sin, kv_cache, layers):
+        """The cached forward through a captured graph (model/graphs.py): keyed by the shapes, the cache slots and
+        each layer's plan key; bound to the cache's buffers."""
+        graphs.bind(tuple(map(id, (*kv_cache.k, *kv_cache.v))))
+        processors = [block.attn2.processor for block in self.blocks]
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), tuple(cos.shape), kv_cache.slots,
+               tuple(getattr(p, "_plan_key", id(p)) for p in processors))
+        keep = tuple((p, getattr(p, "text", None), getattr(getattr(p, "setting", None), "method", None),
+                      getattr(p, "plan", None)) for p in processors)
+        return graphs(key, keep, (x, t, cos, sin),
+                      lambda x_, t_, cos_, sin_: self._layers_forward(x_, t_, cos_, sin_, layers, None, None))
+
+    def use_cuda_graphs(self, enable: bool = True, capture: bool | None = None, **options) -> "CausalWanTransformer":
+        """Serve cached inference forwards from captured CUDA graphs (model/graphs.StepGraphs), or eagerly again
+        (enable=False). capture=False: the static-buffer path run eagerly (a CPU; what the tests check)."""
+        from .graphs import StepGraphs
+
+        self._graphs = StepGraphs(self.patch_embedding.weight.device, capture, **options) if enable else None
+        return self
+
+    _graphs = None
+
+    @property
+    def graphs(self):
+        """The StepGraphs serving the cached forwards, or None (eager)."""
+        return self._graphs
+
+    def _layers_forward(self, x, t, cos, sin, layers, attn_mask, contexts) -> torch.Tensor:
+        """The forward's tensor work: embeddings, every layer (cache writes in place), the output head. Reads only
+        its arguments and the parameters (plus each layer's installed processor and plan)."""
+        batch, _, frames, height, width = x.shape
+        pt, ph, pw = self.config.patch_size
+        fp, hp, wp = frames // pt, height // ph, width // pw
+        dtype = self.patch_embedding.weight.dtype
+
+        hidden = self.patch_embedding(x.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # [B, F, HW, D]
+        emb = self.condition_embedder
+        sinusoid = emb.timesteps_proj(t.flatten().float())
+        temb = emb.time_embedder(sinusoid.to(next(emb.time_embedder.parameters()).dtype)).float()
+        modulation = emb.time_proj(emb.act_fn(temb).to(emb.time_proj.weight.dtype)).float()
+        temb = temb.view(batch, fp, -1)
+        modulation = modulation.view(batch, fp, 6, -1)
+
+        # Training at full size: recompute each layer in the backward pass instead of keeping its activations
+        # (diffusers' enable_gradient_checkpointing() sets the flag).
+        checkpointing = getattr(self, "gradient_checkpointing", False) and torch.is_grad_enabled() and layers is None
         compiled = self._compiled_block if not checkpointing else None
         for layer, block in enumerate(self.blocks):
-            cache = kv_cache.layer(layer) if kv_cache is not None else None
+            cache = layers[layer] if layers is not None else None
             args = (hidden, modulation, cos, sin, cache, attn_mask, contexts)
             if checkpointing:
                 hidden = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
@@ -375,6 +416,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         out = self.proj_out(hidden)  # [B, F, HW, pt*ph*pw*C]
         out = out.reshape(batch, fp, hp, wp, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(batch, -1, fp * pt, hp * ph, wp * pw)  # one copy, not a view (FSDP's hooks want that)
+
 
 def cast_generator(model: CausalWanTransformer, device, dtype: torch.dtype) -> CausalWanTransformer:
     """Move to device and dtype, keeping diffusers' fp32 modules (norms, modulation, time embedding) in fp32."""
