@@ -16,6 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import model_spec, pixel_frames
+from .errors import UserError
 from .guidance import make_guidance
 from .loading import load_config
 from .model.cache import TextCache
@@ -121,9 +122,11 @@ class RandomTextEncoder:
         return torch.randn(1, self.max_length, self.dim, generator=g).to(self.device)
 
 
-def random_weight_generator(model: str, device: str, dtype: str, overrides: dict | None = None, **options):
-    """A StreamingGenerator of a config with random generator and VAE weights (no downloads). options go to
-    StreamingGenerator (vae_dtype, overlap_decode, ...)."""
+def random_weight_generator(model: str, device: str, dtype: str, overrides: dict | None = None, vae: str = "auto",
+                            **options):
+    """A StreamingGenerator of a config with random generator and VAE weights (no downloads). vae="tae": the tiny
+    Wan 2.1 decoder (random weights in the published layout) instead of the config's VAE. options go to
+    StreamingGenerator (vae_dtype, overlap_decode, ...), compile to set_compile."""
     from diffusers import AutoencoderKLWan
 
     from .loading import build_generator, resolve_device, resolve_dtype
@@ -134,17 +137,67 @@ def random_weight_generator(model: str, device: str, dtype: str, overrides: dict
     dtype_ = resolve_dtype(dtype, device_)
     if cfg.weights.source == "random":
         from .loading import build_vae_and_text
-        vae, text = build_vae_and_text(cfg, device_, dtype_)
+        codec, text = build_vae_and_text(cfg, device_, dtype_)
     else:
-        vae = AutoencoderKLWan().to(device_)  # diffusers' defaults are Wan2.1's VAE
+        codec = None
         text = RandomTextEncoder(int(cfg.generator.text_dim), int(cfg.weights.text_max_length), device_)
+    if vae == "tae":
+        from .tae import Z_DIM, TinyDecoderCodec, TinyWanDecoder
+
+        if int(generator_section(cfg)[1]["in_channels"]) != Z_DIM:
+            raise UserError(f"--vae tae decodes Wan 2.1 latents ({Z_DIM} channels); use a Wan model (self-forcing)")
+        codec = TinyDecoderCodec(TinyWanDecoder().to(device_))
+    elif codec is None:
+        codec = AutoencoderKLWan().to(device_)  # diffusers' defaults are Wan2.1's VAE
     cfg.weights.source = "random"
     cfg.weights.seed = 0
     generator = build_generator(cfg, device_, dtype_)
     compile = options.pop("compile", False)
-    gen = StreamingGenerator(cfg, generator, vae, text, device_, dtype_, **options)
+    gen = StreamingGenerator(cfg, generator, codec, text, device_, dtype_, **options)
     gen.set_compile(compile)
     return gen
+
+
+def video_latents(gen, method: str = "nasa", seed: int = 0) -> torch.Tensor:
+    """One video's latents (no decode) at the method's bench scale: what the variants' errors compare."""
+    stream = gen.stream("a fox running through snow", "blurry, low quality", make_guidance(method).bench_scale, method,
+                        seed=seed, decode=False)
+    return torch.cat([chunk.latents for chunk in stream], 2)
+
+
+# A replay runs the captured kernels of the eager forward: the same numbers, up to the order a kernel may pick
+# again at capture; FP8 rounds weights and activations to 3 mantissa bits (LongLive's recipe).
+VARIANT_TOLERANCE = {"cuda_graphs": 1e-2, "fp8": 0.15}  # relative RMS error of a video's latents
+
+
+def latent_error(value: torch.Tensor, reference: torch.Tensor) -> dict:
+    diff = (value.float() - reference.float())
+    rms = reference.float().pow(2).mean().sqrt().item()
+    return {"max_abs": diff.abs().max().item(), "rel_rms": diff.pow(2).mean().sqrt().item() / max(rms, 1e-12)}
+
+
+def apply_variants(gen, cuda_graphs: bool = False, fp8: bool = False) -> dict:
+    """Turn FP8 and CUDA graphs on, each after measuring one video against the step before it (eager bf16 for FP8,
+    eager FP8-or-not for graphs): {variant: latent_error + tolerance + ok}."""
+    errors = {}
+    if not (cuda_graphs or fp8):
+        return errors
+    reference = video_latents(gen)
+    if fp8:
+        from .fp8 import check_fp8, quantize_fp8
+
+        check_fp8(gen.device)
+        quantize_fp8(gen.model)
+        value = video_latents(gen)
+        errors["fp8"] = latent_error(value, reference)
+        reference = value
+    if cuda_graphs:
+        gen.set_cuda_graphs(True)
+        errors["cuda_graphs"] = latent_error(video_latents(gen), reference)
+    for name, error in errors.items():
+        error["tolerance_rel_rms"] = VARIANT_TOLERANCE[name]
+        error["ok"] = error["rel_rms"] <= VARIANT_TOLERANCE[name]
+    return errors
 
 
 # bf16 dense (no structured sparsity) tensor-core peaks, TFLOP/s, by a substring of torch's device name; the first
@@ -258,6 +311,8 @@ def speed_report(gen, methods, repeats: int = 5, decode: bool = False, flops: di
     report = {"model": gen.spec.name, "device": str(gen.device), "device_name": name, "dtype": str(gen.dtype),
               "repeats": repeats, "decode": decode, "frames": frames, "methods": out,
               "attention": attention.backend(), "compile": gen.compiled, "peak_tflops": peak,
+              "cuda_graphs": gen.cuda_graphs, "fp8": getattr(gen.model, "fp8_layers", 0) > 0,
+              "decoder": type(gen.codec).__name__,
               "vae_dtype": str(gen.vae_dtype).replace("torch.", "") if getattr(gen, "vae_dtype", None) else None,
               "overlap_decode": bool(getattr(gen, "overlap_decode", False)) and decode}
     if memory:
@@ -271,9 +326,10 @@ def format_speed_report(report: dict, label: str | None = None) -> str:
         return "-" if value is None else format(value, fmt)
 
     lines = [f"{label or report['model']} on {report['device']} ({report['device_name']}) {report['dtype']}, "
-             f"attention {report['attention']}, compile {'on' if report['compile'] else 'off'}, {report['frames']} "
-             f"frames, decode {'on' if report['decode'] else 'off'}"
-             + (f" (VAE {report['vae_dtype']}, overlapped {'yes' if report['overlap_decode'] else 'no'})"
+             f"attention {report['attention']}, compile {'on' if report['compile'] else 'off'}, CUDA graphs "
+             f"{'on' if report.get('cuda_graphs') else 'off'}, FP8 {'on' if report.get('fp8') else 'off'}, "
+             f"{report['frames']} frames, decode {'on' if report['decode'] else 'off'}"
+             + (f" ({report.get('decoder')} {report['vae_dtype']}, overlapped {'yes' if report['overlap_decode'] else 'no'})"
                 if report["decode"] else "") + f", {report['repeats']} interleaved runs",
              f"{'method':8} {'median s':>9} {'min-max s':>15} {'ratio':>7} {'fps':>7} {'fps DiT':>8} "
              f"{'first s':>8} {'denoise s':>9} {'decode s':>8} {'overlap s':>9} {'TFLOP/s':>8} {'of peak':>7}"]
@@ -284,6 +340,10 @@ def format_speed_report(report: dict, label: str | None = None) -> str:
                      f"{num(r['achieved_tflops'], '8.2f')} {num(r['peak_share'], '7.1%')}")
     if report.get("peak_gpu_memory_bytes") is not None:
         lines.append(f"peak GPU memory {report['peak_gpu_memory_bytes'] / 2**30:.2f} GiB")
+    for name, error in report.get("errors", {}).items():
+        lines.append(f"{name} vs eager{' bf16' if name == 'fp8' else ''}: latents max abs {error['max_abs']:.3g}, "
+                     f"relative RMS {error['rel_rms']:.3g} (tolerance {error['tolerance_rel_rms']:g}: "
+                     f"{'ok' if error['ok'] else 'OVER'})")
     if report["peak_tflops"] is None:
         lines.append("peak TFLOP/s of this device unknown (bench.PEAK_BF16_TFLOPS): no share of peak")
     return "\n".join(lines)
@@ -365,7 +425,7 @@ def format_profile(profiles: dict) -> str:
 def run_speed(model: str, methods, repeats: int = 5, device: str = "auto", dtype: str = "auto",
               attention_backend: str = "auto", decode: bool = False, json_path: str | None = None,
               profile_path: str | None = None, vae_dtype: str | None = None, overlap_decode: bool | None = None,
-              **options) -> dict:
+              vae: str = "auto", cuda_graphs: bool = False, fp8: bool = False, **options) -> dict:
     """`nasa-video bench speed`: random weights (model `mid` = the tiny config at a mid size), the report printed
     and written (--json), and with profile_path one block's kernels per method (JSON there, markdown beside)."""
     from pathlib import Path
@@ -375,9 +435,19 @@ def run_speed(model: str, methods, repeats: int = 5, device: str = "auto", dtype
 
     attention.set_backend(attention_backend)
     name, overrides = ("tiny", MID) if model == "mid" else (model, None)
-    gen = random_weight_generator(name, device, dtype, overrides, vae_dtype=vae_dtype,
+    if fp8:
+        from .fp8 import check_fp8
+        from .loading import resolve_device
+
+        check_fp8(resolve_device(device))
+    gen = random_weight_generator(name, device, dtype, overrides, vae, vae_dtype=vae_dtype,
                                   overlap_decode=overlap_decode, **options)
+    errors = apply_variants(gen, bool(cuda_graphs), fp8)
     report = speed_report(gen, methods, repeats, decode)
+    report["errors"] = errors
+    if gen.cuda_graphs:
+        graphs = gen.model.graphs
+        report["graph_captures"], report["graph_runs"] = graphs.captures, graphs.runs
     print(format_speed_report(report, f"{model} (random weights)"))
     if profile_path:
         profiles = {m: profile_block(gen, m) for m in report["methods"]}

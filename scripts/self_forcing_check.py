@@ -2,22 +2,17 @@
 
     python scripts/self_forcing_check.py PATH_TO_SELF_FORCING_CHECKOUT
 
-Shims as tests/test_upstream.py: torchvision stand-in, CUDA device queries, fp32 SDPA for flash-attn."""
-import importlib.machinery, os, sys, tempfile, types
+Shims: scripts/upstream_shims.py (torchvision stand-in, CUDA device queries, its flash-attn calls on SDPA)."""
+import os, sys, tempfile
+from pathlib import Path
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from upstream_shims import shim_self_forcing
 SF = sys.argv[1]
-sys.path.insert(0, SF)
-for n in ('torchvision', 'torchvision.transforms', 'torchvision.transforms.functional'):
-    m = types.ModuleType(n); m.__spec__ = importlib.machinery.ModuleSpec(n, None); sys.modules[n] = m
-torch.cuda.current_device = lambda: 0
-import pipeline.causal_inference as ci
-import wan.modules.causal_model as cm
-import wan.modules.model as wm
+upstream = shim_self_forcing(SF)  # fp32 SDPA: the default attend is nasa_video's, which runs SDPA on the CPU
+ci, cm = upstream.ci, upstream.cm
 from omegaconf import OmegaConf
 
-def sdpa(q, k, v, *a, **kw):
-    return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).contiguous()
-cm.attention = sdpa; wm.flash_attention = sdpa
 folder = tempfile.mkdtemp()
 torch.manual_seed(0)
 model = cm.CausalWanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=4, dim=48, ffn_dim=96, freq_dim=32,

@@ -284,3 +284,20 @@ def test_hook_on_upstream_self_forcing():
     assert done.returncode == 0, done.stderr[-2000:]
     line = done.stdout.strip().splitlines()[-1]
     assert "scale 0 bit-identical: True" in line and "restores: True and True" in line, line
+
+
+@pytest.mark.skipif(not (Path(SELF_FORCING) / "pipeline" / "causal_inference.py").is_file(),
+                    reason="upstream Self-Forcing code not present: set NASA_VIDEO_SELF_FORCING to a checkout")
+def test_the_side_by_side_bench_runs_upstream_self_forcing(tmp_path):
+    """scripts/upstream_bench.py at tiny sizes on the CPU: both loops run and the report has both ratios (a check
+    of the script the GPU bench runs at full size; no figure is asserted)."""
+    import json
+    import subprocess
+
+    script = ROOT / "scripts" / "upstream_bench.py"
+    out = tmp_path / "side.json"
+    done = subprocess.run([sys.executable, str(script), "--repo", SELF_FORCING, "--device", "cpu", "--smoke",
+                           "--repeats", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["median_s"]) == {"none", "nasa", "upstream"} and report["nasa_over_upstream"] > 0, report

@@ -27,6 +27,12 @@ def register(sub) -> None:
                        help="decode block k while block k+1 is denoised (default: on for CUDA)")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile the repeated block (default: on for CUDA); the warm-up is reported apart")
+    speed.add_argument("--vae", choices=("auto", "tae"), default="auto",
+                       help="decoder with --decode: the model's (auto) or the tiny Wan 2.1 decoder (tae, random weights)")
+    speed.add_argument("--cuda-graphs", action="store_true",
+                       help="replay CUDA graphs for the cached forwards; reports their latents' error against eager")
+    speed.add_argument("--fp8", action="store_true",
+                       help="the blocks' linear layers in float8 (torchao); reports the error against bf16")
     speed.add_argument("--profile", default=None, metavar="PATH", type=json_path,
                        help="also write one block's top kernels per method, grouped (JSON at PATH, markdown beside)")
     speed.add_argument("--json", default=None, type=json_path, help="also write the report as JSON")
@@ -49,5 +55,6 @@ def bench_speed(args) -> int:
     from ..bench import run_speed
 
     run_speed(args.model, args.methods or all_methods(), args.repeats, args.device, args.dtype, args.attention,
-              args.decode, args.json, args.profile, args.vae_dtype, args.overlap_decode, compile=args.compile)
+              args.decode, args.json, args.profile, args.vae_dtype, args.overlap_decode, vae=args.vae,
+              cuda_graphs=args.cuda_graphs, fp8=args.fp8, compile=args.compile)
     return 0

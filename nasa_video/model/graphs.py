@@ -100,7 +100,8 @@ class StepGraphs:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # One pool for every graph: they never run at once, and each output is copied out before the next replay.
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the overlapped decode's worker thread keeps working on its own stream during a capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             entry.output = run(*static)
         entry.graph = graph
         return entry
