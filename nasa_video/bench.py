@@ -311,8 +311,9 @@ def speed_report(gen, methods, repeats: int = 5, decode: bool = False, flops: di
     report = {"model": gen.spec.name, "device": str(gen.device), "device_name": name, "dtype": str(gen.dtype),
               "repeats": repeats, "decode": decode, "frames": frames, "methods": out,
               "attention": attention.backend(), "compile": gen.compiled, "peak_tflops": peak,
-              "cuda_graphs": gen.cuda_graphs, "fp8": getattr(gen.model, "fp8_layers", 0) > 0,
-              "decoder": type(gen.codec).__name__,
+              "cuda_graphs": bool(getattr(gen, "cuda_graphs", False)),
+              "fp8": getattr(getattr(gen, "model", None), "fp8_layers", 0) > 0,
+              "decoder": type(gen.codec).__name__ if getattr(gen, "codec", None) is not None else None,
               "vae_dtype": str(gen.vae_dtype).replace("torch.", "") if getattr(gen, "vae_dtype", None) else None,
               "overlap_decode": bool(getattr(gen, "overlap_decode", False)) and decode}
     if memory:

@@ -135,6 +135,7 @@ class BlockEngine:
         self.block = 0  # the engine's block counter: every video's frames sit at its positions
         self.offset = 0  # positions taken off by re-bases
         self.kv_cache = None
+        self._released = False
         self.held: dict[int, tuple[int, torch.Tensor]] = {}  # engine block -> (position, cache-pass input [B, ...])
         self.overlap = decode and overlap
         self.worker: OverlappedDecoder | None = None  # made at the first overlapped decode (again after close())
@@ -227,6 +228,7 @@ class BlockEngine:
         if not self._joining:
             return
         if not self.videos:  # everyone left (the cache stays for a look until then): the next video starts afresh
+            self._release_cache()
             self.kv_cache, self.held, self.block, self.offset = None, {}, 0, 0
         if self.kv_cache is not None:
             self.kv_cache.add_rows(sum(v.conditions for v in self._joining.values()))
@@ -310,13 +312,20 @@ class BlockEngine:
                  for v in self.videos.values()]
         return draws[0] if len(draws) == 1 else torch.cat(draws)
 
+    def _release_cache(self) -> None:
+        """No video is left: hand the cache back to the generator once (with CUDA graphs, its buffers serve the next)."""
+        release = getattr(self.gen.model, "release_kv_cache", None)
+        if self.kv_cache is not None and not self._released and release is not None:
+            release(self.kv_cache)
+        self._released = True
+
     def _start_cache(self) -> None:
         gen, spec = self.gen, self.gen.spec
         h, w = next(iter(self.videos.values())).stream.latent_hw
         rows = sum(v.conditions for v in self.videos.values())
         self.kv_cache = gen.model.new_kv_cache(rows, self.capacity, h, w, self.rolling, spec.cache.sink_frames,
                                                gen.dtype, gen.device)
-        self.held = {}
+        self.held, self._released = {}, False
 
     @torch.no_grad()
     def _recache(self, due: list[int]) -> float:
@@ -391,6 +400,7 @@ class BlockEngine:
         self._update_videos()
         self._drop_failing()
         if not self.videos:
+            self._release_cache()
             return None
         if self.kv_cache is None:
             self._start_cache()

@@ -2,15 +2,19 @@
 # Speed figures on a lent GPU machine that has torch + CUDA but no internet, in under 8 minutes:
 #   bash scripts/bench_gpu.sh [outdir]          (outdir: default $OUT, else bench-gpu)
 # Uses the python that has torch (PYTHON, default python3): no venv, no downloads. What nasa-video needs beside
-# torch (diffusers, omegaconf, transformers, ...) is installed only if missing, from the wheel folder WHEELS
-# (default .whl, prepared on a machine with the registries by scripts/gpu_wheels.sh) into SITE (a temporary
-# folder put on PYTHONPATH). Random weights at full size (480x832, 21 latent frames = 81 frames), bf16.
-# Steps in order of importance, each under `timeout`; a step that would end past BUDGET seconds is skipped:
-#   1. CausVid, 3 steps + cache pass, DiT only: none nasa nag vsf cfg (+ --profile: one block's kernels)
-#   2. Self-Forcing, 4 steps, with the streaming decode (bf16 VAE, overlapped): none nasa nag vsf cfg
-#   3. the FLOPs table;  4. bf16 vs fp32 VAE decode error at full size
-#   5. Self-Forcing none with the old decode path (fp32 VAE, not overlapped), for the decode's share
-#   6. compile on/off (CausVid none + nasa), only if `bench speed` has --compile
+# torch (diffusers, omegaconf, transformers, ...; torchao for FP8, easydict/ftfy for upstream) is installed only if
+# missing, from the wheel folder WHEELS (default .whl, prepared on a machine with the registries by
+# scripts/gpu_wheels.sh) into SITE (a temporary folder put on PYTHONPATH). Random weights at full size (480x832,
+# 21 latent frames = 81 frames), bf16, eager blocks (--no-compile) unless a row says compile.
+# Steps, most important first, each under `timeout`; a step that would end past BUDGET seconds is skipped:
+#   1. Self-Forcing 4 steps + the tiny decoder (TAEHV, overlapped): none nasa cfg
+#   2. the same with CUDA graphs;  3. with the Wan VAE in bf16 instead of the tiny decoder
+#   4. upstream Self-Forcing's own loop beside nasa-video none / NASA (needs its checkout: NASA_VIDEO_SELF_FORCING,
+#      default third_party/self_forcing; carry it), DiT only
+#   5. FP8 (torchao) + tiny decoder;  6. torch.compile + CUDA graphs + tiny decoder
+#   7. CausVid 3 steps DiT only with one block's kernel profile: none nasa nag vsf cfg
+#   8. the FLOPs table;  9. tiny decoder vs Wan VAE decode alone
+# It ends with one table (summary.md) naming the GPU, attention backend, decoder, compile, graphs and FP8 of every row.
 # DEVICE=cpu SMOKE=1 runs the same steps on the tiny config (a check of the script itself, not figures).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,44 +58,54 @@ nv="$PY -m nasa_video.cli"
 methods="none nasa nag vsf cfg"
 common="--device $DEVICE --dtype bf16 --attention auto"
 
-step causvid-dit 150 $nv bench speed --model $causvid $common --methods $methods --repeats $rep \
+if [ -n "${SMOKE:-}" ]; then tae=""; else tae="--vae tae"; fi  # the tiny config's latents are not Wan's
+eager="--no-compile"
+SF_REPO=${NASA_VIDEO_SELF_FORCING:-third_party/self_forcing}
+
+step sf-tae 100 $nv bench speed --model $sf $common $eager --methods none nasa cfg --repeats $rep_sf --decode $tae \
+    --vae-dtype auto --json "$out/speed-sf-tae.json"
+step sf-tae-graphs 100 $nv bench speed --model $sf $common $eager --methods none nasa cfg --repeats $rep_sf --decode \
+    $tae --vae-dtype auto --cuda-graphs --json "$out/speed-sf-tae-graphs.json"
+step sf-wan-vae 100 $nv bench speed --model $sf $common $eager --methods none nasa cfg --repeats $rep_sf --decode \
+    --vae-dtype auto --json "$out/speed-sf-wan-vae.json"
+if [ -f "$SF_REPO/pipeline/causal_inference.py" ]; then
+    step upstream 110 $PY scripts/upstream_bench.py --repo "$SF_REPO" --device "$DEVICE" --repeats $rep_sf \
+        ${SMOKE:+--smoke} --json "$out/upstream.json"
+else
+    log "upstream: skipped (no Self-Forcing checkout at $SF_REPO; set NASA_VIDEO_SELF_FORCING or carry third_party/self_forcing)"
+fi
+step sf-tae-fp8 80 $nv bench speed --model $sf $common $eager --methods none nasa --repeats $rep_sf --decode $tae \
+    --vae-dtype auto --fp8 --json "$out/speed-sf-tae-fp8.json"
+step sf-tae-compile-graphs 150 $nv bench speed --model $sf $common --compile --methods none nasa --repeats $rep_sf \
+    --decode $tae --vae-dtype auto --cuda-graphs --json "$out/speed-sf-tae-compile-graphs.json"
+step causvid-dit 100 $nv bench speed --model $causvid $common $eager --methods $methods --repeats $rep \
     --json "$out/speed-causvid-dit.json" --profile "$out/kernels-causvid.json"
-step self-forcing-decode 170 $nv bench speed --model $sf $common --methods $methods --repeats $rep_sf --decode \
-    --vae-dtype auto --json "$out/speed-self-forcing-decode.json"
 step flops 60 $nv bench flops --model $causvid --json "$out/flops-causvid.json"
-if [ -n "$big" ]; then
-    step vae-precision 60 $PY scripts/vae_precision.py --device "$DEVICE" --full --latent-frames 21 --size 60 104 \
-        --seeds 1 --json "$out/vae-precision.json"
-else
-    step vae-precision 60 $PY scripts/vae_precision.py --device "$DEVICE" --latent-frames 3 --size 4 4 --seeds 1 \
-        --json "$out/vae-precision.json"
-fi
-step tiny-decoder 90 $PY scripts/tiny_decoder_bench.py --device "$DEVICE" --dtype bf16 --frames 21 --size 480 832 \
-    --repeats 3 --json "$out/tiny-decoder.json"
-step self-forcing-decode-fp32-sequential 70 $nv bench speed --model $sf $common --methods none --repeats 2 --decode \
-    --vae-dtype fp32 --no-overlap-decode --json "$out/speed-self-forcing-decode-fp32-sequential.json"
-if $nv bench speed --help 2>/dev/null | grep -q -- "--compile"; then
-    off=$($nv bench speed --help | grep -q -- "--no-compile" && echo "--no-compile" || echo "")
-    step compile-on 150 $nv bench speed --model $causvid $common --methods none nasa --repeats 2 --compile \
-        --json "$out/speed-causvid-compile-on.json"
-    step compile-off 60 $nv bench speed --model $causvid $common --methods none nasa --repeats 2 $off \
-        --json "$out/speed-causvid-compile-off.json"
-else
-    log "compile: bench speed has no --compile here; skipped"
-fi
+step tiny-decoder 60 $PY scripts/tiny_decoder_bench.py --device "$DEVICE" --dtype bf16 --frames 21 \
+    $([ -n "$big" ] && echo "--size 480 832" || echo "--size 32 32") --repeats 2 --json "$out/tiny-decoder.json"
 
 $PY - "$out" <<'EOF' | tee "$out/summary.md"
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-print("| run | attention | compile | VAE | method | s / video | fps | fps DiT | first block s | TFLOP/s | of peak | ratio |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| run | GPU | attention | decoder | compile | graphs | FP8 | method | s / video | fps | fps DiT | first block s "
+      "| ratio to none | error vs eager |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for f in sorted(out.glob("speed-*.json")):
     r = json.loads(f.read_text())
-    vae = f"{r.get('vae_dtype')} {'overlapped' if r.get('overlap_decode') else 'sequential'}" if r["decode"] else "-"
+    decoder = f"{r.get('decoder')} {r.get('vae_dtype')}{' overlapped' if r.get('overlap_decode') else ''}" \
+        if r["decode"] else "- (DiT only)"
+    errors = "; ".join(f"{k} {v['rel_rms']:.2g}{'' if v['ok'] else ' OVER'}" for k, v in r.get("errors", {}).items()) or "-"
     for m, v in r["methods"].items():
-        tf, share = v.get("achieved_tflops"), v.get("peak_share")
-        print(f"| {f.stem[6:]} | {r.get('attention')} | {r.get('compile')} | {vae} | {m} | {v['median_s']:.3f} | "
-              f"{v['fps']:.1f} | {v['fps_without_decode'] or 0:.1f} | {v['first_block_s']:.3f} | "
-              f"{'-' if tf is None else f'{tf:.3g}'} | {'-' if share is None else f'{share:.0%}'} | {v['ratio']:.3f} |")
+        print(f"| {f.stem[6:]} | {r['device_name']} | {r.get('attention')} | {decoder} | {'on' if r.get('compile') else 'off'} "
+              f"| {'on' if r.get('cuda_graphs') else 'off'} | {'on' if r.get('fp8') else 'off'} | {m} | {v['median_s']:.3f} "
+              f"| {v['fps']:.1f} | {v['fps_without_decode'] or 0:.1f} | {v['first_block_s']:.3f} | {v['ratio']:.3f} | {errors} |")
+up = out / "upstream.json"
+if up.exists():
+    r = json.loads(up.read_text())
+    for name, label in (("none", "nasa-video none"), ("nasa", "nasa-video NASA"), ("upstream", "upstream Self-Forcing")):
+        print(f"| upstream side by side | {r['device_name']} | {r['attention']} | - (DiT only) | off | off | off | {label} "
+              f"| {r['median_s'][name]:.3f} | {r['fps'][name]:.1f} | {r['fps'][name]:.1f} | - | - | - |")
+    print(f"\nnasa-video none / upstream = {r['none_over_upstream']:.3f}, nasa-video NASA / upstream = "
+          f"{r['nasa_over_upstream']:.3f} (same GPU, same run{', SMOKE sizes' if r['smoke'] else ''})")
 EOF
 log "done in $((SECONDS - start))s; figures in $out"

@@ -37,12 +37,20 @@ class SelfAttentionCache:
     """
 
     def __init__(self, num_layers: int, batch: int, capacity_frames: int, tokens_per_frame: int, heads: int,
-                 head_dim: int, dtype: torch.dtype, device, rolling: bool = False, sink_frames: int = 0):
+                 head_dim: int, dtype: torch.dtype, device, rolling: bool = False, sink_frames: int = 0,
+                 buffers: tuple[list, list] | None = None):
+        """buffers: (K, V) per layer of a finished cache of this shape to reuse (zeroed here), instead of new ones:
+        CUDA graphs captured on them replay for this cache (model.graphs)."""
         if rolling and not 0 <= sink_frames < capacity_frames:
             raise UserError(f"sink_frames must be in [0, {capacity_frames}) for a rolling cache of {capacity_frames} frames")
         shape = (batch, capacity_frames * tokens_per_frame, heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        if buffers is not None:
+            self.k, self.v = list(buffers[0]), list(buffers[1])
+            for buffer in (*self.k, *self.v):
+                buffer.zero_()
+        else:
+            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.capacity_frames = capacity_frames
         self.tokens_per_frame = tokens_per_frame
         self.rolling = rolling

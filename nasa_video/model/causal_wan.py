@@ -22,6 +22,7 @@ from ..attention import attend
 from ..guidance import Guidance, NoGuidance
 from .cache import PromptEmbeddings, SelfAttentionCache
 from .cross_attention import CrossAttentionProcessor, plain_processors, text_kv
+from .graphs import indexed
 from .interface import Architecture, register_architecture
 
 
@@ -287,10 +288,20 @@ class CausalWanTransformer(WanTransformer3DModel):
     def new_kv_cache(self, batch: int, capacity_frames: int, latent_height: int, latent_width: int,
                      rolling: bool = False, sink_frames: int = 0, dtype=None, device=None) -> SelfAttentionCache:
         param = self.patch_embedding.weight
-        return SelfAttentionCache(self.config.num_layers, batch, capacity_frames,
-                                  self.tokens_per_frame(latent_height, latent_width), self.heads,
-                                  self.config.attention_head_dim, dtype or param.dtype, device or param.device,
-                                  rolling, sink_frames)
+        args = (self.config.num_layers, batch, capacity_frames, self.tokens_per_frame(latent_height, latent_width),
+                self.heads, self.config.attention_head_dim, dtype or param.dtype, indexed(device or param.device))
+        spare = self._graphs.take_buffers(args) if self._graphs is not None else None
+        return SelfAttentionCache(*args, rolling, sink_frames, buffers=spare)
+
+    def release_kv_cache(self, kv_cache: SelfAttentionCache) -> None:
+        """A finished stream's cache (the block loop calls this when no video is left): with CUDA graphs on, its
+        buffers serve the next cache of the same shape, so the graphs captured on them replay for the next video
+        instead of capturing again. The finished cache must not be written after this."""
+        if self._graphs is not None:
+            k = kv_cache.k[0]
+            args = (len(kv_cache.k), k.shape[0], kv_cache.capacity_frames, kv_cache.tokens_per_frame, k.shape[2],
+                    k.shape[3], k.dtype, k.device)
+            self._graphs.keep_buffers(args, kv_cache.k, kv_cache.v)
 
     def text_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (K, V) [B, L, H, D] of one prompt's encoder output [B, L, text_dim]; norm_k applied."""
@@ -351,20 +362,19 @@ class CausalWanTransformer(WanTransformer3DModel):
         graphs = self._graphs
         if graphs is not None and layers is not None and attn_mask is None and contexts is None \
                 and not torch.is_grad_enabled():
-            return self._graphed_forward(graphs, x, t, cos, sin, kv_cache, layers)
+            processors = [block.attn2.processor for block in self.blocks]
+            if all(getattr(p, "plan", None) is not None for p in processors):
+                return self._graphed_forward(graphs, x, t, cos, sin, kv_cache, layers, processors)
         return self._layers_forward(x, t, cos, sin, layers, attn_mask, contexts)
 
-    def _graphed_forward(self, graphs, x, t, cos, sin, kv_cache, layers):
+    def _graphed_forward(self, graphs, x, t, cos, sin, kv_cache, layers, processors):
         """The cached forward through a captured graph (model/graphs.py): keyed by the shapes, the cache slots and
-        each layer's plan key; bound to the cache's buffers."""
+        each layer's plan structure; bound to the cache's buffers."""
         graphs.bind(tuple(map(id, (*kv_cache.k, *kv_cache.v))))
-        processors = [block.attn2.processor for block in self.blocks]
-        key = (tuple(x.shape), x.dtype, tuple(t.shape), tuple(cos.shape), kv_cache.slots,
-               tuple(getattr(p, "_plan_key", id(p)) for p in processors))
-        keep = tuple((p, getattr(p, "text", None), getattr(getattr(p, "setting", None), "method", None),
-                      getattr(p, "plan", None)) for p in processors)
-        return graphs(key, keep, (x, t, cos, sin),
-                      lambda x_, t_, cos_, sin_: self._layers_forward(x_, t_, cos_, sin_, layers, None, None))
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), tuple(cos.shape), kv_cache.slots)
+        return graphs(key, (x, t, cos, sin),
+                      lambda x_, t_, cos_, sin_: self._layers_forward(x_, t_, cos_, sin_, layers, None, None),
+                      processors)
 
     def use_cuda_graphs(self, enable: bool = True, capture: bool | None = None, **options) -> "CausalWanTransformer":
         """Serve cached inference forwards from captured CUDA graphs (model/graphs.StepGraphs), or eagerly again
