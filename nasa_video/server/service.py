@@ -23,12 +23,33 @@ from .spool import ClipSpool, clip_name, png_data_url
 class VideoServer:
     """The state behind the app: the generator, jobs waiting to be claimed, the device queue, kept frames."""
 
-    def __init__(self, generator, clips_dir: str | Path, limits: Limits | None = None, model_name: str = ""):
+    def __init__(self, generator, clips_dir: str | Path, limits: Limits | None = None, model_name: str = "",
+                 spool: bool = True):
+        """spool: write each job's frames to its clip on disk (False: a cluster replica, whose ingress keeps them)."""
         self.gen = generator
-        self.limits = limits or Limits()
-        self.clips_dir = Path(clips_dir)
         spec = generator.spec
-        self.model_name = model_name or spec.name
+        # An endless job runs on a rolling cache, which re-bases its positions when the generator can
+        # (shift_positions); otherwise it would stop at the RoPE table, so the advertised limit says that.
+        limits = limits or Limits()
+        max_endless = limits.max_endless_blocks
+        if not hasattr(generator.model, "shift_positions"):
+            max_endless = min(max_endless, int(generator.model.max_frame_positions) // spec.video.frames_per_block)
+        facts = dict(model=model_name or spec.name, fps=spec.video.fps, frames_per_block=spec.video.frames_per_block,
+                     display_scale=spec.video.display_scale, default_method=spec.guidance.method,
+                     default_scale=spec.guidance.scale, max_endless_blocks=max_endless)
+        self._setup(clips_dir, limits, facts, spool)
+
+    def _setup(self, clips_dir, limits: Limits, facts: dict, spool: bool) -> None:
+        """What the HTTP side needs: the limits, the model's facts (info()), the queue, the jobs, the spool."""
+        self.limits = limits
+        self.clips_dir = Path(clips_dir)
+        self.facts = dict(facts)
+        self.model_name = facts["model"]
+        self.fps, self.frames_per_block = facts["fps"], facts["frames_per_block"]
+        self.display_scale = facts["display_scale"]
+        self.default_method, self.default_scale = facts["default_method"], facts["default_scale"]
+        self.max_endless_blocks = facts["max_endless_blocks"]
+        self.spool = spool
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nasa-video-device")
         self.queue = DeviceScheduler(self.limits.max_streams)
         self.batch = None  # the running jobs' StreamBatch (made on the device thread)
@@ -36,17 +57,6 @@ class VideoServer:
         self.unclaimed: dict[str, Job] = {}
         self.finished: OrderedDict[str, Job] = OrderedDict()
         self.active: dict[str, Job] = {}
-        self.fps = spec.video.fps
-        self.frames_per_block = spec.video.frames_per_block
-        self.display_scale = spec.video.display_scale
-        self.default_method = spec.guidance.method
-        self.default_scale = spec.guidance.scale
-        # An endless job runs on a rolling cache, which re-bases its positions when the generator can
-        # (shift_positions); otherwise it would stop at the RoPE table, so the advertised limit says that.
-        self.max_endless_blocks = self.limits.max_endless_blocks
-        if not hasattr(generator.model, "shift_positions"):
-            self.max_endless_blocks = min(self.max_endless_blocks,
-                                          int(generator.model.max_frame_positions) // self.frames_per_block)
         # Jobs' spools (removed with this object or at exit), outside the clips folder, which holds saved clips only.
         self._spool = tempfile.TemporaryDirectory(prefix="nasa-video-spool-")
         self.spool_dir = Path(self._spool.name)
@@ -183,7 +193,7 @@ class VideoServer:
                     out[job.id] = (None, out[job.id][1], failed.pop(job.id))
         for job in jobs:
             chunk = out[job.id][0]
-            if chunk is not None:
+            if chunk is not None and job.clip is not None:
                 job.clip.write(chunk.frames)  # to disk: the job holds no frames
         return out
 
@@ -236,7 +246,8 @@ class VideoServer:
         """Admit waiting jobs while there is room, then run a round; until no job is left."""
         while True:
             for job in await self.queue.admit(self._can_join):
-                job.clip = ClipSpool(self.spool_dir / job.id, self.fps, self.display_scale)
+                if self.spool:
+                    job.clip = ClipSpool(self.spool_dir / job.id, self.fps, self.display_scale)
                 self.active[job.id] = job
                 try:
                     await self.on_device(self._start, job)
@@ -279,58 +290,82 @@ class VideoServer:
         """One WebSocket's job: wait for the device, stream the blocks, stop when asked or disconnected."""
         from starlette.websockets import WebSocketDisconnect
 
-        async def listen():
-            try:
-                while True:
-                    try:
-                        message = json.loads(await ws.receive_text())
-                    except (ValueError, KeyError):  # malformed or binary: say so and keep the stream
-                        await ws.send_json({"type": "error", "message": "control message is not valid JSON: "
-                                            "send {\"type\": \"prompt\" | \"negative\" | \"scale\" | \"stop\", ...}"})
-                        continue
-                    if not isinstance(message, dict) or message.get("type") not in ("prompt", "negative", "scale",
-                                                                                     "stop"):
-                        await ws.send_json({"type": "error", "message": "unknown control message"})
-                    elif message["type"] == "stop":
-                        job.cancelled = True
-                        await self.queue.poke()  # a queued job leaves the queue now
-                    else:
-                        job.controls.append(message)
-            except (WebSocketDisconnect, RuntimeError, ValueError):
-                job.cancelled = True
-                await self.queue.poke()
-
         job.ready = asyncio.Event()
-        listener = asyncio.create_task(listen())
+        listener = asyncio.create_task(self._listen(ws, job))
         try:
             async def report(position):
                 await ws.send_json({"type": "queued", "position": position})
 
-            if await self.queue.wait(job, report, self._wake):
+            if await self._admit(job, report):
                 await self._send(ws, job)
         except (WebSocketDisconnect, RuntimeError):
             job.cancelled = True
         finally:
             listener.cancel()
-            if job.id in self.active:  # it reached the device: wait until it is off, then file it as finished
-                while not job.ended and self._loop is not None and not self._loop.done():
-                    job.cancelled = True  # the viewer left: the device loop takes the job off after its block
-                    await asyncio.sleep(0.01)
-                self.active.pop(job.id, None)
-                self.finished[job.id] = job
-                while len(self.finished) > self.limits.kept_videos:
-                    _, old = self.finished.popitem(last=False)
-                    if old.clip is not None:
-                        await self.on_device(old.clip.discard)
+            await self._finish(job)
 
-    async def _send(self, ws, job: Job) -> None:
-        """Send what the device loop made for this job, in order, until its end."""
-        previous = None
+    async def _listen(self, ws, job: Job) -> None:
+        """The viewer's control messages: queued on the job (applied from its next block), stop, or malformed."""
+        from starlette.websockets import WebSocketDisconnect
+
+        try:
+            while True:
+                try:
+                    message = json.loads(await ws.receive_text())
+                except (ValueError, KeyError):  # malformed or binary: say so and keep the stream
+                    await ws.send_json({"type": "error", "message": "control message is not valid JSON: "
+                                        "send {\"type\": \"prompt\" | \"negative\" | \"scale\" | \"stop\", ...}"})
+                    continue
+                if not isinstance(message, dict) or message.get("type") not in ("prompt", "negative", "scale",
+                                                                                 "stop"):
+                    await ws.send_json({"type": "error", "message": "unknown control message"})
+                elif message["type"] == "stop":
+                    job.cancelled = True
+                    await self.queue.poke()  # a queued job leaves the queue now
+                else:
+                    job.controls.append(message)
+                    self._controlled(job)
+        except (WebSocketDisconnect, RuntimeError, ValueError):
+            job.cancelled = True
+            await self.queue.poke()
+
+    def _controlled(self, job: Job) -> None:
+        """A control message was queued on the job (the device loop reads job.controls at its next round)."""
+
+    async def _admit(self, job: Job, report) -> bool:
+        """Wait for the device: True once the job runs, False if it was cancelled first."""
+        return await self.queue.wait(job, report, self._wake)
+
+    async def _finish(self, job: Job) -> None:
+        if job.id in self.active:  # it reached the device: wait until it is off, then file it as finished
+            while not job.ended and self._loop is not None and not self._loop.done():
+                job.cancelled = True  # the viewer left: the device loop takes the job off after its block
+                await asyncio.sleep(0.01)
+            self._file_finished(job)
+
+    def _file_finished(self, job: Job) -> None:
+        self.active.pop(job.id, None)
+        self.finished[job.id] = job
+        while len(self.finished) > self.limits.kept_videos:
+            _, old = self.finished.popitem(last=False)
+            if old.clip is not None:
+                self.executor.submit(old.clip.discard)
+
+    async def outbox(self, job: Job):
+        """What the device loop made for this job, (kind, item) in order, until its end (error, failed, done)."""
         while True:
             while not job.outbox:
                 job.ready.clear()
                 await job.ready.wait()
             kind, item = job.outbox.popleft()
+            yield kind, item
+            if kind in ("error", "failed", "lost", "done"):
+                return
+
+    async def _send(self, ws, job: Job) -> None:
+        """Send what the device loop made for this job, in order, until its end."""
+        previous = None
+        async for kind, item in self.outbox(job):
             if kind == "started":
                 await ws.send_json({"type": "started", "id": job.id, "blocks": job.blocks, "fps": self.fps,
                                     "display_scale": self.display_scale})
@@ -338,10 +373,10 @@ class VideoServer:
                 await ws.send_json({"type": "error", "message": f"change refused: {item}", "fatal": False})
             elif kind == "error":
                 await ws.send_json({"type": "error", "message": item})
-                return
             elif kind == "failed":
                 await ws.send_json({"type": "error", "message": f"generation failed: {item}", "fatal": True})
-                return
+            elif kind == "lost":  # a cluster replica died mid-stream (cluster.py): what was kept, and where
+                await ws.send_json({"type": "error", "message": item, "fatal": True, "kept_frames": job.frames_done})
             elif kind == "block":
                 chunk = item
                 state = {"prompt": chunk.prompt, "negative": [t for t, _ in chunk.negative], "scale": chunk.scale}
@@ -356,4 +391,3 @@ class VideoServer:
             else:  # done
                 await ws.send_json({"type": "done", "blocks": job.made, "frames": job.frames_done,
                                     "stopped": job.cancelled, "seconds": time.perf_counter() - job.began})
-                return
