@@ -135,14 +135,7 @@ class StreamingGenerator:
     def set_compile(self, enable: bool | None = None) -> bool:
         """Compile the generator's blocks (True), run them eagerly (False), or the default for the device (None:
         on for CUDA). Returns whether the blocks are now compiled. What `--compile/--no-compile` maps to."""
-        enable = resolve_compile(enable, self.device)
-        compile_blocks = getattr(self.model, "compile_blocks", None)
-        if compile_blocks is None:
-            if enable:
-                raise UserError(f"generator {type(self.model).__name__} has no compile_blocks(); use compile=False")
-            return False
-        compile_blocks(enable)
-        return enable
+        return self._model_switch("compile_blocks", resolve_compile(enable, self.device), "use compile=False")
 
     @property
     def compiled(self) -> bool:
@@ -151,13 +144,17 @@ class StreamingGenerator:
     def set_cuda_graphs(self, enable: bool | None = None) -> bool:
         """Replay captured CUDA graphs for the cached forwards (True), or run them eagerly (False; None: the
         default, off). On a CPU, True runs the static-buffer path eagerly. What `--cuda-graphs` maps to."""
-        enable = resolve_cuda_graphs(enable, self.device)
-        use = getattr(self.model, "use_cuda_graphs", None)
-        if use is None:
+        return self._model_switch("use_cuda_graphs", resolve_cuda_graphs(enable, self.device), "drop --cuda-graphs")
+
+    def _model_switch(self, method: str, enable: bool, fix: str) -> bool:
+        """Call the generator's on/off method (compile_blocks, use_cuda_graphs); one line if it has none and on is
+        asked. Returns whether it is now on."""
+        switch = getattr(self.model, method, None)
+        if switch is None:
             if enable:
-                raise UserError(f"generator {type(self.model).__name__} has no use_cuda_graphs(); drop --cuda-graphs")
+                raise UserError(f"generator {type(self.model).__name__} has no {method}(); {fix}")
             return False
-        use(enable)
+        switch(enable)
         return enable
 
     @property
