@@ -2,7 +2,7 @@
 # Set up (if needed) and run the whole offline CPU test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+EXTRAS=${EXTRAS:-dev,cluster} bash scripts/setup.sh
 # The live page's browser test needs Debian's chromium + chromedriver; install them when we can (root, apt),
 # otherwise that one test skips and says why. NASA_VIDEO_NO_BROWSER=1 skips the install.
 if [ -z "${NASA_VIDEO_NO_BROWSER:-}" ] && ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null \

@@ -139,6 +139,11 @@ def test_bad_checkpoints(tmp_path, capsys, name):
     (["eval", "removal", "--model", "toy", "--json", "{tmp}/r.json", "--seeds", "0"], "must be at least 1"),
     (["serve", "--port", "70000"], "not a port"),
     (["serve", "--device", "tpu"], "not a device"),
+    (["serve", "--replicas", "2"], "--replicas needs --ray"),
+    (["serve", "--ray", "--replicas", "2", "--min-replicas", "1"], "not both"),
+    (["serve", "--ray", "--min-replicas", "3", "--max-replicas", "2"], "is above --max-replicas 2"),
+    (["serve", "--ray", "--gpus-per-replica", "-1"], "expected 0 to 64 GPUs"),
+    (["serve", "--ray", "nohost"], "give HOST:PORT"),
     (["generate"], "required: --prompt"),
     (["nope"], "invalid choice"),
 ])

@@ -152,13 +152,18 @@ def create_app(server: VideoServer):
 
 
 def serve(generator, host: str, port: int, clips_dir: str, limits: Limits | None = None) -> None:
+    run_app(VideoServer(generator, clips_dir, limits), host, port)
+
+
+def run_app(server: VideoServer, host: str, port: int) -> None:
+    """The app of this server (one process, or a cluster's ingress) under uvicorn, loopback Host names only when
+    bound to loopback."""
     try:
         import uvicorn
     except ImportError:
         raise UserError("the server needs uvicorn and starlette: pip install 'nasa-video[serve]'") from None
     import ipaddress
 
-    server = VideoServer(generator, clips_dir, limits)
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:

@@ -55,6 +55,7 @@ class Job:
     dropped: int = 0              # block messages dropped because the viewer fell behind (the clip has them)
     ready: "asyncio.Event | None" = None
     ended: bool = False
+    body: dict = field(default_factory=dict)  # the request as posted (a cluster replica parses it again)
 
 
 def _number(body: dict, key: str, default, kind, lo, hi):
@@ -136,4 +137,4 @@ def parse_job(body, limits: Limits, default_method: str, default_scale: float) -
     seed = _number(body, "seed", 0, int, 0, 2**31 - 1)
     blocks = _number(body, "blocks", 0, int, 0, limits.max_blocks)
     request = VideoRequest(prompt=prompt, negative=negative or None, scale=scale, method=method, seed=seed)
-    return Job(secrets.token_hex(8), request, blocks)
+    return Job(secrets.token_hex(8), request, blocks, body=dict(body))

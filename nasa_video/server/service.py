@@ -95,12 +95,16 @@ class VideoServer:
         if len(self.unclaimed) + len(self.queue.waiting) >= self.limits.max_queue:
             raise BadRequest("the queue is full; try again later")
         job = parse_job(body, self.limits, self.default_method, self.default_scale)
-        try:
-            notes = await self.on_device(self._encode_checks, [job.request.prompt, *(job.request.negative or [])])
-        except UserError as error:
-            raise BadRequest(api_words(str(error))) from None
+        notes = await self._check_texts([job.request.prompt, *(job.request.negative or [])])
         self.unclaimed[job.id] = job
         return job, notes
+
+    async def _check_texts(self, texts: list[str]) -> list[str]:
+        """The texts' token limits (BadRequest) and unknown-word notes, by the text encoder."""
+        try:
+            return await self.on_device(self._encode_checks, texts)
+        except UserError as error:
+            raise BadRequest(api_words(str(error))) from None
 
     def _drop_unclaimed(self) -> None:
         now = time.monotonic()
@@ -322,15 +326,18 @@ class VideoServer:
                 elif message["type"] == "stop":
                     job.cancelled = True
                     await self.queue.poke()  # a queued job leaves the queue now
+                    self._controlled(job)
                 else:
                     job.controls.append(message)
                     self._controlled(job)
         except (WebSocketDisconnect, RuntimeError, ValueError):
             job.cancelled = True
             await self.queue.poke()
+            self._controlled(job)
 
     def _controlled(self, job: Job) -> None:
-        """A control message was queued on the job (the device loop reads job.controls at its next round)."""
+        """A control message was queued on the job, or it was cancelled (here the device loop reads both at its
+        next round; a cluster ingress forwards them to the job's replica)."""
 
     async def _admit(self, job: Job, report) -> bool:
         """Wait for the device: True once the job runs, False if it was cancelled first."""
@@ -366,9 +373,9 @@ class VideoServer:
         """Send what the device loop made for this job, in order, until its end."""
         previous = None
         async for kind, item in self.outbox(job):
-            if kind == "started":
+            if kind == "started":  # item: the replica running it (a cluster), else None
                 await ws.send_json({"type": "started", "id": job.id, "blocks": job.blocks, "fps": self.fps,
-                                    "display_scale": self.display_scale})
+                                    "display_scale": self.display_scale, **({"replica": item} if item else {})})
             elif kind == "refused":
                 await ws.send_json({"type": "error", "message": f"change refused: {item}", "fatal": False})
             elif kind == "error":
