@@ -57,6 +57,18 @@ def viewer(base: str, body: dict, out: dict) -> None:
     out.update(began=began, arrivals=arrivals, replica=replica, ended=time.perf_counter(), last=message)
 
 
+def idle(base: str, timeout: float = 60) -> None:
+    """Until the last setting's jobs are off every replica (a viewer has its "done" a moment before)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://{base}/api/info") as response:
+            cluster = json.loads(response.read())["cluster"]
+        if cluster["running"] == 0 and not any(r["streams"] for r in cluster["replicas"]):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"the cluster did not go idle in {timeout:g} s: {cluster}")
+
+
 def measure(base: str, args, viewers: int) -> dict:
     """All viewers at once on the running ingress: their rates and latencies."""
     results = [{} for _ in range(viewers)]
@@ -104,9 +116,14 @@ def run_cluster(args, replicas: int):
         time.sleep(0.05)
     base = f"127.0.0.1:{port}"
     try:
-        for _ in range(replicas):  # warm each replica's code paths once
-            viewer(base, dict(prompt="a red circle", negative=[], seed=0, blocks=1), {})
+        warm = [threading.Thread(target=viewer, args=(base, dict(prompt="a red circle", negative=[], seed=0,
+                                                                 blocks=1), {})) for _ in range(replicas)]
+        for t in warm:  # one job on each replica at once: every replica's code paths run before the timing
+            t.start()
+        for t in warm:
+            t.join()
         for viewers in args.viewers:
+            idle(base)
             yield dict(replicas=replicas, **measure(base, args, viewers))
     finally:
         web.should_exit = True

@@ -72,9 +72,16 @@ class SlotRouter(RequestRouter):
         room = [r for r in ranked if self.free(r) > 0 or job in assigned.get(r.replica_id.unique_id, ())]
         if not room:  # every live replica is full (one died, or autoscaling has yet to add one): Serve backs off
             return [[]]  # and asks again, and the waiting job counts as load for the autoscaler
-        # Held from now: a second job placed before this one's first event must see the slot taken.
+        # Held from now: a second job placed before this one is routed must see the slot taken. Only the best
+        # replica is offered: one slow to answer Serve's queue probe (a busy CPU) is asked again after a backoff,
+        # not passed over for a fuller one.
         _placement().place(job, room[0].replica_id.unique_id)
-        return [room[:1], room[1:]]
+        return [room[:1]]
+
+    def on_request_routed(self, pending_request, replica_id, result) -> None:
+        job = pending_request.kwargs.get("job_id")
+        if job is not None:  # where it went, whatever was chosen for it
+            _placement().place(job, replica_id.unique_id)
 
     def on_replica_actor_died(self, replica_id):
         placement = _placement()
@@ -214,8 +221,8 @@ class ClusterServer(VideoServer):
             if stream is not None:
                 stream.cancel()  # a no-op once it ended; else the replica takes the job off
             job.ended = True
+            placement.release(job.id)  # its slot is free for the next job now, not after the clip is sealed
             await self.on_device(job.clip.seal)
-            placement.release(job.id)
             log.info("job %s ended on replica %s: %s, %d blocks", job.id, replica, how, job.made)
             self.pumps.pop(job.id, None)
             await self.queue.release(job)
