@@ -23,19 +23,21 @@ def main() -> None:
     from PIL import Image, ImageDraw
 
     from nasa_video.pipeline import StreamingGenerator
-    from nasa_video.toy.removal import prompt_pairs, score_video
+    from nasa_video.toy.judge import judge_caption
+    from nasa_video.toy.removal import benchmark_rows
 
     gen = StreamingGenerator.from_config("toy", device="cpu")
     scale = float(gen.cfg.guidance.scale)
     rows, captions = [], []
-    for positive, negative, others in prompt_pairs()[:args.pairs]:
+    for row in [r for r in benchmark_rows() if r.kind == "object"][:args.pairs]:
+        positive, negative = row.positive, row.negatives[0]
         for method in ("none", "nasa"):
             frames = np.concatenate([c.frames for c in gen.stream(positive, negative, scale, method, seed=args.seed)])
-            verdict = score_video(frames, negative, others)
+            verdict = judge_caption(frames, positive, [negative])
             rows.append(np.concatenate(list(frames[::3]), 1))
             tag = "none" if method == "none" else f"NASA {scale:g}"
             captions.append(f"{tag}: {positive}  -  negative: {negative}  |  removed {verdict['removed']:.0f}, "
-                            f"retained {verdict['retained']:.0%}, joint {verdict['joint']:.0f}")
+                            f"kept {verdict['kept']:.0%}, joint {verdict['joint']:.0f}")
     zoom, text_h = args.zoom, 14
     width = rows[0].shape[1] * zoom
     sheet = Image.new("RGB", (max(width, 560), len(rows) * (rows[0].shape[0] * zoom + text_h)), "white")

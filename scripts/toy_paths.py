@@ -23,13 +23,13 @@ def main() -> None:
 
     from nasa_video.pipeline import StreamingGenerator
     from nasa_video.toy.detect import regions
-    from nasa_video.toy.removal import colour_tracks, prompt_pairs
+    from nasa_video.toy.removal import benchmark_rows, colour_tracks
     from nasa_video.toy.world import render, scene_from_caption
 
     gen = StreamingGenerator.from_config("toy", device="cpu")
     distances = defaultdict(list)  # motion -> mean distance of each drawn object, px
     missing = defaultdict(int)
-    for positive, _, _ in prompt_pairs(args.pairs):
+    for positive in list(dict.fromkeys(r.positive for r in benchmark_rows()))[:args.pairs]:
         scene = scene_from_caption(positive)
         for seed in range(args.seeds):
             video = np.concatenate([c.frames for c in gen.stream(positive, None, 0, "none", seed=seed)])

@@ -135,7 +135,7 @@ def test_bad_checkpoints(tmp_path, capsys, name):
 @pytest.mark.parametrize("argv,message", [
     (["bench", "flops", "--model", "tiny", "--json", "{missing}/f.json"], "does not exist"),
     (["bench", "flops", "--model", "tiny", "--json", "{tmp}/f.txt"], "must end in .json"),
-    (["eval", "removal", "--model", "toy", "--json", "{tmp}/r.json", "--pairs", "0"], "must be at least 1"),
+    (["eval", "removal", "--model", "toy", "--json", "{tmp}/r.json", "--rows", "0"], "must be at least 1"),
     (["eval", "removal", "--model", "toy", "--json", "{tmp}/r.json", "--seeds", "0"], "must be at least 1"),
     (["serve", "--port", "70000"], "not a port"),
     (["serve", "--device", "tpu"], "not a device"),

@@ -54,8 +54,10 @@ def _register_removal(what) -> None:
     r.add_argument("--sweep", action="store_true",
                    help="bundled model: the full table instead: none, NASA at " + ",".join(f"{s:g}" for s in SWEEP_SCALES)
                         + ", and " + ", ".join(f"{m} at {','.join(f'{s:g}' for s in v)}" for m, v in SWEEP_BASELINES.items()))
-    r.add_argument("--pairs", type=positive_int, default=48, help="prompt pairs (at least 40 for the reported figures)")
-    r.add_argument("--seeds", type=positive_int, default=4, help="seeds per pair")
+    r.add_argument("--rows", type=positive_int, default=8,
+                   help="bundled model: questions per kind on held-out compositions (half as many, rounded up, on "
+                        "trained ones)")
+    r.add_argument("--seeds", type=positive_int, default=2, help="bundled model: seeds per question")
     r.add_argument("--scores", default=None, help="bundled model: each finished video's scores, one JSON line each "
                                                   "(default: beside --json as NAME.videos.jsonl); a rerun continues it")
     r.add_argument("--fresh", action="store_true", help="bundled model: ignore the scores of an earlier run")
@@ -131,7 +133,7 @@ def removal(args) -> int:
         return _removal_judged(args)
     from ..loading import load_config
     from ..pipeline import StreamingGenerator
-    from ..toy.removal import markdown_table, plot_sweep, prompt_pairs, run_removal, weights_fingerprint
+    from ..toy.removal import benchmark_rows, markdown_table, plot_sweep, run_removal, weights_fingerprint
     from ..video_io import write_json
 
     out = Path(args.json)
@@ -142,7 +144,7 @@ def removal(args) -> int:
         scores.unlink(missing_ok=True)
     methods = _removal_methods(args, float(load_config(args.model).guidance.scale))
     gen = StreamingGenerator.from_config(args.model, device=args.device)
-    pairs, seeds = prompt_pairs(args.pairs), tuple(range(args.seeds))
+    pairs, seeds = benchmark_rows(args.rows, (args.rows + 1) // 2), tuple(range(args.seeds))
     try:
         result = run_removal(gen, methods, pairs, seeds, resume=scores, model=weights_fingerprint(gen.cfg))
     except KeyboardInterrupt:
@@ -264,4 +266,10 @@ def detector(args) -> int:
           f"{100 * degraded['corruption']:.2f}%; the consistency rule passes {100 * degraded['consistent']:.1f}% "
           f"of them (each frame jittered on its own) and {100 * degraded['consistent_exact']:.1f}% of the same scenes "
           f"rendered exactly")
+    from ..toy.judge import calibration
+
+    judged = calibration(np.random.default_rng([args.seed, 2]), args.videos, frames)
+    print(f"the removal judge passes {100 * judged['exact']:.1f}% of videos that are what was asked for rendered "
+          f"exactly, {100 * judged['degraded']:.1f}% of them degraded like generated frames (blur, noise, colour "
+          f"shift) and {100 * judged['jittered']:.1f}% degraded with every shape jittered in every frame")
     return 0

@@ -55,22 +55,29 @@ def _template_at(key: tuple[str, float], cx: int, cy: int) -> np.ndarray:
     return _TEMPLATES[key][y0:y0 + HEIGHT, x0:x0 + WIDTH]
 
 
-def match_shape(mask: np.ndarray) -> tuple[str | None, float]:
-    """The shape template (any of SCALES, centred within a pixel of the mask's centroid) that overlaps the mask
-    best, and its intersection over union; None below MIN_IOU."""
+def shape_ious(mask: np.ndarray) -> dict[str, float]:
+    """Per shape, the best intersection over union of its templates (any of SCALES, centred within a pixel of
+    the mask's centroid) with the mask."""
     ys, xs = np.nonzero(mask)
+    out = {shape: 0.0 for shape in SHAPES}
     if len(xs) == 0:
-        return None, 0.0
+        return out
     cx, cy = int(np.floor(xs.mean() + 0.5)), int(np.floor(ys.mean() + 0.5))
-    best, best_iou = None, 0.0
     for key in _TEMPLATES:
         for dx in (-1, 0, 1):
             for dy in (-1, 0, 1):
                 template = _template_at(key, cx + dx, cy + dy)
                 iou = np.logical_and(template, mask).sum() / float(np.logical_or(template, mask).sum())
-                if iou > best_iou:
-                    best, best_iou = key[0], float(iou)
-    return (best if best_iou >= MIN_IOU else None), best_iou
+                out[key[0]] = max(out[key[0]], float(iou))
+    return out
+
+
+def match_shape(mask: np.ndarray) -> tuple[str | None, float]:
+    """The shape whose template overlaps the mask best (shape_ious), and its intersection over union; None
+    below MIN_IOU."""
+    ious = shape_ious(mask)
+    best = max(SHAPES, key=lambda shape: ious[shape])  # the first of equals, as SHAPES orders them
+    return (best if ious[best] >= MIN_IOU else None), ious[best]
 
 
 def connected_regions(mask: np.ndarray) -> np.ndarray:

@@ -74,7 +74,7 @@ def encode_dataset(vae, tc, rng, clips: int, latent_frames: int):
     latents, captions = [], []
     frames = encodable(tc.clip_frames)
     for start in tqdm(range(0, clips, 16), desc="encode", unit="batch"):
-        scenes = [sample_scene(rng, frames) for _ in range(min(16, clips - start))]
+        scenes = [sample_scene(rng, frames, training=True) for _ in range(min(16, clips - start))]
         pixels = torch.stack([to_pixels(render(s, frames)[0]) for s in scenes])
         latents.append(vae.encode(pixels)[:, :, :latent_frames])
         captions += [s.caption for s in scenes]
@@ -92,7 +92,7 @@ def make_removals(vae, rng, clips: int, frames: int, latent_frames: int) -> dict
     for start in tqdm(range(0, clips, 16), desc="removals", unit="batch"):
         scenes, kept = [], []
         while len(scenes) < min(16, clips - start):
-            scene = sample_scene(rng)
+            scene = sample_scene(rng, training=True)
             if len(scene.things) < 2:
                 continue
             drop = int(rng.integers(len(scene.things)))
