@@ -288,3 +288,35 @@ def test_nasa_t_targets_are_the_scene_without_the_negative():
         names = caption_objects(caption)
         assert negative in names and len(names) >= 2
         assert not seen[negative].any() and all(seen[n].all() for n in names if n != negative)
+
+
+def test_the_students_nasa_t_steps_run_nasa_in_its_forward():
+    """NASA-T with exact targets regresses the scene without the negative *under NASA*: the same step (same
+    draws) with alpha 1 and with alpha 0 must differ in the student's first forward (its last block's output;
+    alpha 0 is no guidance). A forward that installed plain attention would make them equal, and would teach the
+    student to drop named objects with no negative at all."""
+    from omegaconf import OmegaConf
+
+    from nasa_video.loading import bundled_path, load_config
+    from nasa_video.toy import train as toy_train
+    from nasa_video.toy.codec import ShuffleCodec
+    from nasa_video.toy.text import load_toy_text_encoder
+
+    cfg = load_config("toy")
+    codec = ShuffleCodec.load(bundled_path(cfg, "codec"))
+    text = load_toy_text_encoder(bundled_path(cfg, "text"), "cpu")
+    removals = toy_train.make_removals(codec, np.random.default_rng(0), 4, 11, 6)
+
+    def first_output(alpha: float) -> torch.Tensor:
+        teacher = toy_train.new_generator(cfg, 0)
+        outputs = []
+        teacher.blocks[-1].register_forward_hook(lambda m, args, out: outputs.append(out.detach().clone()))
+        tc = OmegaConf.create({"seed": 0, "student": {
+            "steps": 1, "batch": 2, "lr": 1e-4, "warmup": 1, "caption_dropout": 0.0, "ema": 0.9,
+            "checkpoint_every": 100, "nasa_t": {"from_step": 0, "share": 1.0, "alpha": [alpha, alpha]}}})
+        toy_train.train_student(teacher, text, cfg, tc, removals["latents"], removals["captions"], {}, None, removals)
+        return outputs[0]  # the hook went with the student, a deep copy of the teacher
+
+    guided, plain = first_output(1.0), first_output(0.0)
+    difference = (guided - plain).abs().max().item()
+    assert difference > 1e-3 * plain.abs().max().item(), difference

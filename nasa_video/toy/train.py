@@ -258,18 +258,18 @@ def train_student(teacher, text, model_cfg, tc, latents, captions, log, checkpoi
             idx = torch.randint(len(removals["latents"]), (tc.student.batch,), generator=gen)
             alpha = float(nasa_t.alpha[0] + (nasa_t.alpha[1] - nasa_t.alpha[0]) * torch.rand(1, generator=gen))
             prompts = PromptEmbeddings(removal_contexts[idx.to(device)], [negative_contexts[idx.to(device)]])
-            student.set_guidance(NASA(), [alpha])
+            guidance = (NASA(), [alpha])
             target = removals["latents"][idx]
         else:
             idx = torch.randint(len(latents), (tc.student.batch,), generator=gen)
             dropped = torch.rand(len(idx), generator=gen) < tc.student.caption_dropout
             prompts = PromptEmbeddings(torch.where(dropped[:, None, None].to(device), empty, contexts[idx.to(device)]))
-            student.set_guidance(NoGuidance())
+            guidance = (NoGuidance(), [])
             target = latents[idx]
         k = torch.randint(len(steps), (len(idx), frames // fpb), generator=gen)
         states = student_states(target, steps, flow, gen).to(device)
         loss = ode_regression_loss(student, prompts, states, k, steps, flow, prediction_of(model_cfg), mask,
-                                   positions, fpb)
+                                   positions, fpb, *guidance)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
