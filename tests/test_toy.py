@@ -320,3 +320,52 @@ def test_the_students_nasa_t_steps_run_nasa_in_its_forward():
     guided, plain = first_output(1.0), first_output(0.0)
     difference = (guided - plain).abs().max().item()
     assert difference > 1e-3 * plain.abs().max().item(), difference
+
+
+def test_mid_clip_training_samples_change_at_the_block_boundary():
+    """NASA-T samples whose negative arrives after the first block keep the object in that block and drop it
+    after; prompt switches add the new caption's object from the second block; neither uses a held-out
+    composition; the loss counts only the blocks from the change on."""
+    from nasa_video.toy.codec import ShuffleCodec
+    from nasa_video.toy.train import make_removals, make_switches
+    from nasa_video.toy.world import held_out
+    from nasa_video.vae import to_uint8
+
+    codec = ShuffleCodec()
+    late = make_removals(codec, np.random.default_rng(0), 6, 11, 6, late_share=1.0, block=3)
+    assert late["from_block"] == [1] * 6
+    first_block_frames = 5  # latent frames 0-2: pixel frame 0, then 2 per latent frame
+    for video, caption, negative in zip(to_uint8(codec.decode_video(late["latents"])).numpy(), late["captions"],
+                                        late["negatives"]):
+        seen = detect(video)
+        assert seen[negative][:first_block_frames].all() and not seen[negative][first_block_frames:].any()
+        assert all(seen[n].all() for n in caption_objects(caption) if n != negative)
+    switched = make_switches(codec, np.random.default_rng(1), 6, 11, 6, block=3)
+    for video, caption in zip(to_uint8(codec.decode_video(switched["latents"])).numpy(), switched["captions"]):
+        names, seen = caption_objects(caption), detect(video)
+        assert not held_out(names) and len(names) >= 2
+        new = names[-1]
+        assert not seen[new][:first_block_frames].any() and seen[new][first_block_frames:].all(), caption
+        assert all(seen[n].all() for n in names[:-1])
+
+
+def test_the_loss_counts_the_blocks_from_the_change_on():
+    from nasa_video.schedule import FlowSchedule
+    from nasa_video.train.ode import ode_regression_loss
+
+    class Zero(torch.nn.Module):  # predicts x0 = 0 everywhere: the loss is the target's mean square per frame
+        def set_guidance(self, *args):
+            pass
+
+        def forward(self, x, t, **kwargs):
+            return torch.zeros_like(x)
+
+    x0 = torch.zeros(2, 1, 6, 2, 2)
+    x0[:, :, 3:] = 2.0  # the second block's frames
+    trajectory = torch.stack([x0, x0], 1)  # one student step, then x0
+    args = (Zero(), None, trajectory, torch.zeros(2, 2, dtype=torch.long), torch.tensor([500.0]),
+            FlowSchedule(shift=1.0, num_train_timesteps=1000), "x0", None, None, 3)
+    assert ode_regression_loss(*args).item() == pytest.approx(2.0)  # half the frames at 4
+    assert ode_regression_loss(*args, from_block=torch.tensor([0, 0])).item() == pytest.approx(2.0)
+    assert ode_regression_loss(*args, from_block=torch.tensor([1, 1])).item() == pytest.approx(4.0)
+    assert ode_regression_loss(*args, from_block=torch.tensor([0, 1])).item() == pytest.approx((2.0 * 6 + 4.0 * 3) / 9)

@@ -38,7 +38,9 @@ from .text import load_toy_text_encoder, new_toy_text_encoder, save_toy_text_enc
 from .world import degrade, render, sample_scene, visibility
 
 SMOKE = {"data": {"clips": 8}, "teacher": {"steps": 2, "batch": 4, "warmup": 1},
-         "student": {"steps": 2, "batch": 2, "warmup": 1, "nasa_t": {"from_step": 1, "share": 1.0, "clips": 8}}}
+         "student": {"steps": 2, "batch": 2, "warmup": 1,
+                     "nasa_t": {"from_step": 1, "share": 0.5, "clips": 8, "late_share": 0.5},
+                     "switch": {"share": 0.5, "clips": 8}}}
 
 
 def to_pixels(video: np.ndarray) -> torch.Tensor:
@@ -82,12 +84,16 @@ def encode_dataset(vae, tc, rng, clips: int, latent_frames: int):
 
 
 @torch.no_grad()
-def make_removals(vae, rng, clips: int, frames: int, latent_frames: int) -> dict:
+def make_removals(vae, rng, clips: int, frames: int, latent_frames: int, late_share: float = 0.0,
+                  block: int = 3) -> dict:
     """NASA-T's exact targets: scenes of two or three objects, one of them named as the negative, and the latents
-    of the same scene drawn without it. Returns {"latents", "captions", "negatives"}."""
+    of the same scene drawn without it. A `late_share` of them have the negative arrive after the first block
+    (`block` latent frames): the target keeps the object in that block (the context a stream has cached) and
+    drops it from the next, and the loss counts the blocks from the change on (from_block). Returns {"latents",
+    "captions", "negatives", "from_block"}."""
     from .world import Scene, caption_for
 
-    latents, captions, negatives = [], [], []
+    latents, captions, negatives, from_block = [], [], [], []
     frames = encodable(frames)
     for start in tqdm(range(0, clips, 16), desc="removals", unit="batch"):
         scenes, kept = [], []
@@ -100,10 +106,46 @@ def make_removals(vae, rng, clips: int, frames: int, latent_frames: int) -> dict
             scenes.append(scene)
             kept.append(Scene(others, caption_for(others)))
             negatives.append(scene.things[drop].name)
-        pixels = torch.stack([to_pixels(render(s, frames)[0]) for s in kept])
-        latents.append(vae.encode(pixels)[:, :, :latent_frames])
+            from_block.append(int(late_share > 0 and rng.random() < late_share))
+        target = vae.encode(torch.stack([to_pixels(render(s, frames)[0]) for s in kept]))[:, :, :latent_frames]
+        late = torch.tensor(from_block[start:start + len(scenes)], dtype=torch.bool)
+        if late.any():  # the first block as drawn with the object, the rest without
+            full = vae.encode(torch.stack([to_pixels(render(s, frames)[0]) for s in scenes]))[:, :, :latent_frames]
+            target[late, :, :block] = full[late, :, :block]
+        latents.append(target)
         captions += [s.caption for s in scenes]
-    return {"latents": torch.cat(latents), "captions": captions, "negatives": negatives}
+    return {"latents": torch.cat(latents), "captions": captions, "negatives": negatives, "from_block": from_block}
+
+
+@torch.no_grad()
+def make_switches(vae, rng, clips: int, frames: int, latent_frames: int, block: int = 3) -> dict:
+    """Prompt switches mid-clip: a scene of one or two objects for the first block (`block` latent frames), then
+    the same scene with one more object (a free colour, the same motion) named by the new caption. The student
+    regresses it under the new caption, the first block as context only. Neither scene is a held-out
+    composition. Returns {"latents", "captions", "from_block"} (from_block: 1 each)."""
+    from .world import COLORS, SHAPES, Scene, Thing, caption_for, held_out
+
+    latents, captions = [], []
+    frames = encodable(frames)
+    for start in tqdm(range(0, clips, 16), desc="switches", unit="batch"):
+        before, after = [], []
+        while len(before) < min(16, clips - start):
+            scene = sample_scene(rng, training=True)
+            if len(scene.things) > 2:
+                continue
+            free = [c for c in COLORS if c not in {t.color for t in scene.things}]
+            added = Thing(str(rng.choice(free)), str(rng.choice(SHAPES)), scene.things[0].motion)
+            things = scene.things + (added,)
+            if held_out(t.name for t in things):
+                continue
+            before.append(scene)
+            after.append(Scene(things, caption_for(things)))
+        old = vae.encode(torch.stack([to_pixels(render(s, frames)[0]) for s in before]))[:, :, :latent_frames]
+        new = vae.encode(torch.stack([to_pixels(render(s, frames)[0]) for s in after]))[:, :, :latent_frames]
+        new[:, :, :block] = old[:, :, :block]
+        latents.append(new)
+        captions += [s.caption for s in after]
+    return {"latents": torch.cat(latents), "captions": captions, "from_block": [1] * len(captions)}
 
 
 @torch.no_grad()
@@ -220,7 +262,7 @@ def student_states(x0: torch.Tensor, student_steps: torch.Tensor, flow: FlowSche
 
 
 def train_student(teacher, text, model_cfg, tc, latents, captions, log, checkpoint: Path | None = None,
-                  removals: dict | None = None):
+                  removals: dict | None = None, switches: dict | None = None):
     """The block-causal few-step student, from the teacher: each block at a random student step, clean frames
     before it as context (teacher forcing), x0 regressed onto the data; captions dropped like the teacher's so
     CFG has its unconditional branch. Saves its state every tc.student.checkpoint_every steps and resumes.
@@ -228,7 +270,12 @@ def train_student(teacher, text, model_cfg, tc, latents, captions, log, checkpoi
     NASA-T with exact targets (from step tc.student.nasa_t.from_step, a share of the steps): the forward runs NASA
     in its cross-attention (Z+ - alpha Z-, alpha drawn per step) with the caption as the positive and one of its
     objects as the negative, and regresses the same scene rendered without that object (removals: make_removals).
-    DMD's NASA-T learns the same thing from a teacher's scores; this world has the answer itself."""
+    DMD's NASA-T learns the same thing from a teacher's scores; this world has the answer itself. Removals whose
+    negative arrives after the first block (from_block 1) teach a stream to take out an object it has drawn.
+
+    Prompt switches (switches: make_switches; tc.student.switch.share of the steps from nasa_t.from_step): the
+    first block of one scene as context, the next under a caption naming one more object, regressed onto the
+    scene with it."""
     flow, steps = sampling_schedule(model_cfg)  # the steps it samples (warped when the config says so)
     steps = torch.tensor(steps, dtype=torch.float32)
     device = text.device
@@ -250,16 +297,29 @@ def train_student(teacher, text, model_cfg, tc, latents, captions, log, checkpoi
     if removals is not None:
         removal_contexts = encode_all(text, removals["captions"])
         negative_contexts = encode_all(text, removals["negatives"])
-    nasa_t = tc.student.get("nasa_t")
+        removal_from = torch.tensor(removals.get("from_block", [0] * len(removals["captions"])))
+    if switches is not None:
+        switch_contexts, switch_from = encode_all(text, switches["captions"]), torch.tensor(switches["from_block"])
+    nasa_t, switch = tc.student.get("nasa_t"), tc.student.get("switch")
     for step in tqdm(range(first, tc.student.steps), desc="student", unit="step", initial=first,
                      total=tc.student.steps):
         set_lr(opt, lr_at(step, tc.student.steps, tc.student.lr, tc.student.warmup))
-        if removals is not None and step >= nasa_t.from_step and float(torch.rand(1, generator=gen)) < nasa_t.share:
+        from_block = None
+        # one draw per step decides its kind (a removal, a switch, or the data), so adding switches keeps the
+        # removal steps' share
+        kind = float(torch.rand(1, generator=gen)) if removals is not None and step >= nasa_t.from_step else 1.0
+        if removals is not None and kind < nasa_t.share:
             idx = torch.randint(len(removals["latents"]), (tc.student.batch,), generator=gen)
             alpha = float(nasa_t.alpha[0] + (nasa_t.alpha[1] - nasa_t.alpha[0]) * torch.rand(1, generator=gen))
             prompts = PromptEmbeddings(removal_contexts[idx.to(device)], [negative_contexts[idx.to(device)]])
             guidance = (NASA(), [alpha])
             target = removals["latents"][idx]
+            from_block = removal_from[idx] if bool(removal_from[idx].any()) else None
+        elif switches is not None and kind < nasa_t.share + switch.share:
+            idx = torch.randint(len(switches["latents"]), (tc.student.batch,), generator=gen)
+            prompts = PromptEmbeddings(switch_contexts[idx.to(device)])
+            guidance = (NoGuidance(), [])
+            target, from_block = switches["latents"][idx], switch_from[idx]
         else:
             idx = torch.randint(len(latents), (tc.student.batch,), generator=gen)
             dropped = torch.rand(len(idx), generator=gen) < tc.student.caption_dropout
@@ -269,7 +329,7 @@ def train_student(teacher, text, model_cfg, tc, latents, captions, log, checkpoi
         k = torch.randint(len(steps), (len(idx), frames // fpb), generator=gen)
         states = student_states(target, steps, flow, gen).to(device)
         loss = ode_regression_loss(student, prompts, states, k, steps, flow, prediction_of(model_cfg), mask,
-                                   positions, fpb, *guidance)
+                                   positions, fpb, *guidance, from_block=from_block)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -365,17 +425,30 @@ def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False, ove
     text.encoder.eval().requires_grad_(False)
 
     began = time.perf_counter()
-    removals = None
+    removals, fpb = None, model_spec(model_cfg).video.frames_per_block
     if tc.student.get("nasa_t"):
         if (cache / "removals.safetensors").exists():
             removals = {"latents": load_file(str(cache / "removals.safetensors"))["latents"],
                         **json.loads((cache / "removals.json").read_text())}
         else:
             removals = make_removals(vae, np.random.default_rng([tc.seed, 5]), int(tc.student.nasa_t.clips),
-                                     tc.clip_frames, model_spec(model_cfg).video.latent_frames)
+                                     tc.clip_frames, model_spec(model_cfg).video.latent_frames,
+                                     float(tc.student.nasa_t.get("late_share", 0.0)), fpb)
             save_file({"latents": removals["latents"].contiguous()}, str(cache / "removals.safetensors"))
-            (cache / "removals.json").write_text(json.dumps({k: removals[k] for k in ("captions", "negatives")}))
-    student = train_student(teacher, text, model_cfg, tc, latents, captions, log, cache / "student.pt", removals)
+            (cache / "removals.json").write_text(json.dumps({k: removals[k] for k in
+                                                             ("captions", "negatives", "from_block")}))
+    switches = None
+    if tc.student.get("switch") and float(tc.student.switch.share) > 0:
+        if (cache / "switches.safetensors").exists():
+            switches = {"latents": load_file(str(cache / "switches.safetensors"))["latents"],
+                        **json.loads((cache / "switches.json").read_text())}
+        else:
+            switches = make_switches(vae, np.random.default_rng([tc.seed, 6]), int(tc.student.switch.clips),
+                                     tc.clip_frames, model_spec(model_cfg).video.latent_frames, fpb)
+            save_file({"latents": switches["latents"].contiguous()}, str(cache / "switches.safetensors"))
+            (cache / "switches.json").write_text(json.dumps({k: switches[k] for k in ("captions", "from_block")}))
+    student = train_student(teacher, text, model_cfg, tc, latents, captions, log, cache / "student.pt", removals,
+                            switches)
     timings["student"] = time.perf_counter() - began
     log["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     log["seconds_total"] = round(sum(timings.values()), 1)

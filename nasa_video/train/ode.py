@@ -80,13 +80,15 @@ def teacher_ode_trajectory(teacher, positive, unconditional, noise, flow: FlowSc
 
 
 def ode_regression_loss(student, text, trajectory, k, student_steps, flow: FlowSchedule, prediction: str,
-                        mask, positions, frames_per_block: int, guidance=None, alphas=()) -> torch.Tensor:
+                        mask, positions, frames_per_block: int, guidance=None, alphas=(),
+                        from_block: torch.Tensor | None = None) -> torch.Tensor:
     """MSE between the student's x0 and the trajectory's end, every block at its own student step k [B, blocks]
     (its state on the teacher's trajectory), the clean end frames beside it as context (teacher forcing).
     CausVid's own ODE stage gives each block its noisy predecessors as context instead; the clean context is
     what the student sees at inference (the KV cache holds clean frames) and what the DMD stage trains with.
     guidance, alphas: the method its cross-attention runs on `text` (default plain attention; the bundled
-    student's NASA-T runs NASA with the text's negatives)."""
+    student's NASA-T runs NASA with the text's negatives). from_block [B]: each clip's loss counts its blocks from
+    this one on (a change that lands mid-clip: the blocks before it are context only); None: every block."""
     states, x0 = trajectory[:, :-1], trajectory[:, -1]
     _, _, c, f, h, w = states.shape
     k_frames = k.repeat_interleave(frames_per_block, 1).to(states.device)
@@ -95,7 +97,13 @@ def ode_regression_loss(student, text, trajectory, k, student_steps, flow: FlowS
     student.set_guidance(guidance or NoGuidance(), alphas)  # installed here: never what an earlier forward left
     out = student(torch.cat([x0, x_t], 2), torch.cat([torch.zeros_like(t), t], 1), attn_mask=mask,
                   frame_positions=positions, prompts=text)[:, :, f:]
-    return F.mse_loss(output_to_x0(out, x_t, flow.frame_sigma(t).float(), prediction), x0)
+    predicted = output_to_x0(out, x_t, flow.frame_sigma(t).float(), prediction)
+    if from_block is None:
+        return F.mse_loss(predicted, x0)
+    block = torch.arange(f, device=x0.device) // frames_per_block
+    weight = (block[None] >= from_block.to(x0.device)[:, None]).to(x0.dtype)  # [B, F]
+    error = F.mse_loss(predicted, x0, reduction="none").mean((1, 3, 4))  # per clip and frame
+    return (error * weight).sum() / weight.sum()
 
 
 class ODETrainer(Trainer):
