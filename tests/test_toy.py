@@ -369,3 +369,28 @@ def test_the_loss_counts_the_blocks_from_the_change_on():
     assert ode_regression_loss(*args, from_block=torch.tensor([0, 0])).item() == pytest.approx(2.0)
     assert ode_regression_loss(*args, from_block=torch.tensor([1, 1])).item() == pytest.approx(4.0)
     assert ode_regression_loss(*args, from_block=torch.tensor([0, 1])).item() == pytest.approx((2.0 * 6 + 4.0 * 3) / 9)
+
+
+def test_nasa_t_targets_of_every_kind_are_what_the_judge_asks_for():
+    """Colour-only, shape-only and absent negatives: each target, decoded, is a joint success for the judge of the
+    benchmark (the same rule names what goes), and an absent negative's target is the scene unchanged."""
+    from nasa_video.toy.codec import ShuffleCodec
+    from nasa_video.toy.train import make_removals
+    from nasa_video.vae import to_uint8
+
+    codec = ShuffleCodec()
+    kinds = {"object": 1, "colour": 1, "shape": 1, "absent": 1, "absent-shared": 1}
+    made = make_removals(codec, np.random.default_rng(2), 16, 11, 6, kinds=kinds)
+    from nasa_video.toy.judge import names
+    from nasa_video.toy.world import scene_from_caption
+
+    said = set()
+    for video, caption, negative in zip(to_uint8(codec.decode_video(made["latents"])).numpy(), made["captions"],
+                                        made["negatives"]):
+        scene = scene_from_caption(caption)
+        named = names(negative, scene.things)
+        said.add("absent" if not named else "one word" if len(negative.split()) == 1 else "object")
+        assert judge_caption(video, caption, [negative])["joint"] == 1.0, (caption, negative)
+        if not named:  # an absent negative: the scene unchanged
+            assert (video == render(scene, 11)[0]).all(), (caption, negative)
+    assert said == {"object", "one word", "absent"}, said

@@ -63,8 +63,9 @@ def _caption(names, motion) -> str:
     return " and ".join(f"a {n}" for n in names) + (f" moving {motion}" if motion else "")
 
 
-def _question(kind: str, names: list[str], rng: np.random.Generator):
-    """The row's negatives (or new prompt's objects) for a composition, or None when it cannot ask this kind."""
+def negative_of_kind(kind: str, names: list[str], rng: np.random.Generator):
+    """The negatives a question of this kind asks of a composition (for mid-prompt: the new prompt's extra
+    object), or None when the composition cannot ask it. Also NASA-T's training negatives (toy/train.py)."""
     colors = [n.split()[0] for n in names]
     shapes = [n.split()[1] for n in names]
     if kind in ("object", "mid-negative"):
@@ -106,7 +107,7 @@ def benchmark_rows(held_out_rows: int = 8, in_distribution_rows: int = 4, seed: 
                 pool = compositions[split]
                 names = list(pool[int(rng.integers(len(pool)))])
                 names = [names[i] for i in rng.permutation(len(names))]
-                asked = _question(kind, names, rng)
+                asked = negative_of_kind(kind, names, rng)
                 if asked is None:
                     continue
                 still = kind.startswith("mid")

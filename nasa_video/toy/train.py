@@ -85,13 +85,20 @@ def encode_dataset(vae, tc, rng, clips: int, latent_frames: int):
 
 @torch.no_grad()
 def make_removals(vae, rng, clips: int, frames: int, latent_frames: int, late_share: float = 0.0,
-                  block: int = 3) -> dict:
+                  block: int = 3, kinds: dict[str, float] | None = None) -> dict:
     """NASA-T's exact targets: scenes of two or three objects, one of them named as the negative, and the latents
     of the same scene drawn without it. A `late_share` of them have the negative arrive after the first block
     (`block` latent frames): the target keeps the object in that block (the context a stream has cached) and
-    drops it from the next, and the loss counts the blocks from the change on (from_block). Returns {"latents",
-    "captions", "negatives", "from_block"}."""
+    drops it from the next, and the loss counts the blocks from the change on (from_block). kinds: shares of the
+    negative's kind (removal.KINDS' names: object, colour, shape, absent, absent-shared; default all object),
+    the target being the scene without what it names (judge.expected_scene: an absent one names nothing).
+    Returns {"latents", "captions", "negatives", "from_block"}."""
+    from .judge import expected_scene
+    from .removal import negative_of_kind
     from .world import Scene, caption_for
+
+    kinds = kinds or {"object": 1.0}
+    kind_names, kind_p = list(kinds), np.array(list(kinds.values()), np.float64) / sum(kinds.values())
 
     latents, captions, negatives, from_block = [], [], [], []
     frames = encodable(frames)
@@ -101,11 +108,18 @@ def make_removals(vae, rng, clips: int, frames: int, latent_frames: int, late_sh
             scene = sample_scene(rng, training=True)
             if len(scene.things) < 2:
                 continue
-            drop = int(rng.integers(len(scene.things)))
-            others = tuple(t for i, t in enumerate(scene.things) if i != drop)
+            if kind_names == ["object"]:  # the draws of the shipped weights' recipe
+                drop = int(rng.integers(len(scene.things)))
+                negative = scene.things[drop].name
+            else:
+                negative = negative_of_kind(str(rng.choice(kind_names, p=kind_p)), scene.names, rng)
+                if negative is None:  # this scene cannot ask that kind
+                    continue
+                negative = negative[0]
+            others = expected_scene(scene, [negative])[0].things
             scenes.append(scene)
             kept.append(Scene(others, caption_for(others)))
-            negatives.append(scene.things[drop].name)
+            negatives.append(negative)
             from_block.append(int(late_share > 0 and rng.random() < late_share))
         target = vae.encode(torch.stack([to_pixels(render(s, frames)[0]) for s in kept]))[:, :, :latent_frames]
         late = torch.tensor(from_block[start:start + len(scenes)], dtype=torch.bool)
@@ -433,7 +447,8 @@ def train_toy(out: str | Path, seed: int | None = None, smoke: bool = False, ove
         else:
             removals = make_removals(vae, np.random.default_rng([tc.seed, 5]), int(tc.student.nasa_t.clips),
                                      tc.clip_frames, model_spec(model_cfg).video.latent_frames,
-                                     float(tc.student.nasa_t.get("late_share", 0.0)), fpb)
+                                     float(tc.student.nasa_t.get("late_share", 0.0)), fpb,
+                                     dict(tc.student.nasa_t.get("kinds") or {"object": 1.0}))
             save_file({"latents": removals["latents"].contiguous()}, str(cache / "removals.safetensors"))
             (cache / "removals.json").write_text(json.dumps({k: removals[k] for k in
                                                              ("captions", "negatives", "from_block")}))
