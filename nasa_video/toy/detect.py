@@ -103,12 +103,19 @@ def color_masks(frames: np.ndarray) -> dict[str, np.ndarray]:
     bg = background()[None]
     out = {}
     for color, rgb in COLORS.items():
-        direction = np.array(rgb, np.float32) - bg  # [1, H, W, 3]
-        offset = pixels - bg
-        amount = (offset * direction).sum(-1) / (direction * direction).sum(-1)
-        residual = np.linalg.norm(offset - amount[..., None] * direction, axis=-1)
+        amount, residual = toward(pixels, bg, np.array(rgb, np.float32))
         out[color] = (amount > 0.5) & (residual < COLOR_DISTANCE)
     return out
+
+
+def toward(pixels: np.ndarray, base: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How far each pixel has gone from `base` (a picture, broadcast) towards the colour `target` (0 at base, 1 at
+    the colour), and its RGB distance from that line; float [..., H, W] each."""
+    direction = target - base
+    offset = pixels - base
+    amount = (offset * direction).sum(-1) / np.maximum((direction * direction).sum(-1), 1.0)
+    residual = np.linalg.norm(offset - amount[..., None] * direction, axis=-1)
+    return amount, residual
 
 
 def regions(frames: np.ndarray, masks: dict[str, np.ndarray] | None = None) -> list[list[Region]]:
@@ -140,12 +147,14 @@ def detect(frames: np.ndarray, found: list[list[Region]] | None = None) -> dict[
     return out
 
 
-def _dilate(mask: np.ndarray) -> np.ndarray:
-    """One-pixel 8-neighbour dilation of bool [..., H, W]."""
-    padded = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)])
+def dilate(mask: np.ndarray, px: int = 1) -> np.ndarray:
+    """`px`-pixel 8-neighbour dilation of bool [..., H, W]."""
     h, w = mask.shape[-2:]
-    return np.logical_or.reduce([padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-                                 for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    for _ in range(px):
+        padded = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)])
+        mask = np.logical_or.reduce([padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+                                     for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    return mask
 
 
 def unexplained(frames: np.ndarray, found: list[list[Region]] | None = None) -> np.ndarray:
@@ -157,7 +166,7 @@ def unexplained(frames: np.ndarray, found: list[list[Region]] | None = None) -> 
         for region in frame:
             if region.shape is not None:
                 on_object[f] |= region.mask
-    return ~(near_bg | _dilate(on_object))
+    return ~(near_bg | dilate(on_object))
 
 
 def corruption(frames: np.ndarray, found: list[list[Region]] | None = None) -> float:

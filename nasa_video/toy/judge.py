@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .detect import color_masks, connected_regions, corruption, regions, shape_ious
+from .detect import COLOR_DISTANCE, color_masks, connected_regions, corruption, dilate, regions, shape_ious, toward
 from .world import COLORS, SHAPES, Scene, Thing, positions, render, shape_mask
 
 POSITION_PX = 2.0      # a kept object's centroid within this of its rendered centroid (the world moves 1 px/frame)
@@ -78,16 +78,6 @@ class Span:
     negatives: tuple[str, ...] = ()
 
 
-def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
-    out = mask.copy()
-    for _ in range(px):
-        padded = np.pad(out, [(0, 0)] * (out.ndim - 2) + [(1, 1), (1, 1)])
-        h, w = out.shape[-2:]
-        out = np.logical_or.reduce([padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-                                    for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
-    return out
-
-
 def _opened(mask: np.ndarray, size: int) -> np.ndarray:
     """bool [..., H, W]: the pixels of solid size x size blocks of the mask (erosion, then dilation)."""
     h, w = mask.shape[-2:]
@@ -104,14 +94,9 @@ def _opened(mask: np.ndarray, size: int) -> np.ndarray:
 
 def _toward(frames: np.ndarray, expected: np.ndarray, color: str) -> np.ndarray:
     """float [T, H, W]: how far each pixel has gone from the expected picture towards `color` (0 there, 1 at the
-    colour), where it stays near that line; 0 elsewhere."""
-    target = np.array(COLORS[color], np.float32)
-    direction = target - expected
-    offset = frames - expected
-    length2 = np.maximum((direction * direction).sum(-1), 1.0)
-    amount = (offset * direction).sum(-1) / length2
-    residual = np.linalg.norm(offset - amount[..., None] * direction, axis=-1)
-    return np.where(residual < 60.0, amount, 0.0)
+    colour), where it stays near that line (the detector's COLOR_DISTANCE); 0 elsewhere."""
+    amount, residual = toward(frames, expected, np.array(COLORS[color], np.float32))
+    return np.where(residual < COLOR_DISTANCE, amount, 0.0)
 
 
 def _kept_in_frame(labels: np.ndarray, thing: Thing, x: float, y: float) -> float | None:
@@ -166,12 +151,12 @@ def judge(frames: np.ndarray, spans: list[Span]) -> dict:
                                   for f in range(stop - span.start)]))
             on_thing = labels[span.start:stop] == i + 1
             errors.append(float(np.abs(got - expected)[on_thing].mean()))
-        kept_area = _dilate(labels[span.start:stop] > 0, 1)
+        kept_area = dilate(labels[span.start:stop] > 0, 1)
         traced = np.zeros(stop - span.start, bool)
         footprints = np.zeros(got.shape[:3], bool)
         for thing in removed:
             footprint = np.stack([shape_mask(thing.shape, x, y) for x, y in positions(thing, total)[span.start:stop]])
-            footprint = _dilate(footprint, TRACE_MARGIN) & ~kept_area
+            footprint = dilate(footprint, TRACE_MARGIN) & ~kept_area
             strong = (_toward(got, expected, thing.color) >= TRACE_AMOUNT) & footprint
             traced |= strong.reshape(len(strong), -1).sum(1) >= TRACE_PIXELS
             footprints |= footprint

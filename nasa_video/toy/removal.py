@@ -264,8 +264,9 @@ def run_removal(gen, methods: list[tuple[str, float]], rows: list[Row] | None = 
 
 
 def asks(method: tuple[str, float], row: Row) -> bool:
-    """Can the method ask this row at its scale? Two negatives at weight 1 subtract twice the scale, which a
-    method's range may not allow (NASA's alpha x 2 <= 3): such rows are left out of its figures, and said so."""
+    """Can the method ask this row at its scale? CFG takes one negative; two negatives at weight 1 subtract twice
+    the scale, which a method's range may not allow (NASA's alpha x 2 <= 3): such rows are left out of its
+    figures (a "-" in the table)."""
     from ..errors import UserError
     from ..guidance import make_guidance
 
@@ -273,7 +274,9 @@ def asks(method: tuple[str, float], row: Row) -> bool:
     if name == "none" or len(row.negatives) < 2:
         return True
     try:
-        make_guidance(name).check_weights([1.0] * len(row.negatives), [scale])
+        method = make_guidance(name)
+        method.check_negatives(len(row.negatives))
+        method.check_weights([1.0] * len(row.negatives), [scale])
     except UserError:
         return False
     return True
