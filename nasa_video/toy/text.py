@@ -58,8 +58,8 @@ class WordTokenizer:
             warnings.warn(f"the bundled text encoder does not know {shown}{more}; "
                           f"known words: {' '.join(w for w in self.vocab[3:] if ' ' not in w)}", stacklevel=3)
         if warn and words and not unknown and not any(w in SHAPES or w in self.pairs for w in words):
-            warnings.warn(f"{text[:40]!r} names no shape ({', '.join(SHAPES)}): the bundled world draws only "
-                          f"objects named by their shape", stacklevel=3)
+            warnings.warn(f"{text[:40]!r} names no shape ({', '.join(SHAPES)}): as a prompt the bundled world "
+                          f"draws nothing for it (as a negative it names every object of that colour)", stacklevel=3)
         if warn and "moving" in words[:-2]:
             warnings.warn("the bundled world moves a whole scene: name its motion once, at the end "
                           "(\"a red circle and a blue square moving up\")", stacklevel=3)
