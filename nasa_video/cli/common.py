@@ -144,6 +144,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def count(text: str) -> int:
+    """A whole number >= 0 (--min-replicas: autoscaling may go to zero)."""
+    value = _whole(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def gpus(text: str) -> float:
+    """GPUs per replica: 0 (a CPU replica) to 64, fractions allowed (replicas sharing a GPU)."""
+    value = _number(text)
+    if not 0 <= value <= 64:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected 0 to 64 GPUs per replica, got {value:g}")
+    return value
+
+
 def port(text: str) -> int:
     if not (text.strip().isdigit() and 1 <= int(text) <= 65535):
         raise argparse.ArgumentTypeError(f"--port {text} is not a port: use 1-65535")

@@ -1,11 +1,10 @@
 """`nasa-video serve`: the live page."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 from ..errors import UserError
-from .common import HelpFormatter, attention, device, dtype, port, positive_int
+from .common import HelpFormatter, attention, count, device, dtype, gpus, port, positive_int
 
 
 def register(sub) -> None:
@@ -28,31 +27,11 @@ def register(sub) -> None:
                          help="serve from generator replicas on a Ray cluster: no ADDRESS starts a local one; auto "
                               "joins this machine's (ray start); or HOST:PORT of a head")
     cluster.add_argument("--replicas", type=positive_int, default=None, help="fixed number of replicas (default 1)")
-    cluster.add_argument("--min-replicas", type=_count, default=None, help="autoscale between these (with --max)")
+    cluster.add_argument("--min-replicas", type=count, default=None, help="autoscale between these (with --max)")
     cluster.add_argument("--max-replicas", type=positive_int, default=None, help="autoscale up to this many")
-    cluster.add_argument("--gpus-per-replica", type=_gpus, default=None,
+    cluster.add_argument("--gpus-per-replica", type=gpus, default=None,
                          help="GPUs each replica holds (default 1; 0 with --device cpu)")
     p.set_defaults(func=serve)
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
-    return value
-
-
-def _gpus(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GPUs, got {text!r}") from None
-    if not 0 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"expected 0 to 64 GPUs per replica, got {value:g}")
-    return value
 
 
 def check_cluster_arguments(args) -> None:
