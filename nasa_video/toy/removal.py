@@ -153,15 +153,19 @@ def run_row(gen, row: Row, method: str, scale: float, seed: int) -> tuple[np.nda
     return frames, [Span(0, change, scene), Span(change, len(frames), scene, row.negatives)]
 
 
-def score_row(gen, row: Row, method: str, scale: float, seed: int, reference=None) -> dict:
-    """The judge's scores of the row's video; for the absent kinds also its mean change from `reference` (the
-    same row and seed without guidance, made here when not given)."""
+def score_row(gen, row: Row, method: str, scale: float, seed: int, references: dict | None = None) -> dict:
+    """The judge's scores of the row's video; for the absent kinds also its mean change from the same row and
+    seed without guidance. references: (row key, seed) -> that video, filled as they are made, so each is made
+    once per run whatever the number of methods (made here when missing)."""
     frames, spans = run_row(gen, row, method, scale, seed)
     scores = judge(frames, spans)
     if row.kind in ("absent", "absent-shared"):
-        if reference is None:
-            reference = frames if method == "none" else run_row(gen, row, "none", 0.0, seed)[0]
-        scores["change"] = mean_change(frames, reference)
+        references = {} if references is None else references
+        if method == "none":
+            references[row.key, seed] = frames
+        elif (row.key, seed) not in references:
+            references[row.key, seed] = run_row(gen, row, "none", 0.0, seed)[0]
+        scores["change"] = mean_change(frames, references[row.key, seed])
     return scores
 
 
@@ -231,6 +235,7 @@ def run_removal(gen, methods: list[tuple[str, float]], rows: list[Row] | None = 
     jobs = [(m, r, s) for m in methods for r in rows for s in seeds
             if (r.kind in GUIDED_KINDS or m == switch_method) and asks(m, r)]
     log = open(resume, "a") if resume else None
+    references: dict = {}  # the absent rows' videos without guidance, made once each
     try:
         for (method, scale), row, seed in tqdm(jobs, desc="removal", disable=not progress):
             key = _key(model, method, scale, row, seed)
@@ -238,7 +243,7 @@ def run_removal(gen, methods: list[tuple[str, float]], rows: list[Row] | None = 
                 continue
             with warnings.catch_warnings():  # a colour- or shape-only negative is a question here, not a slip
                 warnings.filterwarnings("ignore", message=".*names no shape")
-                done[key] = score_row(gen, row, method, scale, seed)
+                done[key] = score_row(gen, row, method, scale, seed, references)
             if log:
                 log.write(json.dumps({"key": key, **done[key]}) + "\n")
                 log.flush()
