@@ -23,7 +23,7 @@ def main() -> None:
 
     from nasa_video.pipeline import StreamingGenerator
     from nasa_video.toy.detect import regions
-    from nasa_video.toy.removal import benchmark_rows, colour_tracks
+    from nasa_video.toy.removal import benchmark_rows, object_tracks
     from nasa_video.toy.world import render, scene_from_caption
 
     gen = StreamingGenerator.from_config("toy", device="cpu")
@@ -33,11 +33,11 @@ def main() -> None:
         scene = scene_from_caption(positive)
         for seed in range(args.seeds):
             video = np.concatenate([c.frames for c in gen.stream(positive, None, 0, "none", seed=seed)])
-            drawn = colour_tracks(regions(video))
-            truth = colour_tracks(regions(render(scene, len(video))[0]))
+            drawn = object_tracks(regions(video))
+            truth = object_tracks(regions(render(scene, len(video))[0]))
             for thing in scene.things:
                 steps = [np.hypot(d.x - t.x, d.y - t.y)
-                         for d, t in zip(drawn[thing.color], truth[thing.color]) if d is not None]
+                         for d, t in zip(drawn[thing.name], truth[thing.name]) if d is not None]
                 if len(steps) < len(video) / 2:
                     missing[thing.motion or "still"] += 1
                     continue

@@ -1,19 +1,20 @@
 """The removal judge cannot be fooled: hand-made videos, each judged as it should be.
 
-Prompt: "a red circle and a green square and a blue triangle moving up" (the scene moves as one), negative "red
-circle", unless a test says otherwise. A video is a joint success only when it is the scene asked for minus the
-red circle: the green square and the blue triangle in every frame, in their colour, shape, size, column and path;
-no trace of the red circle at any size, strength or duration; nothing else; a clean picture.
+Prompt: "a red circle and a red square and a blue circle moving up" (the scene moves as one; the blue circle
+overlaps the red square and is drawn over it), negative "red circle", unless a test says otherwise. A video is a
+joint success only when it is the scene asked for minus the red circle: the red square (what of it the blue
+circle leaves) and the blue circle in every frame, in their colour, shape, size, place and path; no trace of the
+red circle at any size, strength or duration; nothing else; a clean picture.
 """
 import numpy as np
 import pytest
 
 from nasa_video.toy.judge import CORRUPTION_LIMIT, Span, calibration, expected_scene, judge, names
-from nasa_video.toy.world import (COLORS, HEIGHT, WIDTH, Scene, Thing, background, positions, render,
+from nasa_video.toy.world import (COLORS, HEIGHT, RADIUS, WIDTH, Scene, Thing, background, positions, render,
                                   scene_from_caption, shape_mask)
 
 FRAMES = 11
-PROMPT = "a red circle and a green square and a blue triangle moving up"
+PROMPT = "a red circle and a red square and a blue circle moving up"
 SCENE = scene_from_caption(PROMPT)
 NEGATIVE = "red circle"
 
@@ -30,13 +31,21 @@ def verdict(frames, scene=SCENE, negatives=(NEGATIVE,)) -> dict:
 def draw(frames, thing: Thing, path, strength: float = 1.0, frames_at=None, scale: float = 1.0):
     """Paint a thing onto frames (in place) along a path, at a strength (1: opaque), in some frames only."""
     for f in range(len(frames)) if frames_at is None else frames_at:
-        mask = shape_mask(thing.shape, *path[f], r=6.5 * scale)
+        mask = shape_mask(thing.shape, *path[f], r=RADIUS * scale)
         frames[f][mask] = np.round((1 - strength) * frames[f][mask] + strength * np.array(COLORS[thing.color]))
     return frames
 
 
 RED = Thing("red", "circle", "up")
-GREEN, BLUE = SCENE.things[1], SCENE.things[2]
+SQUARE, BLUE = SCENE.things[1], SCENE.things[2]  # kept: the red square, and the blue circle over its right edge
+
+
+def layered(*layers) -> np.ndarray:
+    """A video of (thing, path) layers painted in order over the background: what is painted last is on top."""
+    frames = np.repeat(background()[None], FRAMES, 0).astype(np.uint8)
+    for thing, path in layers:
+        draw(frames, thing, path)
+    return frames
 
 
 def failed(s: dict, check: str) -> bool:
@@ -68,55 +77,53 @@ def test_empty_and_noise_videos_fail(name, frames):
 
 
 # ---- the kept objects: in every frame, in their place, on their path, at their size and shape ----------------
-def shifted(frames, thing, dx=0, dy=0, frames_at=None):
-    """The thing moved by (dx, dy) in some frames: erased and redrawn."""
-    out = frames.copy()
-    path = positions(thing, FRAMES)
-    for f in range(FRAMES) if frames_at is None else frames_at:
-        mask = shape_mask(thing.shape, *path[f])
-        out[f][mask] = background()[mask].astype(np.uint8)
-        out[f][shape_mask(thing.shape, path[f][0] + dx, path[f][1] + dy)] = COLORS[thing.color]
+def moved(thing, dx=0, dy=0, frames_at=None):
+    """The thing's path, (dx, dy) off in some frames."""
+    path = positions(thing, FRAMES).copy()
+    path[list(range(FRAMES)) if frames_at is None else list(frames_at)] += (dx, dy)
+    return path
+
+
+def without(thing, frames_at):
+    """The asked-for video with the thing missing from some frames (and what it covered shown)."""
+    out = asked()
+    out[list(frames_at)] = render(expected_scene(SCENE, (NEGATIVE, thing.name))[0], FRAMES)[0][list(frames_at)]
     return out
 
 
-def erased(frames, thing, frames_at):
-    out = frames.copy()
-    path = positions(thing, FRAMES)
-    for f in frames_at:
-        mask = shape_mask(thing.shape, *path[f])
-        out[f][mask] = background()[mask].astype(np.uint8)
-    return out
-
-
-@pytest.mark.parametrize("case", ["jitter", "blink one frame", "blink two frames", "wrong column", "still",
+@pytest.mark.parametrize("case", ["jitter", "blink one frame", "blink two frames", "wrong place", "still",
                                   "other way", "shuffled frames", "reversed", "one and a half times the size",
                                   "wrong shape", "shape changes midway"])
 def test_a_kept_object_out_of_place_or_time_fails(case):
     frames = asked()
+    blue = (BLUE, positions(BLUE, FRAMES))
     if case == "jitter":  # every other frame 3 px to the side
-        frames = shifted(frames, GREEN, dx=3, frames_at=range(1, FRAMES, 2))
+        frames = layered((SQUARE, moved(SQUARE, dx=3, frames_at=range(1, FRAMES, 2))), blue)
     elif case == "blink one frame":
-        frames = erased(frames, GREEN, [5])
+        frames = without(SQUARE, [5])
     elif case == "blink two frames":
-        frames = erased(frames, BLUE, [3, 4])
-    elif case == "wrong column":
-        frames = shifted(frames, GREEN, dx=-9)
+        frames = without(BLUE, [3, 4])
+    elif case == "wrong place":  # where the (removed) red circle would be
+        frames = layered((SQUARE, moved(SQUARE, dx=-13)), blue)
     elif case == "still":  # the caption says moving up
-        frames = render(Scene((Thing("green", "square", None), BLUE), ""), FRAMES)[0]
+        frames = layered((SQUARE, positions(Thing("red", "square", None), FRAMES)), blue)
     elif case == "other way":
-        frames = render(Scene((Thing("green", "square", "down"), BLUE), ""), FRAMES)[0]
+        frames = layered((SQUARE, positions(Thing("red", "square", "down"), FRAMES)), blue)
     elif case == "shuffled frames":
         frames = frames[np.random.default_rng(0).permutation(FRAMES)]
     elif case == "reversed":
         frames = frames[::-1].copy()
     elif case == "one and a half times the size":
-        frames = render(Scene((BLUE,), ""), FRAMES)[0]
-        draw(frames, GREEN, positions(GREEN, FRAMES), scale=1.5 ** 0.5 * 1.05)  # 1.5x its area and more
-    elif case == "wrong shape":
-        frames = render(Scene((Thing("green", "circle", "up"), BLUE), ""), FRAMES)[0]
+        frames = layered((SQUARE, positions(SQUARE, FRAMES)))
+        draw(frames, BLUE, positions(BLUE, FRAMES), scale=1.5 ** 0.5 * 1.05)  # 1.5x its area and more
+    elif case == "wrong shape":  # a red triangle in the square's place
+        frames = layered((Thing("red", "triangle", "up"), positions(SQUARE, FRAMES)), blue)
     elif case == "shape changes midway":
-        frames = np.concatenate([frames[:6], render(Scene((Thing("green", "triangle", "up"), BLUE), ""),
-                                                    FRAMES)[0][6:]])
+        other = layered((Thing("red", "triangle", "up"), positions(SQUARE, FRAMES)), blue)
+        frames = np.concatenate([frames[:6], other[6:]])
+    s = verdict(frames)
+    harmed = 2 if case in ("shuffled frames", "reversed") else 1  # the objects the case harms, and only those
+    assert failed(s, "kept") and s["kept"] == 1 - harmed / 2, (case, s)
     s = verdict(frames)
     assert failed(s, "kept"), (case, s)
 
@@ -152,15 +159,15 @@ def test_an_object_nobody_asked_for_fails(case):
         s = verdict(frames, scene)
     else:
         if case == "a second copy":
-            frames[:, 24:31, 2:9] = COLORS["blue"]
+            draw(frames, BLUE, [(41.5, 16.0)] * FRAMES)  # in the free place on the right
         elif case == "off the palette":
-            frames[:, 22:30, 1:9] = (250, 230, 30)  # yellow: no colour the detector knows
+            frames[:, 22:30, 38:46] = (250, 230, 30)  # yellow: no colour the detector knows
         elif case == "small off the palette":
-            frames[:, 25:29, 3:7] = (240, 240, 240)  # a 4x4 white speck
+            frames[:, 25:29, 40:44] = (240, 240, 240)  # a 4x4 white speck
         elif case == "the negative elsewhere":
-            draw(frames, Thing("red", "circle", None), [(40.0, 6.0)] * FRAMES)  # top right, not its column
+            draw(frames, Thing("red", "circle", None), [(41.5, 6.0)] * FRAMES)  # top right, not its place
         elif case == "one frame":
-            frames[4, 22:30, 1:9] = (250, 230, 30)
+            frames[4, 22:30, 38:46] = (250, 230, 30)
         s = verdict(frames)
     assert failed(s, "unprompted"), (case, s)
 
@@ -199,6 +206,23 @@ def test_attribute_and_absent_negatives_ask_for_exactly_what_they_name():
     assert failed(verdict(without_red, scene, ("red circle", "green triangle")), "removed")
 
 
+def test_objects_sharing_a_colour_are_told_apart():
+    """The harder world's question: two red objects, a negative naming one of them."""
+    full = render(SCENE, FRAMES)[0]
+    only_circle_gone, both_red_gone = asked(), render(Scene((BLUE,), ""), FRAMES)[0]
+    square_gone = render(expected_scene(SCENE, ("red square",))[0], FRAMES)[0]
+    assert verdict(only_circle_gone)["joint"] == 1
+    assert failed(verdict(both_red_gone), "kept")  # the other red object taken too
+    assert failed(verdict(square_gone), "removed") and verdict(square_gone)["kept"] == 0.5  # the wrong red one
+    assert verdict(both_red_gone, negatives=("red",))["joint"] == 1  # a colour names both
+    assert failed(verdict(only_circle_gone, negatives=("red",)), "removed")
+    assert verdict(full, negatives=("red triangle",))["joint"] == 1  # absent, sharing a colour: nothing goes
+    assert failed(verdict(asked(), negatives=("red triangle",)), "kept")
+    # taking out the object in front: the one it covered is judged whole
+    uncovered = render(expected_scene(SCENE, ("blue circle",))[0], FRAMES)[0]
+    assert verdict(uncovered, negatives=("blue circle",))["joint"] == 1
+
+
 def test_a_change_mid_stream_is_judged_from_the_frame_it_must_show():
     """A negative sent after frame 5: the object may be there before, must be gone from frame 5 on."""
     full, without = render(SCENE, FRAMES)[0], asked()
@@ -213,8 +237,8 @@ def test_a_change_mid_stream_is_judged_from_the_frame_it_must_show():
 
 def test_kept_error_measures_harm_to_what_stays():
     frames = asked().astype(np.int16)
-    green = render(Scene((GREEN,), ""), FRAMES)[1] > 0
-    frames[green] -= 20  # the green square 20 grey levels darker: still kept, but harmed
+    square = render(expected_scene(SCENE, (NEGATIVE,))[0], FRAMES)[1] == 1
+    frames[square] -= 20  # the red square 20 grey levels darker: still kept, but harmed
     s = verdict(np.clip(frames, 0, 255).astype(np.uint8))
     assert s["joint"] == 1 and 9 < s["kept_error"] < 11, s  # 20 on one of two kept objects
 

@@ -12,18 +12,31 @@ from nasa_video.toy.text import VOCAB, WordTokenizer
 from nasa_video.toy.world import OBJECTS, caption_objects, render, sample_scene, visibility
 
 
-def test_scenes_are_captioned_and_never_overlap():
+def test_scenes_are_captioned_and_share_colours_and_overlap_only_as_the_world_says():
+    from nasa_video.toy.world import DEPTH, HOME_X, MAX_OBJECTS, RADIUS, compatible, shape_mask
+
     rng = np.random.default_rng(0)
-    for _ in range(50):
+    shared = overlapping = 0
+    for _ in range(80):
         scene = sample_scene(rng)
         video, labels = render(scene, 33)  # longer than a clip: moving shapes bounce and stay in the frame
         assert video.shape == (33, 32, 48, 3) and video.dtype == np.uint8
-        assert 1 <= len(scene.things) <= 3 and len({t.color for t in scene.things}) == len(scene.things)
+        assert 1 <= len(scene.things) <= MAX_OBJECTS and compatible(scene.names)
+        shared += len({t.color for t in scene.things}) < len(scene.things)
         for name in scene.names:
             assert name in scene.caption
         vis = visibility(scene, labels)
         assert all(vis[n].all() for n in scene.names)
         assert not any(vis[n].any() for n in OBJECTS if n not in scene.names)
+        for i, a in enumerate(scene.things):  # an overlap shows the object placed further right
+            for j, b in enumerate(scene.things):
+                both = shape_mask(a.shape, HOME_X[a.name], 16) & shape_mask(b.shape, HOME_X[b.name], 16)
+                if i != j and both.any() and DEPTH[a.name] > DEPTH[b.name]:
+                    overlapping += 1
+                    assert both.sum() <= 3 * 2 * RADIUS, (a, b, both.sum())
+                    assert (labels[0][both] == i + 1).all() if a.motion is None else True
+    assert shared and overlapping  # the world asks both questions
+    assert not compatible(["red circle", "green square"])  # neighbours on the line never share a scene
 
 
 def test_a_scene_moves_as_one_and_its_caption_says_so_once():

@@ -34,13 +34,17 @@ class Region:
 
 
 def _template_bank() -> dict[tuple[str, float], np.ndarray]:
-    """Each shape at each scale drawn at the centre of a 2x canvas; crops of it are the shape at any position."""
+    """Each shape at each scale drawn with its centroid at the centre of a 2x canvas (a triangle's centroid is
+    below its middle); crops of it are the shape at any position."""
     bank = {}
     for shape in SHAPES:
         for scale in SCALES:
             canvas = np.zeros((2 * HEIGHT, 2 * WIDTH), bool)
-            canvas[HEIGHT // 2:HEIGHT // 2 + HEIGHT, WIDTH // 2:WIDTH // 2 + WIDTH] = shape_mask(
-                shape, WIDTH / 2, HEIGHT / 2, RADIUS * scale)
+            mask = shape_mask(shape, WIDTH / 2, HEIGHT / 2, RADIUS * scale)
+            ys, xs = np.nonzero(mask)  # centred on its centroid, as the regions it is laid on are
+            mask = np.roll(mask, (int(np.round(HEIGHT / 2 - ys.mean())), int(np.round(WIDTH / 2 - xs.mean()))),
+                           (0, 1))
+            canvas[HEIGHT // 2:HEIGHT // 2 + HEIGHT, WIDTH // 2:WIDTH // 2 + WIDTH] = mask
             bank[shape, scale] = canvas
     return bank
 
@@ -55,9 +59,10 @@ def _template_at(key: tuple[str, float], cx: int, cy: int) -> np.ndarray:
     return _TEMPLATES[key][y0:y0 + HEIGHT, x0:x0 + WIDTH]
 
 
-def shape_ious(mask: np.ndarray) -> dict[str, float]:
+def shape_ious(mask: np.ndarray, hidden: np.ndarray | None = None) -> dict[str, float]:
     """Per shape, the best intersection over union of its templates (any of SCALES, centred within a pixel of
-    the mask's centroid) with the mask."""
+    the mask's centroid) with the mask. hidden: pixels another object covers, where a template's pixels are not
+    missed (an object partly under another is judged by what shows)."""
     ys, xs = np.nonzero(mask)
     out = {shape: 0.0 for shape in SHAPES}
     if len(xs) == 0:
@@ -67,15 +72,17 @@ def shape_ious(mask: np.ndarray) -> dict[str, float]:
         for dx in (-1, 0, 1):
             for dy in (-1, 0, 1):
                 template = _template_at(key, cx + dx, cy + dy)
+                if hidden is not None:
+                    template = template & ~hidden | (template & mask)
                 iou = np.logical_and(template, mask).sum() / float(np.logical_or(template, mask).sum())
                 out[key[0]] = max(out[key[0]], float(iou))
     return out
 
 
-def match_shape(mask: np.ndarray) -> tuple[str | None, float]:
+def match_shape(mask: np.ndarray, hidden: np.ndarray | None = None) -> tuple[str | None, float]:
     """The shape whose template overlaps the mask best (shape_ious), and its intersection over union; None
     below MIN_IOU."""
-    ious = shape_ious(mask)
+    ious = shape_ious(mask, hidden)
     best = max(SHAPES, key=lambda shape: ious[shape])  # the first of equals, as SHAPES orders them
     return (best if ious[best] >= MIN_IOU else None), ious[best]
 
@@ -119,17 +126,20 @@ def toward(pixels: np.ndarray, base: np.ndarray, target: np.ndarray) -> tuple[np
 
 
 def regions(frames: np.ndarray, masks: dict[str, np.ndarray] | None = None) -> list[list[Region]]:
-    """Per frame, its colour regions of object size, largest first."""
+    """Per frame, its colour regions of object size, largest first. A region's shape is matched with the pixels of
+    the other colours (and the pixel around them, a blurred edge) taken as hidden: the world draws one object
+    over another, and what it covers is not missing."""
     masks = color_masks(frames) if masks is None else masks
     out: list[list[Region]] = [[] for _ in range(len(frames))]
     for color, mask in masks.items():
         labels = connected_regions(mask)
+        covered = dilate(np.logical_or.reduce([m for c, m in masks.items() if c != color]), 1) & ~mask
         for f in range(len(frames)):
             ids, counts = np.unique(labels[f][labels[f] > 0], return_counts=True)
             for i in ids[counts >= MIN_AREA]:
                 region = labels[f] == i
                 ys, xs = np.nonzero(region)
-                out[f].append(Region(color, match_shape(region)[0], len(xs), float(xs.mean()), float(ys.mean()),
+                out[f].append(Region(color, match_shape(region, covered[f])[0], len(xs), float(xs.mean()), float(ys.mean()),
                                      region))
     for frame in out:
         frame.sort(key=lambda r: -r.area)

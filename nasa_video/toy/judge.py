@@ -6,10 +6,11 @@ that render, frame by frame, over the frames it is asked about (a change sent mi
 that must show it):
 
   kept        every object the negative leaves must be in every judged frame: its colour, its size (area within
-              AREA_RATIO) and its place on the caption's path (centroid within POSITION_PX of the render's: the
-              column, the motion and its direction, the frame order), and its shape (no other shape's template
+              AREA_RATIO of what the render shows of it) and its place on the caption's path (centroid within
+              POSITION_PX of the render's: its place on the line, the motion and its direction, the frame order;
+              where an object over it hides part of it, only what shows is compared), and its shape (no other shape's template
               fits it better by SHAPE_MARGIN on average, SHAPE_FRAME_MARGIN in a frame). One frame missing, a
-              wrong column, a still object that should move, jitter past POSITION_PX: that object is not kept.
+              wrong place, a still object that should move, jitter past POSITION_PX: that object is not kept.
   trace       no visible trace of a removed object, of any size, strength or duration: in its footprint (its
               render's outline, grown by TRACE_MARGIN px, less the kept objects), TRACE_PIXELS pixels at least
               TRACE_AMOUNT of the way from the expected picture to its colour, in any one frame, are a trace.
@@ -99,24 +100,25 @@ def _toward(frames: np.ndarray, expected: np.ndarray, color: str) -> np.ndarray:
     return np.where(residual < COLOR_DISTANCE, amount, 0.0)
 
 
-def _kept_in_frame(labels: np.ndarray, thing: Thing, x: float, y: float) -> float | None:
+def _kept_in_frame(labels: np.ndarray, shape: str, visible: np.ndarray, hidden: np.ndarray) -> float | None:
     """Is the thing in this frame where and as large as the render draws it? labels: its colour's connected
-    regions in the frame. The region that overlaps its rendered outline most must have its centroid within
-    POSITION_PX of the render's and about its area. Returns how much better another shape fits that region than
-    the thing's own (0: its own fits best), or None when it is not there."""
-    want = shape_mask(thing.shape, x, y)
-    ids, counts = np.unique(labels[want & (labels > 0)], return_counts=True)
+    regions in the frame; visible: its pixels in the render (less what an object over it hides); hidden: the
+    pixels of its outline that objects over it hide. The region that overlaps its visible pixels most must have
+    its centroid within POSITION_PX of theirs and about their area. Its shape is fitted with the hidden pixels
+    not counted against any template (what is hidden cannot be judged). Returns how much better another shape
+    fits that region than the thing's own (0: its own fits best), or None when it is not there."""
+    ids, counts = np.unique(labels[visible & (labels > 0)], return_counts=True)
     if not len(ids):
         return None
     region = labels == ids[np.argmax(counts)]
     ys, xs = np.nonzero(region)
-    wy, wx = np.nonzero(want)
+    wy, wx = np.nonzero(visible)
     if np.hypot(xs.mean() - wx.mean(), ys.mean() - wy.mean()) > POSITION_PX:
         return None
     if not 1 / AREA_RATIO <= len(xs) / len(wx) <= AREA_RATIO:
         return None
-    ious = shape_ious(region)
-    return max(ious.values()) - ious[thing.shape]
+    ious = shape_ious(region, hidden)
+    return max(ious.values()) - ious[shape]
 
 
 def _kept(margins: list[float | None]) -> bool:
@@ -147,9 +149,10 @@ def judge(frames: np.ndarray, spans: list[Span]) -> dict:
         judged += stop - span.start
         for i, thing in enumerate(kept_scene.things):
             path = positions(thing, total)[span.start:stop]
-            kept_ok.append(_kept([_kept_in_frame(labels_of[thing.color][f], thing, *path[f])
-                                  for f in range(stop - span.start)]))
             on_thing = labels[span.start:stop] == i + 1
+            outline = np.stack([shape_mask(thing.shape, x, y) for x, y in path])
+            kept_ok.append(_kept([_kept_in_frame(labels_of[thing.color][f], thing.shape, on_thing[f],
+                                                 outline[f] & ~on_thing[f]) for f in range(stop - span.start)]))
             errors.append(float(np.abs(got - expected)[on_thing].mean()))
         kept_area = dilate(labels[span.start:stop] > 0, 1)
         traced = np.zeros(stop - span.start, bool)

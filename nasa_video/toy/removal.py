@@ -4,12 +4,14 @@ Rows (benchmark_rows) ask the questions users ask, each on compositions held out
 world.held_out: no training draw, NASA-T's included, contains them) and, reported apart, on trained ones
 (`in-distribution`):
   object         the negative names one object of the scene by colour and shape ("red circle")
+  shared         it names one object of a scene holding another of its colour ("red square" beside a red
+                 circle): only the named one goes
   colour         it names only a colour ("red"): every object of that colour goes
   shape          only a shape ("triangle"): every object of that shape goes, and only those
   absent         an object that is not there, sharing nothing with what is: the video must stay unchanged
   absent-shared  an absent object that shares an attribute with a present one ("red square" beside a red
                  circle): nothing may go
-  two            two negatives at once, two objects of a three-object scene
+  two            two negatives at once, two objects of a scene of three or four
   mid-negative   a still scene; the object negative is sent after block MID_BLOCK: from the next block on, the
                  object must be gone
   mid-prompt     a still scene; the prompt is switched after block MID_BLOCK to one naming an extra object: from
@@ -23,7 +25,6 @@ Per method: joint success per kind and split with a 95% bootstrap interval over 
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import warnings
@@ -33,11 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from .judge import CORRUPTION_LIMIT, Span, judge, mean_change
-from .world import COLORS, MOTIONS, SHAPES, held_out, scene_from_caption
+from .world import COMPOSITIONS, HOME_X, LINE, MAX_OBJECTS, MOTIONS, SHAPES, compatible, held_out, scene_from_caption
 
 # consistency of one detected object across the clip (the detector's calibration, `eval detector`)
 PRESENT_FRAMES, SAME_SHAPE_FRAMES, AREA_TOLERANCE, MAX_STEP = 0.9, 0.9, 0.35, 3.0
-KINDS = ("object", "colour", "shape", "absent", "absent-shared", "two", "mid-negative", "mid-prompt")
+KINDS = ("object", "shared", "colour", "shape", "absent", "absent-shared", "two", "mid-negative", "mid-prompt")
 GUIDED_KINDS = KINDS[:-1]  # the prompt switch has no negative: it is the same video under every method
 MID_BLOCK, MID_BLOCKS = 1, 4  # a mid-stream change is sent after this block, of a video of this many blocks
 SPLITS = ("held-out", "in-distribution")
@@ -70,21 +71,25 @@ def negative_of_kind(kind: str, names: list[str], rng: np.random.Generator):
     shapes = [n.split()[1] for n in names]
     if kind in ("object", "mid-negative"):
         return (str(rng.choice(names)),)
+    if kind == "shared":
+        shared = [n for n, c in zip(names, colors) if colors.count(c) > 1]
+        return (str(rng.choice(shared)),) if shared else None
     if kind == "colour":
-        return (str(rng.choice(colors)),)
+        return (str(rng.choice(sorted(set(colors)))),)
     if kind == "shape":
         return (str(rng.choice(sorted(set(shapes)))),)
+    absent = [n for n in LINE if n not in names]
     if kind == "absent":
-        free = [f"{c} {s}" for c in COLORS for s in SHAPES if c not in colors and s not in shapes]
+        free = [n for n in absent if n.split()[0] not in colors and n.split()[1] not in shapes]
         return (str(rng.choice(free)),) if free else None
     if kind == "absent-shared":
-        shared = [f"{c} {s}" for c, own in zip(colors, shapes) for s in SHAPES if s != own]
-        return (str(rng.choice(shared)),)
+        shared = [n for n in absent if n.split()[0] in colors or n.split()[1] in shapes]
+        return (str(rng.choice(shared)),) if shared else None
     if kind == "two":
-        return tuple(str(n) for n in rng.choice(names, size=2, replace=False)) if len(names) == 3 else None
+        return tuple(str(n) for n in rng.choice(names, size=2, replace=False)) if len(names) >= 3 else None
     if kind == "mid-prompt":
-        free = [c for c in COLORS if c not in colors]
-        return (f"{rng.choice(free)} {rng.choice(SHAPES)}",) if free else None
+        free = [n for n in absent if compatible(list(names) + [n])]
+        return (str(rng.choice(free)),) if free else None
     raise ValueError(kind)
 
 
@@ -93,11 +98,9 @@ def benchmark_rows(held_out_rows: int = 8, in_distribution_rows: int = 4, seed: 
     `in_distribution_rows` on trained ones, each a distinct (positive, negatives) question."""
     rng = np.random.default_rng(seed)
     compositions = {split: [] for split in SPLITS}
-    for count in (2, 3):
-        for colors in itertools.combinations(COLORS, count):
-            for shapes in itertools.product(SHAPES, repeat=count):
-                names = [f"{c} {s}" for c, s in zip(colors, shapes)]
-                compositions["held-out" if held_out(names) else "in-distribution"].append(names)
+    for count in range(2, MAX_OBJECTS + 1):
+        for names in COMPOSITIONS[count]:
+            compositions["held-out" if held_out(names) else "in-distribution"].append(sorted(names))
     rows = []
     for split, wanted in (("held-out", held_out_rows), ("in-distribution", in_distribution_rows)):
         for kind in KINDS:
@@ -170,7 +173,7 @@ def score_row(gen, row: Row, method: str, scale: float, seed: int, references: d
 
 
 def object_consistent(track: list) -> bool:
-    """track: per frame, the colour's largest region or None. Does it stay one object?"""
+    """track: per frame, the object's region or None (object_tracks). Does it stay one object?"""
     present = [r for r in track if r is not None]
     if len(present) < PRESENT_FRAMES * len(track):
         return False
@@ -185,16 +188,24 @@ def object_consistent(track: list) -> bool:
     return not steps or max(steps) <= MAX_STEP
 
 
-def colour_tracks(found: list) -> dict[str, list]:
-    """found: regions() of each frame. Per palette colour, its first region in each frame (None where absent)."""
-    return {c: [next((r for r in frame if r.color == c), None) for frame in found] for c in COLORS}
+def object_tracks(found: list) -> dict[str, list]:
+    """found: regions() of each frame. Per object name, in each frame the largest region of its colour whose
+    centroid is nearer its place (world.HOME_X) than any other place of that colour's objects (None where none
+    is): a region is the object whose place it sits at, so two objects of one colour are told apart."""
+    tracks = {name: [None] * len(found) for name in LINE}
+    for f, frame in enumerate(found):
+        for region in frame:  # largest first: keep the first each object gets
+            name = min((n for n in LINE if n.startswith(region.color + " ")), key=lambda n: abs(HOME_X[n] - region.x))
+            if tracks[name][f] is None:
+                tracks[name][f] = region
+    return tracks
 
 
 def video_consistent(found: list) -> bool:
-    """found: regions() of each frame. Does every colour detected in at least half the frames stay one object?"""
-    tracks = colour_tracks(found)
-    detected = [c for c, track in tracks.items() if sum(r is not None for r in track) >= len(found) / 2]
-    return all(object_consistent(tracks[c]) for c in detected)
+    """found: regions() of each frame. Does every object detected in at least half the frames stay one object?"""
+    tracks = object_tracks(found)
+    detected = [n for n, track in tracks.items() if sum(r is not None for r in track) >= len(found) / 2]
+    return all(object_consistent(tracks[n]) for n in detected)
 
 
 def bootstrap(values_by_row: list[list[float]], rng: np.random.Generator, draws: int = 2000) -> tuple[float, float]:

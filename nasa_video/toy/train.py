@@ -86,7 +86,7 @@ def encode_dataset(vae, tc, rng, clips: int, latent_frames: int):
 @torch.no_grad()
 def make_removals(vae, rng, clips: int, frames: int, latent_frames: int, late_share: float = 0.0,
                   block: int = 3, kinds: dict[str, float] | None = None) -> dict:
-    """NASA-T's exact targets: scenes of two or three objects, one of them named as the negative, and the latents
+    """NASA-T's exact targets: scenes of two to four objects, one of them named as the negative, and the latents
     of the same scene drawn without it. A `late_share` of them have the negative arrive after the first block
     (`block` latent frames): the target keeps the object in that block (the context a stream has cached) and
     drops it from the next, and the loss counts the blocks from the change on (from_block). kinds: shares of the
@@ -133,11 +133,11 @@ def make_removals(vae, rng, clips: int, frames: int, latent_frames: int, late_sh
 
 @torch.no_grad()
 def make_switches(vae, rng, clips: int, frames: int, latent_frames: int, block: int = 3) -> dict:
-    """Prompt switches mid-clip: a scene of one or two objects for the first block (`block` latent frames), then
-    the same scene with one more object (a free colour, the same motion) named by the new caption. The student
+    """Prompt switches mid-clip: a scene for the first block (`block` latent frames), then the same scene with one
+    more object (one that may share it, the same motion) named by the new caption. The student
     regresses it under the new caption, the first block as context only. Neither scene is a held-out
     composition. Returns {"latents", "captions", "from_block"} (from_block: 1 each)."""
-    from .world import COLORS, SHAPES, Scene, Thing, caption_for, held_out
+    from .world import LINE, MAX_OBJECTS, Scene, Thing, caption_for, compatible, held_out
 
     latents, captions = [], []
     frames = encodable(frames)
@@ -145,10 +145,10 @@ def make_switches(vae, rng, clips: int, frames: int, latent_frames: int, block: 
         before, after = [], []
         while len(before) < min(16, clips - start):
             scene = sample_scene(rng, training=True)
-            if len(scene.things) > 2:
+            free = [n for n in LINE if n not in scene.names and compatible(scene.names + [n])]
+            if len(scene.things) >= MAX_OBJECTS or not free:
                 continue
-            free = [c for c in COLORS if c not in {t.color for t in scene.things}]
-            added = Thing(str(rng.choice(free)), str(rng.choice(SHAPES)), scene.things[0].motion)
+            added = Thing(*str(rng.choice(free)).split(), scene.things[0].motion)
             things = scene.things + (added,)
             if held_out(t.name for t in things):
                 continue

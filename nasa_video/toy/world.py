@@ -1,16 +1,22 @@
-"""A procedural world: one to three coloured shapes over a fixed background, with a caption naming them.
+"""A procedural world: one to four coloured shapes over a fixed background, with a caption naming them.
 
 The caption fixes the picture, so a small model can learn to draw exactly what it is told and the removal
 benchmark measures guidance, not what the model fails to draw:
-- each colour has its own column (red left, green centre, blue right), so a colour appears at most once;
+- each of the 9 objects (a colour and a shape) has its own place on a line across the frame (LINE, HOME_X), so a
+  scene may hold two objects of one colour or of one shape (a red circle beside a red square), and the place
+  comes from the object, never from its colour alone;
+- the line is ordered so that neighbours differ in colour and shape and objects of one colour sit 13 px apart
+  (2 px of background between them); a scene never holds two neighbours of the line, so the objects it holds
+  overlap by at most 3 px: the one further right is drawn over (DEPTH: fixed, whatever the caption's order),
+  and taking it out uncovers what it hid;
 - the shape (circle, square, triangle) is named next to its colour; all shapes have one size;
-- a caption ending in "moving up" / "moving down" moves every shape 1 px per frame through its column;
-  unstated, they stay still at their columns' middles. The scene moves as one: with a motion word per object,
+- a caption ending in "moving up" / "moving down" moves every shape 1 px per frame up or down through its
+  place; unstated, they stay still at the frame's middle. The scene moves as one: with a motion word per object,
   the two-layer text encoder could not tell which object a motion belongs to (as it could not tell which
   shape belongs to which colour before the pair tokens), so the model drew an average of the paths, a shape
   that stalls mid-column, blurs at the clip's ends and jumps.
-Objects never overlap and stay inside the frame; visibility() reports each per frame from the rendered
-label map, the ground truth the detector is checked against.
+Objects stay inside the frame; visibility() reports each per frame from the rendered label map, the ground
+truth the detector is checked against.
 """
 from __future__ import annotations
 
@@ -22,12 +28,18 @@ import numpy as np
 
 HEIGHT, WIDTH = 32, 48  # frames are HEIGHT x WIDTH pixels
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 245)}
-COLUMNS = {"red": 8.0, "green": 24.0, "blue": 40.0}  # x of each colour's column centre
 SHAPES = ("circle", "square", "triangle")
-RADIUS = 6.5  # every shape is 13 px across
+RADIUS = 5.5  # every shape is 11 px across
 MOTIONS = {"up": -1.0, "down": 1.0}  # pixels per frame; no motion word: still
 TRAVEL = 5.0  # a moving shape starts this far from the middle and crosses it
 OBJECTS = [f"{c} {s}" for c in COLORS for s in SHAPES]  # the 9 names the detector knows
+# The objects' places, left to right: a Latin square (each colour and each shape once in every three), so
+# neighbours share nothing and one colour's objects are three places (13 px) apart.
+LINE = ("red circle", "green square", "blue triangle", "red square", "green triangle", "blue circle",
+        "red triangle", "green circle", "blue square")
+HOME_X = dict(zip(LINE, (6.5, 10.5, 15.5, 19.5, 24.5, 28.5, 32.5, 37.5, 41.5)))  # pixel centres
+DEPTH = {name: i for i, name in enumerate(LINE)}  # drawn in this order: the right one of an overlap is on top
+MAX_OBJECTS = 4
 
 
 @dataclass(frozen=True)
@@ -59,14 +71,15 @@ def background() -> np.ndarray:
 
 
 def positions(thing: Thing, frames: int) -> np.ndarray:
-    """[frames, 2] centres (x, y). A moving shape starts TRAVEL px on the far side of its column's middle and
+    """[frames, 2] centres (x, y): x is the object's place (HOME_X). A moving shape starts TRAVEL px on the far
+    side of the frame's middle and
     bounces between middle - TRAVEL and middle + TRAVEL, so a stream of any length stays in the frame."""
     middle = HEIGHT / 2
     speed = MOTIONS[thing.motion] if thing.motion else 0.0
     phase = np.arange(frames, dtype=np.float32) % (4 * TRAVEL)  # a triangle wave over 2 x (2 x TRAVEL) frames
     offset = np.where(phase <= 2 * TRAVEL, phase, 4 * TRAVEL - phase) - TRAVEL  # -TRAVEL -> +TRAVEL -> back
     y = middle + np.sign(speed) * offset if speed else np.full(frames, middle, np.float32)
-    return np.stack([np.full(frames, COLUMNS[thing.color], np.float32), y.astype(np.float32)], 1)
+    return np.stack([np.full(frames, HOME_X[thing.name], np.float32), y.astype(np.float32)], 1)
 
 
 def shape_mask(shape: str, cx: float, cy: float, r: float = RADIUS, height: int = HEIGHT,
@@ -77,7 +90,7 @@ def shape_mask(shape: str, cx: float, cy: float, r: float = RADIUS, height: int 
     if shape == "circle":
         return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
     if shape == "square":
-        half = r * 0.9
+        half = r * 0.82  # 9 px wide at every size within 10% of RADIUS (odd widths: centres are pixel centres)
         return (np.abs(xx - cx) <= half) & (np.abs(yy - cy) <= half)
     # an upright isosceles triangle, apex on top, as wide at the base as it is tall
     top, bottom = cy - r, cy + r
@@ -109,20 +122,30 @@ def scene_from_caption(caption: str) -> Scene:
     return Scene(things, caption)
 
 
-HELD_OUT_EVERY = 4  # of the compositions of two (and of three) objects, this share is never drawn in training
+def compatible(names) -> bool:
+    """Can these objects share a scene? Each at most once, and no two of them neighbours on the LINE."""
+    places = sorted(LINE.index(n) for n in names)
+    return len(set(places)) == len(places) and all(b - a >= 2 for a, b in zip(places, places[1:]))
+
+
+def _compositions() -> dict[int, list[frozenset[str]]]:
+    """Every scene's set of object names, by count (1 to MAX_OBJECTS): 9, 28, 35 and 15 of them."""
+    import itertools
+
+    return {count: [frozenset(c) for c in itertools.combinations(LINE, count) if compatible(c)]
+            for count in range(1, MAX_OBJECTS + 1)}
+
+
+COMPOSITIONS = _compositions()
+HELD_OUT_EVERY = 4  # of the compositions of two, three and four objects, this share is never drawn in training
 
 
 def _held_out_compositions() -> frozenset[frozenset[str]]:
-    """A quarter of the 27 two-object and of the 27 three-object compositions (sets of object names), chosen by a
-    hash of their names: the same split on every machine and run."""
-    import itertools
-
+    """A quarter of the compositions of each count from two on, chosen by a hash of their names: the same split
+    on every machine and run."""
     chosen = set()
-    for count in (2, 3):
-        compositions = [frozenset(f"{c} {s}" for c, s in zip(colors, shapes))
-                        for colors in itertools.combinations(COLORS, count)
-                        for shapes in itertools.product(SHAPES, repeat=count)]
-        compositions.sort(key=lambda names: zlib.crc32(",".join(sorted(names)).encode()))
+    for count in range(2, MAX_OBJECTS + 1):
+        compositions = sorted(COMPOSITIONS[count], key=lambda names: zlib.crc32(",".join(sorted(names)).encode()))
         chosen.update(compositions[:len(compositions) // HELD_OUT_EVERY])
     return frozenset(chosen)
 
@@ -138,32 +161,33 @@ def held_out(names) -> bool:
 
 
 def sample_scene(rng: np.random.Generator, frames: int | None = None, names: list[str] | None = None,
-                 p_still: float = 1 / 3, training: bool = False) -> Scene:
-    """A random scene (or one with the given object names, in that order): one to three objects of different
-    colours, in a random order in the caption, all still with probability p_still, else all moving up or all
-    moving down. training: never a held-out composition (drawn again until it is not).
+                 p_still: float = 1 / 3, training: bool = False, counts=None) -> Scene:
+    """A random scene (or one with the given object names, in that order): a count of objects from `counts`
+    (default 1 to MAX_OBJECTS, equally likely), then one of that count's compositions, in a random order in the
+    caption; all still with probability p_still, else all moving up or all moving down. training: never a
+    held-out composition (drawn again until it is not).
     `frames` is accepted for symmetry with render(); every scene fits any length the world is drawn at."""
+    counts = list(counts or range(1, MAX_OBJECTS + 1))
     if names is None:
         while True:
-            count = int(rng.integers(1, 4))
-            colors = [str(c) for c in rng.choice(list(COLORS), size=count, replace=False)]
-            chosen = [(c, str(rng.choice(SHAPES))) for c in colors]
-            if not (training and held_out(f"{c} {s}" for c, s in chosen)):
+            pool = COMPOSITIONS[int(rng.choice(counts))]
+            chosen = sorted(pool[int(rng.integers(len(pool)))])
+            if not (training and held_out(chosen)):
                 break
-    else:
-        chosen = [tuple(n.split()) for n in names]
+        names = [chosen[i] for i in rng.permutation(len(chosen))]
     motion = None if rng.random() < p_still else str(rng.choice(list(MOTIONS)))
-    things = tuple(Thing(color, shape, motion) for color, shape in chosen)
+    things = tuple(Thing(*name.split(), motion) for name in names)
     return Scene(things, caption_for(things))
 
 
 def render(scene: Scene, frames: int, jitter: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """uint8 video [frames, HEIGHT, WIDTH, 3] and the label map [frames, HEIGHT, WIDTH] (0 = background,
-    i+1 = thing i). jitter: draw each shape in each frame up to a pixel off its path and up to 10% off its
+    i+1 = thing i, the one on top where two overlap). jitter: draw each shape in each frame up to a pixel off its path and up to 10% off its
     size, as a generator's imperfect shapes are (for checking the detector on frames like generated ones)."""
     video = np.repeat(background()[None], frames, 0)
     labels = np.zeros((frames, HEIGHT, WIDTH), np.int16)
-    for i, thing in enumerate(scene.things):
+    for i in sorted(range(len(scene.things)), key=lambda i: DEPTH[scene.things[i].name]):
+        thing = scene.things[i]
         path = positions(thing, frames)
         for f in range(frames):
             (x, y), r = path[f], RADIUS
