@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .judge import CORRUPTION_LIMIT, Span, judge, mean_change
-from .world import COMPOSITIONS, HOME_X, LINE, MAX_OBJECTS, MOTIONS, SHAPES, compatible, held_out, scene_from_caption
+from .world import COMPOSITIONS, HOME_X, LINE, MAX_OBJECTS, MOTIONS, compatible, held_out, scene_from_caption
 
 # consistency of one detected object across the clip (the detector's calibration, `eval detector`)
 PRESENT_FRAMES, SAME_SHAPE_FRAMES, AREA_TOLERANCE, MAX_STEP = 0.9, 0.9, 0.35, 3.0
